@@ -193,6 +193,11 @@ caf::behavior activation_host(caf::stateful_actor<host_state>* self, const kind_
   st.actor_id = std::move(id);
   st.store = store;
   st.shard = std::move(shard);
+  // The shard supervises its activations: they stop when it stops (it monitors them too).
+  self->monitor(st.shard);
+  self->set_down_handler([self](caf::down_msg& msg) {
+    if (msg.source == self->state.shard) self->quit(msg.reason);
+  });
   activate(st);
   if (st.activation_error) {
     spdlog::warn("activation of {} failed: {}", st.describe_self(), describe(st.activation_error));
@@ -321,7 +326,7 @@ void start_passivation(shard_actor* self, entry& e, bool force) {
 
 void spawn_host(shard_actor* self, entry& e, const std::string& id) {
   auto& st = self->state;
-  e.host = self->spawn<caf::linked>(activation_host, e.kind, id, st.store, caf::actor{self});
+  e.host = self->spawn(activation_host, e.kind, id, st.store, caf::actor{self});
   self->monitor(e.host);
   st.by_host.emplace(e.host.address(), &e);
   e.state = entry::phase::live;
@@ -341,13 +346,13 @@ void enforce_cap(shard_actor* self) {
 void sweep_idle(shard_actor* self) {
   auto& st = self->state;
   auto now = clock_type::now();
-  for (auto i = st.lru.rbegin(); i != st.lru.rend();) {
-    entry* e = *i;
-    auto idle = now - e->last_routed;
+  std::vector<entry*> idle_entries;
+  for (auto i = st.lru.rbegin(); i != st.lru.rend(); ++i) {
+    auto idle = now - (*i)->last_routed;
     if (idle < st.min_idle) break;  // the list is ordered by last use: the rest are younger
-    ++i;
-    if (idle >= e->kind->spec.idle_timeout) start_passivation(self, *e, false);
+    if (idle >= (*i)->kind->spec.idle_timeout) idle_entries.push_back(*i);
   }
+  for (entry* e : idle_entries) start_passivation(self, *e, false);
 }
 
 caf::error validate_call(const shard_state& st, const std::string& kind, const std::string& id) {
@@ -381,12 +386,6 @@ caf::behavior directory_shard(shard_actor* self, std::shared_ptr<const kind_tabl
   st.min_idle = std::chrono::milliseconds::max();
   for (auto& [name, kind] : *st.kinds) st.min_idle = std::min(st.min_idle, kind->spec.idle_timeout);
 
-  // Activations are linked to the shard so they die with it; their exits are seen as down
-  // messages instead of killing the shard.
-  self->set_exit_handler([self](caf::exit_msg& msg) {
-    if (self->state.by_host.count(msg.source) > 0) return;
-    self->quit(std::move(msg.reason));
-  });
   self->set_down_handler([self](caf::down_msg& msg) {
     auto& st = self->state;
     auto found = st.by_host.find(msg.source);
@@ -589,7 +588,8 @@ expected<directory> directory::start(caf::actor_system& system, storage::state_s
   auto table = std::make_shared<kind_table>();
   for (auto& kind : kinds) {
     auto level = kind.durability.value_or(options.default_durability);
-    table->emplace(kind.name, std::make_shared<const kind_runtime>(kind_runtime{std::move(kind), level}));
+    auto name = kind.name;
+    table->emplace(std::move(name), std::make_shared<const kind_runtime>(kind_runtime{std::move(kind), level}));
   }
   size_t shard_count = options.shards;
   if (shard_count == 0) shard_count = std::max<size_t>(1, system.scheduler().num_workers());

@@ -8,6 +8,8 @@
 #include <random>
 #include <thread>
 
+#include <unistd.h>
+
 #include <caf/all.hpp>
 
 #include "triplane/runtime/directory.hpp"
@@ -247,7 +249,10 @@ TEST_CASE("state survives passivation and rehydration exactly", "[directory]") {
   constructed = 0;
   REQUIRE(f.passivate("counter", "a"));
   CHECK(f.stats().live == 0);
-  CHECK(f.call<int64_t>("counter", "a", caf::get_atom::value).value() == 45);
+  auto after = f.call<int64_t>("counter", "a", caf::get_atom::value);
+  INFO((after ? std::string{"ok"} : describe(after.error())));
+  REQUIRE(after);
+  CHECK(*after == 45);
   CHECK(f.call<std::string>("counter", "a", log_atom::value).value() == before);
   CHECK(constructed == 1);
   auto stored = f.store->load({"counter", "a"});
@@ -377,13 +382,16 @@ TEST_CASE("kind declarations are validated", "[directory]") {
   so.path = dir.string();
   auto store = storage::state_store::open(so);
   REQUIRE(store);
-  auto make = [] { return std::make_unique<counter>(); };
-  std::vector<kind_spec> dup{{"a", [make](const std::string&) { return make(); }},
-                             {"a", [make](const std::string&) { return make(); }}};
+  kind_spec a;
+  a.name = "a";
+  a.factory = [](const std::string&) { return std::make_unique<counter>(); };
+  std::vector<kind_spec> dup{a, a};
   auto r = directory::start(sys, **store, dup, {});
   REQUIRE_FALSE(r);
   CHECK(describe(r.error()).find("declared twice") != std::string::npos);
-  std::vector<kind_spec> nofactory{{"b", nullptr}};
+  kind_spec b;
+  b.name = "b";
+  std::vector<kind_spec> nofactory{b};
   CHECK_FALSE(directory::start(sys, **store, nofactory, {}));
   store->reset();
   std::filesystem::remove_all(dir);

@@ -69,7 +69,7 @@ struct directory_options {
 /// Messages for one id always go through the same shard, which is the only actor that
 /// activates that id: so at most one activation per id exists on a node, messages that arrive
 /// while it activates wait in its mailbox, and they are delivered in the order sent (CAF keeps
-/// per-sender order). Activations are linked to their shard; the shard is their supervisor:
+/// per-sender order). Activations stop when their shard stops; the shard is their supervisor:
 /// an activation that fails is stopped and the next message activates the id again from its
 /// last persisted state.
 class directory {
