@@ -79,10 +79,15 @@ expected<uint64_t> node::shutdown(std::chrono::milliseconds deadline) {
   auto& st = *impl_;
   if (st.stopped) return uint64_t{0};
   st.stopped = true;
-  auto drained = st.actors.stop(*st.system, deadline);
-  st.system.reset();  // waits for every actor to finish
-  if (auto err = st.store->flush()) spdlog::error("flushing the store at shutdown: {}", describe(err));
-  st.store.reset();
+  expected<uint64_t> drained = uint64_t{0};
+  if (st.system) {
+    drained = st.actors.stop(*st.system, deadline);
+    st.system.reset();  // waits for every actor to finish
+  }
+  if (st.store) {
+    if (auto err = st.store->flush()) spdlog::error("flushing the store at shutdown: {}", describe(err));
+    st.store.reset();
+  }
   return drained;
 }
 
