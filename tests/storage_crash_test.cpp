@@ -17,12 +17,14 @@
 
 #include <catch2/catch.hpp>
 
-#include "../storage/src/temp_directory.hpp"
+#include "temp_directory.hpp"
+
 #include "storage_crash_payload.hpp"
 #include "triplane/storage/state_store.hpp"
 
 using namespace triplane;
 using namespace triplane::storage;
+using triplane::testing::temp_directory;
 using clock_type = std::chrono::steady_clock;
 
 namespace {

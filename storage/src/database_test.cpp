@@ -8,8 +8,10 @@
 
 #include "temp_directory.hpp"
 
+
 using namespace triplane;
 using namespace triplane::storage;
+using triplane::testing::temp_directory;
 
 namespace {
 
