@@ -1,9 +1,13 @@
 // Shared by storage_crash_writer and storage_crash_test: the payload a given (id, version) save
-// carries, so the checker can tell a surviving record is exactly what was written.
+// carries, so the checker can tell a surviving record is exactly what was written, and the
+// layout of the batch mode's chunks.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
+#include <string_view>
+#include <vector>
 
 namespace triplane::storage::crash {
 
@@ -15,6 +19,18 @@ inline std::string payload_for(const std::string& id, uint64_t version) {
     out.push_back(static_cast<char>('a' + x % 26));
   }
   return out;
+}
+
+inline std::vector<std::string> batch_column_families() { return {"chunks", "refs", "manifests"}; }
+
+/// Chunk keys sort in number order: "c" and 12 zero-padded digits.
+inline std::string chunk_key(uint64_t n) {
+  std::string digits = std::to_string(n);
+  return "c" + std::string(12 - std::min<size_t>(12, digits.size()), '0') + digits;
+}
+
+inline uint64_t chunk_number(std::string_view key) {
+  return std::stoull(std::string(key.substr(1)));
 }
 
 } // namespace triplane::storage::crash
