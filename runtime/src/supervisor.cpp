@@ -74,9 +74,10 @@ struct supervisor_state {
   uint64_t next_token = 1;
   bool shutting_down = false;
   bool pumping = false;
-  // Addresses of the children that are alive, shared with the functor that stops them should
-  // the supervisor end abruptly.
-  std::shared_ptr<std::vector<caf::actor_addr>> alive = std::make_shared<std::vector<caf::actor_addr>>();
+  // The children that are alive, shared with the functor that stops them should the supervisor
+  // end abruptly. Strong handles: CAF 0.17 terminates an unreferenced actor at once (with
+  // exit_reason::unreachable), so the functor must keep them referenced until it has told them.
+  std::shared_ptr<std::vector<caf::actor>> alive = std::make_shared<std::vector<caf::actor>>();
   static inline const char* name = "triplane.supervisor";
 };
 
@@ -138,8 +139,9 @@ caf::error start_child_now(sup_actor* self, child_record& rec) {
                       "child '" + rec.spec.id + "' failed to start: factory returned no actor");
   rec.handle = std::move(child);
   rec.status = child_status::running;
+  self->unlink_from(rec.handle);  // a link made by the factory would turn its exit into ours
   self->monitor(rec.handle);
-  self->state.alive->push_back(rec.handle.address());
+  self->state.alive->push_back(rec.handle);
   return caf::none;
 }
 
@@ -391,7 +393,9 @@ void on_exit_msg(sup_actor* self, caf::exit_msg& em) {
 void on_down_msg(sup_actor* self, caf::down_msg& dm) {
   auto& st = self->state;
   auto& alive = *st.alive;
-  alive.erase(std::remove(alive.begin(), alive.end(), dm.source), alive.end());
+  alive.erase(std::remove_if(alive.begin(), alive.end(),
+                             [&dm](const caf::actor& a) { return a.address() == dm.source; }),
+              alive.end());
   auto* rec = find_child(self, dm.source);
   if (rec == nullptr) return;
   rec->handle = nullptr;
@@ -505,11 +509,13 @@ caf::behavior supervisor_behavior(sup_actor* self, supervisor_spec spec) {
   st.flags = std::move(spec.flags);
   self->set_exit_handler([self](caf::exit_msg& em) { on_exit_msg(self, em); });
   self->set_down_handler([self](caf::down_msg& dm) { on_down_msg(self, dm); });
+  // Runs only if the supervisor ends with children alive (killed, or a bug). kill becomes
+  // user_shutdown so that child supervisors, which trap exits, still stop their own children.
   self->attach_functor([alive = st.alive, me = self->address()](const caf::error& reason) {
-    caf::error why = reason ? reason : caf::make_error(caf::exit_reason::user_shutdown);
-    for (auto& addr : *alive)
-      if (auto child = caf::actor_cast<caf::actor>(addr))
-        caf::anon_send(child, caf::exit_msg{me, why});
+    caf::error why = reason;
+    if (!why || why == caf::exit_reason::kill) why = caf::exit_reason::user_shutdown;
+    for (auto& child : *alive) caf::anon_send(child, caf::exit_msg{me, why});
+    alive->clear();
   });
   for (auto& c : spec.children) {
     child_record rec;

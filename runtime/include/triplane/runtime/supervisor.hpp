@@ -50,7 +50,9 @@ enum class child_status : uint8_t {
 };
 
 /// Starts one child. Called by the supervisor on its own thread with itself as `parent`: spawn
-/// with `parent->spawn(...)` and return the handle (the supervisor links to it and traps its exit).
+/// with `parent->spawn(...)` and return the handle. The supervisor monitors the child (a link the
+/// factory made is removed); should the supervisor end without stopping its children (killed with
+/// exit_reason::kill), every child still alive gets an exit_msg with the supervisor's reason.
 /// Throwing or returning an invalid handle fails the start (see supervisor_spec / start_child).
 using child_factory = std::function<caf::actor(caf::local_actor* parent)>;
 
