@@ -797,3 +797,27 @@ TEST_CASE("a supervision tree survives a serialization round trip", "[supervisor
   CHECK(copy.children[0].restarts == 7);
   CHECK(copy.children[0].note == "n");
 }
+
+TEST_CASE("two children crashing together under one_for_all cause one group restart",
+          "[supervisor][strategy]") {
+  fixture f;
+  auto spec = make_spec("root", restart_strategy::one_for_all,
+                        {worker(f.p, "a"), worker(f.p, "b"), worker(f.p, "c")});
+  spec.flags.max_restarts = 1;  // a second restart would escalate
+  auto sup = f.spawn(spec);
+  for (auto id : {"a", "b", "c"}) REQUIRE(f.p->wait_starts(id, 1));
+  auto b = f.lookup(sup, "b");
+  auto c = f.lookup(sup, "c");
+  REQUIRE((b && c));
+  caf::anon_send(*b, crash_atom::value);
+  caf::anon_send(*c, crash_atom::value);
+  for (auto id : {"a", "b", "c"}) REQUIRE(f.p->wait_starts(id, 2));
+  REQUIRE(f.eventually([&] { return f.all_running(sup); }));
+  std::this_thread::sleep_for(200ms);
+  for (auto id : {"a", "b", "c"}) {
+    INFO("child " << id);
+    CHECK(f.p->starts(id) == 2);
+    CHECK(f.info(sup, id)->restarts == 1);
+  }
+  CHECK(f.stop(sup) == caf::exit_reason::user_shutdown);
+}
