@@ -120,7 +120,7 @@ void remove_child(sup_actor* self, const std::string& id) {
            cs.end());
 }
 
-// Runs the factory and links the child. The record is untouched on failure except incarnation.
+// Runs the factory and monitors the child. On failure only the incarnation has changed.
 caf::error start_child_now(sup_actor* self, child_record& rec) {
   ++rec.incarnation;
   rec.failure_pending = false;
@@ -236,7 +236,7 @@ void advance(sup_actor* self) {
       if (timeout != infinite_shutdown)
         self->delayed_send(self, timeout, shutdown_timeout_atom::value, op.timer_token);
     }
-    return;  // continued by the child's exit_msg
+    return;  // continued by the child's down_msg
   }
   op.current.clear();
   finish_operation(self);

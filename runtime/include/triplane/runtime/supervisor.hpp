@@ -162,15 +162,19 @@ using which_children_atom = caf::atom_constant<caf::atom("sup_which")>;
 using tree_atom = caf::atom_constant<caf::atom("sup_tree")>;
 } // namespace sup
 
-/// The spec's own mistakes: empty or duplicate child ids, missing factories, max_restarts 0 with
-/// period 0, backoff_cap below backoff_base. errc::invalid_argument naming the culprit, or none.
+/// The spec's own mistakes: an empty name, empty or duplicate child ids, missing factories,
+/// negative shutdown timeouts, a period or tree_timeout that is not positive, backoff_cap below
+/// backoff_base. errc::invalid_argument naming the culprit, or none. (max_restarts 0 is valid:
+/// the first failure needing a restart escalates.)
 caf::error validate(const supervisor_spec& spec);
 
 /// Spawns a top-level supervisor, which starts the children in order. If a child fails to
 /// start, the supervisor stops the ones already started (reverse order) and exits with
 /// errc::unavailable naming the child. Stop it with exit_reason::user_shutdown (send_exit): it
 /// stops its children in reverse order within their shutdown timeouts, then exits with that
-/// reason. Errors: validate()'s.
+/// reason (any other non-normal exit reason sent to it does the same, with that reason). Keep the
+/// handle while it should run: CAF 0.17 ends an actor nobody references (exit_reason::unreachable).
+/// Errors: validate()'s.
 expected<caf::actor> spawn_supervisor(caf::actor_system& sys, supervisor_spec spec);
 
 /// A child spec whose child is a supervisor (kind supervisor), so trees nest. An invalid `spec`
