@@ -456,7 +456,9 @@ struct tree_collector {
   }
 };
 
-caf::result<tree_node> tree_view(sup_actor* self) {
+// Answers within `budget`: child supervisors get three quarters of it for their own subtree, so
+// that an unresponsive grandchild is noted by its parent instead of hiding the whole subtree.
+caf::result<tree_node> tree_view(sup_actor* self, milliseconds budget) {
   auto& st = self->state;
   auto collector = std::make_shared<tree_collector>();
   auto& root = collector->root;
@@ -479,7 +481,7 @@ caf::result<tree_node> tree_view(sup_actor* self) {
   collector->promise = self->make_response_promise<tree_node>();
   for (auto& [index, handle] : asks) {
     auto i = index;
-    self->request(handle, st.flags.tree_timeout, sup::tree_atom::value)
+    self->request(handle, budget, sup::tree_atom::value, int64_t{budget.count() * 3 / 4})
       .then(
         [collector, i](tree_node& sub) {
           collector->root.children[i].children = std::move(sub.children);
@@ -607,7 +609,11 @@ caf::behavior supervisor_behavior(sup_actor* self, supervisor_spec spec) {
       for (auto& rec : self->state.children) out.push_back(info_of(rec));
       return out;
     },
-    [self](sup::tree_atom) { return tree_view(self); },
+    [self](sup::tree_atom) { return tree_view(self, self->state.flags.tree_timeout); },
+    [self](sup::tree_atom, int64_t budget_ms) {
+      return tree_view(self, std::min(self->state.flags.tree_timeout,
+                                      milliseconds{std::max<int64_t>(budget_ms, 1)}));
+    },
     [self](shutdown_timeout_atom, uint64_t token) { on_shutdown_timeout(self, token); },
     [self](backoff_done_atom, uint64_t token) { start_restarting(self, token); },
   };

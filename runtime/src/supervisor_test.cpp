@@ -821,3 +821,45 @@ TEST_CASE("two children crashing together under one_for_all cause one group rest
   }
   CHECK(f.stop(sup) == caf::exit_reason::user_shutdown);
 }
+
+namespace {
+
+// Claims to be a supervisor but never answers tree requests.
+caf::behavior silent_supervisor(caf::event_based_actor* self, probe_ptr p) {
+  p->started("silent");
+  return {
+    [self](sup::tree_atom, int64_t) -> caf::response_promise {
+      return self->make_response_promise();  // never delivered
+    },
+  };
+}
+
+} // namespace
+
+TEST_CASE("an unresponsive grandchild is noted and the rest of the tree still arrives",
+          "[supervisor][tree]") {
+  fixture f;
+  child_spec silent;
+  silent.id = "silent";
+  silent.kind = child_kind::supervisor;
+  silent.shutdown_timeout = 0ms;
+  auto p = f.p;
+  silent.start = [p](caf::local_actor* parent) { return parent->spawn(silent_supervisor, p); };
+  auto inner = make_spec("inner", restart_strategy::one_for_one, {worker(f.p, "x"), silent});
+  auto spec = make_spec("root", restart_strategy::one_for_one, {supervisor_child("inner", inner)});
+  spec.flags.tree_timeout = 400ms;
+  auto root = f.spawn(spec);
+  REQUIRE(f.p->wait_starts("silent", 1));
+  auto begin = steady_clock::now();
+  auto tree = fetch_tree(f.sys, root, 5s);
+  auto took = std::chrono::duration_cast<milliseconds>(steady_clock::now() - begin).count();
+  REQUIRE(tree);
+  INFO(render_tree(*tree) << "took " << took << " ms");
+  CHECK(took < 2000);
+  REQUIRE(tree->children.size() == 1);
+  CHECK(tree->children[0].note.empty());
+  REQUIRE(tree->children[0].children.size() == 2);
+  CHECK(tree->children[0].children[0].name == "x");
+  CHECK_THAT(tree->children[0].children[1].note, Catch::Contains("request_timeout"));
+  CHECK(f.stop(root) == caf::exit_reason::user_shutdown);
+}

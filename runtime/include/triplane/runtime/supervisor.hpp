@@ -85,7 +85,7 @@ struct supervisor_flags {
   /// backoff_base 0 restarts immediately.
   std::chrono::milliseconds backoff_base{0};
   std::chrono::milliseconds backoff_cap{5000};
-  /// How long the tree view waits for a child supervisor's subtree.
+  /// The most the tree view takes to answer (see sup::tree_atom).
   std::chrono::milliseconds tree_timeout{1000};
   /// Where child exits, restarts and escalations are logged; null: spdlog's default logger.
   std::shared_ptr<spdlog::logger> logger;
@@ -157,8 +157,10 @@ using restart_child_atom = caf::atom_constant<caf::atom("sup_restrt")>;
 using delete_child_atom = caf::atom_constant<caf::atom("sup_delete")>;
 /// (which_children_atom) -> std::vector<child_info>, in order.
 using which_children_atom = caf::atom_constant<caf::atom("sup_which")>;
-/// (tree_atom) -> tree_node: the whole tree below the supervisor; child supervisors are asked
-/// recursively, each within its parent's tree_timeout.
+/// (tree_atom) -> tree_node: the whole tree below the supervisor, answered within tree_timeout.
+/// Child supervisors are asked recursively with (tree_atom, int64_t budget_ms), three quarters of
+/// the asker's budget (capped by their own tree_timeout), so a subtree that does not answer in
+/// time is marked in its parent's node (tree_node::note) and the rest of the tree still arrives.
 using tree_atom = caf::atom_constant<caf::atom("sup_tree")>;
 } // namespace sup
 
