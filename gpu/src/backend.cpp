@@ -44,8 +44,12 @@ expected<std::unique_ptr<backend>> make_backend(const checkpoint& weights, const
     case backend_kind::cpu:
       return make_cpu_backend(weights, options);
     case backend_kind::cuda:
+#ifdef TRIPLANE_GPU_WITH_CUDA
+      return make_cuda_backend(weights, options);
+#else
       return make_error(errc::unavailable,
                         "the CUDA backend is not part of this build (use --backend cpu)");
+#endif
   }
   return make_error(errc::invalid_argument, "unknown backend kind");
 }

@@ -100,6 +100,11 @@ expected<std::unique_ptr<backend>> make_backend(const checkpoint& weights, const
 /// here for backend_kind::cpu.
 expected<std::unique_ptr<backend>> make_cpu_backend(const checkpoint& weights, const backend_options& options);
 
+/// The CUDA backend (gpu/src/*.cu). Defined only in builds with CUDA sources, where CMake sets
+/// TRIPLANE_GPU_WITH_CUDA and make_backend dispatches here for backend_kind::cuda. It must answer
+/// errc::unavailable (not crash) on a machine without a usable GPU.
+expected<std::unique_ptr<backend>> make_cuda_backend(const checkpoint& weights, const backend_options& options);
+
 /// Validates a tensor-parallel degree for a model (the rules above). Errors: invalid_argument.
 caf::error check_tensor_parallel(const model_config& config, int tp);
 
