@@ -3,7 +3,9 @@
 // picked at run time (target_clones), so one binary runs everywhere.
 #include "cpu_kernels.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 
 namespace triplane::gpu::cpu {
 
@@ -26,62 +28,64 @@ float dot(const float* a, const float* b, int64_t n) {
 
 namespace {
 
-// Four weight rows against one input row: the input row is loaded once for four outputs.
-TRIPLANE_MULTIVERSION
-void dot4(const float* x, const float* w0, const float* w1, const float* w2, const float* w3, int64_t n,
-          float* out) {
-  float a0[8] = {}, a1[8] = {}, a2[8] = {}, a3[8] = {};
+// Eight floats as one value: AVX registers in the x86-64-v3 clone, two SSE registers otherwise.
+typedef float v8 __attribute__((vector_size(32)));
+
+// Vectors pass by reference: by value their ABI would differ between the two clones.
+inline void load8(v8& v, const float* p) { std::memcpy(&v, p, sizeof v); }
+
+inline float hsum(const v8& v) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+// y[t][r] = dot(x[t], w[r]) for ROWS consecutive weight rows and TOKENS input rows: each weight
+// load serves TOKENS products and each input load ROWS products.
+template <int ROWS, int TOKENS>
+TRIPLANE_MULTIVERSION void tile(const float* x, const float* w, float* y, int64_t in, int64_t out) {
+  v8 acc[TOKENS][ROWS];
+  for (int t = 0; t < TOKENS; ++t)
+    for (int r = 0; r < ROWS; ++r) acc[t][r] = v8{0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) {
-      float xv = x[i + j];
-      a0[j] += xv * w0[i + j];
-      a1[j] += xv * w1[i + j];
-      a2[j] += xv * w2[i + j];
-      a3[j] += xv * w3[i + j];
+  for (; i + 8 <= in; i += 8) {
+    v8 xv[TOKENS];
+    for (int t = 0; t < TOKENS; ++t) load8(xv[t], x + t * in + i);
+    for (int r = 0; r < ROWS; ++r) {
+      v8 wv;
+      load8(wv, w + r * in + i);
+      for (int t = 0; t < TOKENS; ++t) acc[t][r] += xv[t] * wv;
     }
   }
-  auto reduce = [](const float* a) {
-    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-  };
-  float s0 = reduce(a0), s1 = reduce(a1), s2 = reduce(a2), s3 = reduce(a3);
-  for (; i < n; ++i) {
-    s0 += x[i] * w0[i];
-    s1 += x[i] * w1[i];
-    s2 += x[i] * w2[i];
-    s3 += x[i] * w3[i];
-  }
-  out[0] = s0;
-  out[1] = s1;
-  out[2] = s2;
-  out[3] = s3;
+  for (int t = 0; t < TOKENS; ++t)
+    for (int r = 0; r < ROWS; ++r) {
+      float s = hsum(acc[t][r]);
+      for (int64_t k = i; k < in; ++k) s += x[t * in + k] * w[r * in + k];
+      y[t * out + r] = s;
+    }
 }
 
 } // namespace
 
 void matmul(const float* x, const float* w, float* y, int64_t tokens, int64_t in, int64_t out, thread_pool& pool) {
-  // Rows of the weight are split across threads; each group of 4 rows (12 KiB for in = 768) stays
-  // in cache while every token row passes over it.
+  // Threads split the weight rows. Within a thread, tokens go in blocks small enough to stay in
+  // L2 while the thread's rows stream past them, four rows at a time (held in L1).
+  constexpr int64_t token_block = 32;
   const int64_t groups = (out + 3) / 4;
   pool.parallel_for(
       groups,
       [&](int64_t g_begin, int64_t g_end) {
-        for (int64_t g = g_begin; g < g_end; ++g) {
-          int64_t o = g * 4;
-          if (o + 4 <= out) {
-            const float* w0 = w + o * in;
-            for (int64_t t = 0; t < tokens; ++t) {
-              float r[4];
-              dot4(x + t * in, w0, w0 + in, w0 + 2 * in, w0 + 3 * in, in, r);
-              float* yt = y + t * out + o;
-              yt[0] = r[0];
-              yt[1] = r[1];
-              yt[2] = r[2];
-              yt[3] = r[3];
+        for (int64_t t0 = 0; t0 < tokens; t0 += token_block) {
+          const int64_t t1 = std::min(tokens, t0 + token_block);
+          for (int64_t g = g_begin; g < g_end; ++g) {
+            const int64_t o = g * 4;
+            const float* wr = w + o * in;
+            if (o + 4 <= out) {
+              int64_t t = t0;
+              for (; t + 2 <= t1; t += 2) tile<4, 2>(x + t * in, wr, y + t * out + o, in, out);
+              if (t < t1) tile<4, 1>(x + t * in, wr, y + t * out + o, in, out);
+            } else {
+              for (int64_t oo = o; oo < out; ++oo)
+                for (int64_t t = t0; t < t1; ++t) tile<1, 1>(x + t * in, w + oo * in, y + t * out + oo, in, out);
             }
-          } else {
-            for (int64_t oo = o; oo < out; ++oo)
-              for (int64_t t = 0; t < tokens; ++t) y[t * out + oo] = dot(x + t * in, w + oo * in, in);
           }
         }
       },
