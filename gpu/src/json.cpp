@@ -1,9 +1,8 @@
 // Strict recursive-descent JSON parser; see json.hpp for what it accepts.
 #include "json.hpp"
 
-#include <cerrno>
-#include <cstdlib>
-#include <limits>
+#include <charconv>
+#include <system_error>
 
 namespace triplane::gpu::json {
 
@@ -242,17 +241,19 @@ private:
       while (pos_ < text_.size() && text_[pos_] >= '0' && text_[pos_] <= '9') ++pos_;
       if (pos_ == digits) return fail("invalid number: no exponent digits");
     }
-    std::string literal_text(text_.substr(start, pos_ - start));
+    // from_chars: locale-independent (strtod would read "1.5" wrongly under a ',' locale).
+    const char* first = text_.data() + start;
+    const char* last = text_.data() + pos_;
     out.type = kind::number;
-    errno = 0;
-    out.number = std::strtod(literal_text.c_str(), nullptr);
-    if (errno == ERANGE && (out.number > 1 || out.number < -1)) return fail("number out of range");
+    auto parsed = std::from_chars(first, last, out.number);
+    if (parsed.ec == std::errc::result_out_of_range) return fail("number out of range");
+    if (parsed.ec != std::errc() || parsed.ptr != last) return fail("invalid number");
     if (integral) {
-      errno = 0;
-      long long v = std::strtoll(literal_text.c_str(), nullptr, 10);
-      if (errno != ERANGE) {
+      int64_t v = 0;
+      auto as_int = std::from_chars(first, last, v);
+      if (as_int.ec == std::errc() && as_int.ptr == last) {
         out.is_integer = true;
-        out.integer = static_cast<int64_t>(v);
+        out.integer = v;
       }
     }
     return true;
