@@ -9,7 +9,8 @@
 
 namespace triplane::gpu::cpu {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// Not under ThreadSanitizer: its instrumentation of the ifunc resolver runs before TSan is set up.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_THREAD__)
 #define TRIPLANE_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define TRIPLANE_MULTIVERSION
