@@ -180,7 +180,17 @@ public:
       }
     }
     std::vector<float> logits(st.output_rows.size() * static_cast<size_t>(config_.vocab_size));
-    rank_pool_->run_on_each([&](int r) { run_rank(*ranks_[static_cast<size_t>(r)], *plan, st, logits); });
+    std::vector<caf::error> rank_errors(static_cast<size_t>(tp_));
+    rank_pool_->run_on_each([&](int r) {
+      rank_errors[static_cast<size_t>(r)] = run_rank(*ranks_[static_cast<size_t>(r)], *plan, st, logits);
+    });
+    for (auto& err : rank_errors)
+      if (err) {
+        // The cache slots of this step hold partial data, but lengths did not advance, so
+        // nothing reads them; the blocks go back to the pool.
+        blocks_.rollback(*plan);
+        return std::move(err);
+      }
     blocks_.commit(*plan);
 
     std::vector<step_logits> out(items.size());
@@ -197,8 +207,10 @@ public:
   }
 
 private:
-  // One rank's share of the step (LlamaForCausalLM.forward). Rank 0 writes `logits`.
-  void run_rank(rank_state& R, const std::vector<planned_sequence>& plan, const step_tokens& st,
+  // One rank's share of the step (LlamaForCausalLM.forward). Rank 0 writes `logits`. A failing
+  // collective ends the rank's work: the in-process one cannot fail, so the other ranks never wait
+  // on a rank that left (a device backend would abort its communicator instead).
+  caf::error run_rank(rank_state& R, const std::vector<planned_sequence>& plan, const step_tokens& st,
                 std::vector<float>& logits) {
     const auto& c = config_;
     const auto& s = R.shard;
@@ -236,7 +248,7 @@ private:
       }
       attention(R, plan, st, k_cache, v_cache);
       cpu::matmul(R.attn.data(), L.o.data(), R.proj.data(), n, q_dim, hidden, *R.pool);
-      R.comm->all_reduce_sum(R.proj.data(), sz(n * hidden));
+      if (auto err = R.comm->all_reduce_sum(R.proj.data(), sz(n * hidden))) return err;
       for (int64_t i = 0; i < n * hidden; ++i) R.x[sz(i)] += R.proj[sz(i)];
       // post_attention_layernorm -> mlp (down(silu(gate) * up)) -> residual
       cpu::rms_norm(R.x.data(), L.post_norm.data(), R.h.data(), n, hidden, eps);
@@ -246,7 +258,7 @@ private:
         cpu::silu_mul(gu, gu + s.mlp_size, R.act.data() + t * s.mlp_size, s.mlp_size);
       }
       cpu::matmul(R.act.data(), L.down.data(), R.proj.data(), n, s.mlp_size, hidden, *R.pool);
-      R.comm->all_reduce_sum(R.proj.data(), sz(n * hidden));
+      if (auto err = R.comm->all_reduce_sum(R.proj.data(), sz(n * hidden))) return err;
       for (int64_t i = 0; i < n * hidden; ++i) R.x[sz(i)] += R.proj[sz(i)];
     }
 
@@ -260,18 +272,19 @@ private:
     const float* head = R.lm_head.empty() ? embed_.data() : R.lm_head.data();
     if (!s.vocab_split) {
       if (R.comm->rank() == 0) cpu::matmul(normed.data(), head, logits.data(), rows, hidden, c.vocab_size, *R.pool);
-      return;
+      return caf::none;
     }
     R.logits_local.resize(sz(rows * s.vocab_size));
     cpu::matmul(normed.data(), head, R.logits_local.data(), rows, hidden, s.vocab_size, *R.pool);
     // Gather [rank][rows][vocab/tp] and lay it out as [rows][vocab].
     std::vector<float> gathered(sz(tp_ * rows * s.vocab_size));
-    R.comm->all_gather(R.logits_local.data(), R.logits_local.size(), gathered.data());
-    if (R.comm->rank() != 0) return;
+    if (auto err = R.comm->all_gather(R.logits_local.data(), R.logits_local.size(), gathered.data())) return err;
+    if (R.comm->rank() != 0) return caf::none;
     for (int r = 0; r < tp_; ++r)
       for (int64_t i = 0; i < rows; ++i)
         std::memcpy(logits.data() + i * c.vocab_size + r * s.vocab_size,
                     gathered.data() + (r * rows + i) * s.vocab_size, sz(s.vocab_size) * sizeof(float));
+    return caf::none;
   }
 
   // Grouped-query causal attention of every new token over its sequence's cached positions
