@@ -12,10 +12,12 @@
 //  - Use kv_block_manager (kv_cache.hpp) for the block tables so both backends share one
 //    allocation policy: forward() calls plan(), runs the model writing K/V at the planned slots
 //    and attending over each sequence's block table, then commit(); on any failure rollback().
-//  - Tensor parallelism (Megatron): rank r holds q heads [r*H/tp, (r+1)*H/tp), the KV heads those
-//    query heads use, columns of gate/up [r*I/tp, ...), and the matching input columns of o_proj and
-//    down_proj; after o_proj and after down_proj an all_reduce_sum; the lm_head is split by vocab
-//    rows and all_gathered when vocab % tp == 0, else computed whole on every rank. Requirements:
+//  - Tensor parallelism (Megatron; see shard_for_rank): column-parallel q/k/v and gate/up (rank r
+//    holds the weight rows of query heads [r*H/tp, (r+1)*H/tp), of the KV heads those query heads
+//    use, and of intermediate features [r*I/tp, (r+1)*I/tp)); row-parallel o_proj and down_proj
+//    (the matching input columns); an all_reduce_sum after o_proj and after down_proj. Embedding
+//    and norms are replicated. The lm_head is split by vocab rows and all_gathered when
+//    vocab % tp == 0, else rank 0 computes it whole. Requirements:
 //    heads % tp == 0, intermediate % tp == 0, and kv_heads % tp == 0 (KV heads split) or
 //    tp % kv_heads == 0 (each KV head replicated on tp / kv_heads ranks).
 //  - Numerics: logits are float32. The reference is transformers in float32.
