@@ -122,4 +122,26 @@ struct tp_shard {
 /// Precondition: check_tensor_parallel(config, tp) succeeded, 0 <= rank < tp.
 tp_shard shard_for_rank(const model_config& config, int tp, int rank);
 
+/// A step flattened for a backend's kernels: every new token of every item, in item order, with
+/// its position and KV slot. Shared so that all backends validate and lay out steps alike.
+struct prepared_step {
+  std::vector<planned_sequence> plan;  ///< one per item, from kv_block_manager::plan
+  std::vector<int32_t> token_ids;      ///< [tokens]
+  std::vector<int64_t> positions;      ///< [tokens] position of each token in its sequence
+  std::vector<int64_t> slots;          ///< [tokens] KV slot to write (block * block_size + offset)
+  std::vector<int32_t> item_of_token;  ///< [tokens] index into plan / items
+  std::vector<int64_t> output_tokens;  ///< token indices whose logits are returned, in order
+};
+
+/// Validates `items` (see backend::forward) against the model and the cache, plans their KV
+/// slots, and flattens them. On success the caller must commit() or rollback() `plan` on
+/// `blocks`. Errors: invalid_argument (no tokens, token id out of range), not_found (unknown
+/// sequence), limit_exceeded (beyond max_position_embeddings), overloaded (pool exhausted).
+expected<prepared_step> prepare_step(const model_config& config, kv_block_manager& blocks,
+                                     const std::vector<step_item>& items);
+
+/// Splits the logits of `step.output_tokens` ([outputs, vocab] row-major) into per-item results.
+std::vector<step_logits> split_logits(const std::vector<step_item>& items, const std::vector<float>& logits,
+                                      int64_t vocab);
+
 } // namespace triplane::gpu
