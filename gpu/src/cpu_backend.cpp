@@ -47,7 +47,7 @@ struct layer_shard {
 struct rank_state {
   tp_shard shard;
   std::vector<layer_shard> layers;
-  std::vector<float> lm_head;        // [shard.vocab_size, hidden] (empty: use the shared one)
+  std::vector<float> lm_head;        // [shard.vocab_size, hidden]; empty: tied (use embed_) or unused
   std::vector<std::unique_ptr<float[]>> k_cache, v_cache;  // per layer: [slots, kv_heads, head_dim]
   std::unique_ptr<thread_pool> pool;
   std::unique_ptr<collective> comm;
@@ -111,8 +111,10 @@ public:
         append_block(get("mlp.down_proj.weight"), 0, hidden, s.mlp_begin, s.mlp_size, L.down);
         rank->layers.push_back(std::move(L));
       }
-      const bool share_head = !s.vocab_split && c.tie_word_embeddings;
-      if (!share_head) append_block(head, s.vocab_begin, s.vocab_size, 0, hidden, rank->lm_head);
+      // A split head: each rank its vocab rows. Unsplit: only rank 0 computes it, from its own
+      // copy or, when tied, from the shared embedding.
+      const bool needs_copy = s.vocab_split || (r == 0 && !c.tie_word_embeddings);
+      if (needs_copy) append_block(head, s.vocab_begin, s.vocab_size, 0, hidden, rank->lm_head);
       const size_t cache_floats = static_cast<size_t>(slots * s.kv_heads * hd);
       for (int64_t l = 0; l < c.num_layers; ++l) {
         rank->k_cache.emplace_back(new float[cache_floats]);
