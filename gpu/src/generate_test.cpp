@@ -34,8 +34,13 @@ TEST_CASE("generate prints the greedy continuation and dumps the prompt logits",
   const auto e = load_expected("tiny-llama-f32")[2];
   temp_dir dir;
   const int tp = GENERATE(1, 2);
-  auto r = run({"--model", fixture_dir("tiny-llama-f32"), "--tokens", join(e.ids), "--max-new-tokens", "12", "--tp",
-                std::to_string(tp), "--dump-logits", dir.file("logits.safetensors")});
+  const std::string chunk = GENERATE(as<std::string>{}, "0", "5");  // 0: whole prompt
+  INFO("tp " << tp << " prefill chunk " << chunk);
+  std::vector<std::string> args = {"--model", fixture_dir("tiny-llama-f32"), "--tokens", join(e.ids),
+                                   "--max-new-tokens", "12", "--tp", std::to_string(tp),
+                                   "--dump-logits", dir.file("logits.safetensors")};
+  if (chunk != "0") args.insert(args.end(), {"--prefill-chunk", chunk});
+  auto r = run(args);
   INFO(r.err);
   REQUIRE(r.code == 0);
   CHECK(r.out == join(e.greedy) + "\n");
