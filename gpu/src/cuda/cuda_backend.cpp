@@ -38,8 +38,9 @@ using cuda::from_cuda;
 class arena_cursor {
 public:
   explicit arena_cursor(char* base) : base_(base) {}
+  // With a null base only the size is measured (and null pointers returned).
   template <typename T> T* take(int64_t count) {
-    char* at = base_ + used_;
+    char* at = base_ != nullptr ? base_ + used_ : nullptr;
     used_ += (static_cast<int64_t>(sizeof(T)) * count + 255) / 256 * 256;
     return reinterpret_cast<T*>(at);
   }
