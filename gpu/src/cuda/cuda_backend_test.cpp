@@ -4,9 +4,11 @@
 
 #include <cstring>
 #include <set>
+#include <sstream>
 
 #include "cuda_support.hpp"
 #include "test_support.hpp"
+#include "triplane/gpu/generate.hpp"
 
 using namespace triplane::gpu;
 using namespace triplane::gpu::testing;
@@ -272,4 +274,18 @@ TEST_CASE("a step's layout lists every token with its position, slot, sequence a
     const auto last = cuda::build_step_layout(items, *plan);
     CHECK(last.output_rows == std::vector<int32_t>{5, 6});
   }
+}
+
+TEST_CASE("triplane generate --backend cuda without a GPU fails with the reason, not a crash", "[cuda][generate]") {
+  if (cuda::probe_devices().count > 0) {
+    WARN("SKIPPED: a GPU is present (this case is about machines without one)");
+    return;
+  }
+  std::ostringstream out, err;
+  const int code = run_generate_command({"--model", fixture_dir("tiny-llama-bf16"), "--tokens", "1,2,3",
+                                         "--max-new-tokens", "2", "--backend", "cuda"},
+                                        out, err);
+  CHECK(code == 1);
+  CHECK(out.str().empty());
+  CHECK_THAT(err.str(), Catch::Contains("no usable GPU"));
 }
