@@ -391,17 +391,18 @@ private:
       TRY(gemm(R, R.w(L.down), b.act, b.proj, n, s.mlp_size, hidden, "down_proj"));
       if (R.comm) TRY(R.comm->all_reduce_sum(b.proj, static_cast<size_t>(n * hidden)));
     }
-    // Last residual and LlamaModel.norm on the rows whose logits are wanted, then lm_head.
+    // Last residual and LlamaModel.norm on the rows whose logits are wanted, then lm_head: on
+    // every rank when the head is split by vocab, else on rank 0 alone.
+    const bool leader = &R == ranks_.front().get();  // rank 0 hands the logits back
+    if (!s.vocab_split && !leader) return from_cuda(cudaStreamSynchronize(R.stream), where + "step");
     TRY(launched(cuda::add_rms_norm(elem_, b.x, b.proj, b.output_rows, R.w(R.layout.final_norm), b.normed, z.rows,
                                     hidden, eps, R.stream),
                  "final rms_norm"));
     TRY(gemm(R, R.w(R.layout.lm_head), b.normed, b.logits, z.rows, hidden, s.vocab_size, "lm_head"));
-    const bool leader = &R == ranks_.front().get();  // rank 0 hands the logits back
     if (!s.vocab_split) {
-      if (leader)
-        TRY(from_cuda(cudaMemcpyAsync(logits.data(), b.logits, logits.size() * sizeof(float), cudaMemcpyDeviceToHost,
-                                      R.stream),
-                      where + "download logits"));
+      TRY(from_cuda(cudaMemcpyAsync(logits.data(), b.logits, logits.size() * sizeof(float), cudaMemcpyDeviceToHost,
+                                    R.stream),
+                    where + "download logits"));
       return from_cuda(cudaStreamSynchronize(R.stream), where + "step");
     }
     const size_t local = static_cast<size_t>(z.rows * s.vocab_size);
