@@ -245,12 +245,15 @@ private:
     TRY(from_cuda(cudaMemcpy(R.inv_freq, inv_freq.data(), inv_freq.size() * sizeof(float), cudaMemcpyHostToDevice),
                   where + "upload RoPE table"));
     uint16_t* base = static_cast<uint16_t*>(R.weights);
-    return cuda::pack_weights(weights, R.shard, R.layout, elem_,
-                              [&](int64_t offset, const std::vector<uint16_t>& values) -> caf::error {
-                                return from_cuda(cudaMemcpy(base + offset, values.data(), values.size() * 2,
-                                                            cudaMemcpyHostToDevice),
-                                                 where + "upload weights");
-                              });
+    TRY(cuda::pack_weights(weights, R.shard, R.layout, elem_,
+                           [&](int64_t offset, const std::vector<uint16_t>& values) -> caf::error {
+                             return from_cuda(cudaMemcpy(base + offset, values.data(), values.size() * 2,
+                                                         cudaMemcpyHostToDevice),
+                                              where + "upload weights");
+                           }));
+    // cudaMemcpy from pageable memory may return before its DMA has landed, and the rank's stream
+    // does not synchronise with the legacy default stream: wait here, once.
+    return from_cuda(cudaDeviceSynchronize(), where + "finishing the uploads");
   }
 
   static caf::error device_alloc(void** ptr, int64_t bytes, const std::string& what) {

@@ -229,9 +229,18 @@ class nccl_collective final : public collective {
 public:
   nccl_collective(ncclComm_t comm, cudaStream_t stream, int device, int rank, int size)
       : comm_(comm), stream_(stream), device_(device), rank_(rank), size_(size) {}
+  /// Destroys the communicator; ranks destroy theirs side by side (see make_nccl_group).
   ~nccl_collective() override {
+    if (comm_ == nullptr) return;
     cudaSetDevice(device_);
     ncclCommDestroy(comm_);
+  }
+  /// Tears the communicator down without waiting for the other ranks (error paths).
+  void abort() {
+    if (comm_ == nullptr) return;
+    cudaSetDevice(device_);
+    ncclCommAbort(comm_);
+    comm_ = nullptr;
   }
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -270,16 +279,19 @@ expected<std::vector<std::unique_ptr<collective>>> make_nccl_group(const std::ve
     errors[i] = from_nccl(ncclCommInitRank(&comms[i], ranks, id, r),
                           "ncclCommInitRank (rank " + std::to_string(r) + ", GPU " + std::to_string(devices[i]) + ")");
   });
-  std::vector<std::unique_ptr<collective>> out;
   caf::error first;
+  for (auto& err : errors)
+    if (err && !first) first = err;
+  if (first) {
+    // Some rank failed: the others' communicators may wait for it forever; abort them (local).
+    for (size_t i = 0; i < comms.size(); ++i)
+      if (comms[i] != nullptr) nccl_collective(comms[i], streams[i], devices[i], static_cast<int>(i), ranks).abort();
+    return first;
+  }
+  std::vector<std::unique_ptr<collective>> out;
   for (int r = 0; r < ranks; ++r) {
     const auto i = static_cast<size_t>(r);
-    if (errors[i] && !first) first = errors[i];
-    if (comms[i] != nullptr) out.push_back(std::make_unique<nccl_collective>(comms[i], streams[i], devices[i], r, ranks));
-  }
-  if (first) {
-    out.clear();  // ncclCommDestroy is local: no other rank needs to take part
-    return first;
+    out.push_back(std::make_unique<nccl_collective>(comms[i], streams[i], devices[i], r, ranks));
   }
   return out;
 }

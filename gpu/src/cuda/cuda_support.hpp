@@ -97,7 +97,9 @@ step_layout build_step_layout(const std::vector<step_item>& items, const std::ve
 /// enqueued on streams[r] (asynchronous: a result is ready for later work on that stream; the
 /// host synchronises the stream before reading it). Bootstrapped with ncclGetUniqueId and one
 /// ncclCommInitRank per rank, each on its own thread of `rank_threads` (size() == ranks). A
-/// handle destroys its communicator; destroy each on its rank's thread. Errors: internal.
+/// handle destroys its communicator (ncclCommDestroy, which may wait for the other ranks):
+/// destroy all of a group's handles side by side, each on its rank's thread. Errors: internal
+/// (the communicators made so far are aborted).
 expected<std::vector<std::unique_ptr<collective>>> make_nccl_group(const std::vector<int>& devices,
                                                                    const std::vector<cudaStream_t>& streams,
                                                                    thread_pool& rank_threads);
