@@ -16,6 +16,8 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <fstream>
+#include <random>
 
 #include "../thread_pool.hpp"
 #include "gpu_test_support.hpp"
@@ -91,6 +93,46 @@ void check_tokens(const std::vector<int32_t>& got, const std::vector<int32_t>& w
     INFO("step " << i << " margin " << margins[i] << " tie tolerance " << tie);
     REQUIRE(got[i] == want[i]);
   }
+}
+
+// A random bf16 Llama like Llama 3.2's family in small: tied embeddings, llama3 RoPE scaling,
+// head_dim 64 (the fixtures are untied with standard RoPE and head_dim 16).
+void write_random_llama3(const std::string& dir) {
+  const int64_t vocab = 1000, hidden = 256, layers = 2, heads = 4, kv_heads = 2, hd = 64, mlp = 512;
+  std::ofstream(dir + "/config.json")
+      << "{\"model_type\": \"llama\", \"vocab_size\": " << vocab << ", \"hidden_size\": " << hidden
+      << ", \"intermediate_size\": " << mlp << ", \"num_hidden_layers\": " << layers
+      << ", \"num_attention_heads\": " << heads << ", \"num_key_value_heads\": " << kv_heads << ", \"head_dim\": " << hd
+      << ", \"max_position_embeddings\": 131072, \"rms_norm_eps\": 1e-5, \"rope_theta\": 500000.0,"
+      << " \"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 32.0, \"low_freq_factor\": 1.0,"
+      << " \"high_freq_factor\": 4.0, \"original_max_position_embeddings\": 8192}, \"tie_word_embeddings\": true}";
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal(0.0f, 0.05f);
+  std::vector<tensor_to_write> tensors;
+  auto add = [&](const std::string& name, std::vector<int64_t> dims, bool norm) {
+    int64_t n = 1;
+    for (auto d : dims) n *= d;
+    tensor_to_write t{name, dtype::bf16, std::move(dims), std::vector<unsigned char>(static_cast<size_t>(n) * 2)};
+    for (int64_t i = 0; i < n; ++i) {
+      const uint16_t b = f32_to_bf16(norm ? 1.0f + normal(rng) : normal(rng));
+      std::memcpy(t.data.data() + 2 * i, &b, 2);
+    }
+    tensors.push_back(std::move(t));
+  };
+  add(tensor_names::embed_tokens(), {vocab, hidden}, false);
+  for (int64_t l = 0; l < layers; ++l) {
+    add(tensor_names::layer(l, "input_layernorm.weight"), {hidden}, true);
+    add(tensor_names::layer(l, "self_attn.q_proj.weight"), {heads * hd, hidden}, false);
+    add(tensor_names::layer(l, "self_attn.k_proj.weight"), {kv_heads * hd, hidden}, false);
+    add(tensor_names::layer(l, "self_attn.v_proj.weight"), {kv_heads * hd, hidden}, false);
+    add(tensor_names::layer(l, "self_attn.o_proj.weight"), {hidden, heads * hd}, false);
+    add(tensor_names::layer(l, "post_attention_layernorm.weight"), {hidden}, true);
+    add(tensor_names::layer(l, "mlp.gate_proj.weight"), {mlp, hidden}, false);
+    add(tensor_names::layer(l, "mlp.up_proj.weight"), {mlp, hidden}, false);
+    add(tensor_names::layer(l, "mlp.down_proj.weight"), {hidden, mlp}, false);
+  }
+  add(tensor_names::final_norm(), {hidden}, true);
+  REQUIRE_FALSE(write_safetensors(dir + "/model.safetensors", tensors));
 }
 
 } // namespace
@@ -284,6 +326,44 @@ TEST_CASE("bad CUDA steps are refused without touching the cache", "[gpu]") {
   CHECK(code_of(unknown.error()) == errc::not_found);
   CHECK(engine->sequence_length(1) == 0);
   CHECK(engine->forward({{1, {1, 2, 3}, false}}));
+}
+
+TEST_CASE("on a tied-embedding llama3-RoPE model the CUDA backend agrees with the CPU backend", "[gpu][fixture]") {
+  // The model and the CPU side need no GPU: checked everywhere.
+  temp_dir dir;
+  write_random_llama3(dir.path());
+  auto ckpt = checkpoint::open(dir.path());
+  REQUIRE(ckpt);
+  REQUIRE((*ckpt)->config().rope.kind == rope_kind::llama3);
+  backend_options cpu_opts;
+  auto cpu = make_backend(**ckpt, cpu_opts);
+  REQUIRE(cpu);
+  CHECK(value_range(prompt_logits(**cpu, {1, 2, 3})) > 1.0f);  // logits spread enough to compare
+  if (skip_without_gpus()) return;
+  auto gpu = make_cuda(dir.path());
+  std::unique_ptr<backend> split;  // TP=2: the tied head split by vocab rows of the embedding
+  if (cuda::probe_devices().count >= 2) split = make_cuda(dir.path(), 2);
+  else WARN("TP=2 part SKIPPED: one GPU");
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int32_t> token(0, 999);
+  for (size_t length : {1, 9, 40}) {  // 40: past two KV blocks
+    std::vector<int32_t> prompt(length);
+    for (auto& t : prompt) t = token(rng);
+    INFO("prompt of " << length << " tokens");
+    const auto a = prompt_logits(**cpu, prompt);
+    const auto b = prompt_logits(*gpu, prompt);
+    const float range = value_range(a);
+    const float err = max_abs_diff(a, b);
+    WARN("tied llama3 model, prompt of " << length << ": CUDA vs CPU max |diff| " << err / range << " of the range");
+    CHECK(err <= bf16_tolerance * range);
+    auto on_cpu = run_greedy(**cpu, prompt, 8, 1);
+    auto on_gpu = run_greedy(*gpu, prompt, 8, 1);
+    check_tokens(on_gpu.tokens, on_cpu.tokens, on_cpu.margins, 2 * bf16_tolerance * range);
+    if (split) {
+      const auto c = prompt_logits(*split, prompt);
+      CHECK(max_abs_diff(b, c) <= 1e-2f * range);
+    }
+  }
 }
 
 TEST_CASE("an F16 checkpoint runs in f16 and reproduces the reference", "[gpu][fixture]") {
