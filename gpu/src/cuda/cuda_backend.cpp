@@ -164,31 +164,14 @@ public:
     if (items.empty()) return std::vector<step_logits>{};
     if (broken_) return make_error(errc::internal, "cuda backend: an earlier step failed on the device (" + broken_why_ +
                                                        "); make a new backend");
-    std::vector<sequence_id> ids;
-    std::vector<int64_t> counts;
-    for (const auto& item : items) {
-      const std::string who = "sequence " + std::to_string(item.sequence);
-      if (item.tokens.empty()) return make_error(errc::invalid_argument, who + ": no tokens in step");
-      for (auto t : item.tokens)
-        if (t < 0 || t >= config_.vocab_size)
-          return make_error(errc::invalid_argument, who + ": token id " + std::to_string(t) + " outside [0, " +
-                                                        std::to_string(config_.vocab_size) + ")");
-      const int64_t len = blocks_.length(item.sequence);
-      if (len < 0) return make_error(errc::not_found, who + " is not registered");
-      if (len + static_cast<int64_t>(item.tokens.size()) > config_.max_position_embeddings)
-        return make_error(errc::limit_exceeded, who + ": " + std::to_string(len + item.tokens.size()) +
-                                                    " tokens exceed max_position_embeddings " +
-                                                    std::to_string(config_.max_position_embeddings));
-      ids.push_back(item.sequence);
-      counts.push_back(static_cast<int64_t>(item.tokens.size()));
-    }
-    auto plan = blocks_.plan(ids, counts);
-    if (!plan) return plan.error();
-    const cuda::step_layout st = cuda::build_step_layout(items, *plan);
+    auto prepared = prepare_step(config_, blocks_, items);
+    if (!prepared) return prepared.error();
+    const prepared_step& step = *prepared;
+    const cuda::step_tables tables = cuda::build_step_tables(step);
     step_sizes sizes;
-    sizes.tokens = static_cast<int64_t>(st.ids.size());
-    sizes.rows = static_cast<int64_t>(st.output_rows.size());
-    sizes.table_entries = static_cast<int64_t>(st.block_tables.size());
+    sizes.tokens = static_cast<int64_t>(step.token_ids.size());
+    sizes.rows = static_cast<int64_t>(step.output_tokens.size());
+    sizes.table_entries = static_cast<int64_t>(tables.block_tables.size());
 
     // Phase 1: memory. A failure here changes nothing and is retryable (overloaded).
     std::vector<caf::error> errors(static_cast<size_t>(tp_));
@@ -197,35 +180,25 @@ public:
     });
     for (auto& err : errors)
       if (err) {
-        blocks_.rollback(*plan);
+        blocks_.rollback(step.plan);
         return std::move(err);
       }
 
     // Phase 2: the model.
     std::vector<float> logits(static_cast<size_t>(sizes.rows * config_.vocab_size));
     rank_threads_->run_on_each([&](int r) {
-      errors[static_cast<size_t>(r)] = run_rank(*ranks_[static_cast<size_t>(r)], st, sizes, logits);
+      errors[static_cast<size_t>(r)] = run_rank(*ranks_[static_cast<size_t>(r)], step, tables, sizes, logits);
     });
     for (auto& err : errors)
       if (err) {
-        blocks_.rollback(*plan);
+        blocks_.rollback(step.plan);
         broken_ = true;
         broken_why_ = describe(err);
         return make_error(errc::internal, "cuda backend step failed: " + broken_why_);
       }
-    blocks_.commit(*plan);
+    blocks_.commit(step.plan);
 
-    std::vector<step_logits> out(items.size());
-    const auto vocab = static_cast<size_t>(config_.vocab_size);
-    size_t row = 0;
-    for (size_t i = 0; i < items.size(); ++i) {
-      const int64_t rows = items[i].all_logits ? static_cast<int64_t>(items[i].tokens.size()) : 1;
-      out[i].rows = rows;
-      out[i].values.assign(logits.begin() + static_cast<std::ptrdiff_t>(row * vocab),
-                           logits.begin() + static_cast<std::ptrdiff_t>((row + static_cast<size_t>(rows)) * vocab));
-      row += static_cast<size_t>(rows);
-    }
-    return out;
+    return split_logits(items, logits, config_.vocab_size);
   }
 
 private:
@@ -332,7 +305,8 @@ private:
   }
 
   // One rank's share of the step (LlamaForCausalLM.forward, as cpu_backend.cpp's run_rank).
-  caf::error run_rank(rank_state& R, const cuda::step_layout& st, const step_sizes& z, std::vector<float>& logits) {
+  caf::error run_rank(rank_state& R, const prepared_step& st, const cuda::step_tables& tables, const step_sizes& z,
+                      std::vector<float>& logits) {
     const auto& c = config_;
     const auto& s = R.shard;
     const int64_t n = z.tokens, hidden = c.hidden_size, hd = c.head_dim;
@@ -342,10 +316,10 @@ private:
     TRY(from_cuda(cudaSetDevice(R.device), where + "cudaSetDevice"));
     int64_t unused = 0;
     step_buffers b = carve(R.scratch, R, z, &unused);
-    TRY(upload(R, b.ids, st.ids, "token ids"));
-    TRY(upload(R, b.token_sequence, st.token_sequence, "token sequences"));
-    TRY(upload(R, b.output_rows, st.output_rows, "output rows"));
-    TRY(upload(R, b.block_tables, st.block_tables, "block tables"));
+    TRY(upload(R, b.ids, st.token_ids, "token ids"));
+    TRY(upload(R, b.token_sequence, st.item_of_token, "token sequences"));
+    TRY(upload(R, b.output_rows, tables.output_rows, "output rows"));
+    TRY(upload(R, b.block_tables, tables.block_tables, "block tables"));
     TRY(upload(R, b.positions, st.positions, "positions"));
     TRY(upload(R, b.slots, st.slots, "slots"));
     auto launched = [&](cudaError_t status, const char* what) { return from_cuda(status, where + what); };
@@ -380,7 +354,7 @@ private:
       a.group = c.num_heads / c.num_kv_heads;
       a.q_head_begin = s.q_head_begin;
       a.kv_head_begin = s.kv_head_begin;
-      a.max_blocks = st.max_blocks;
+      a.max_blocks = tables.max_blocks;
       a.block_size = blocks_.block_size();
       a.scale = 1.0f / std::sqrt(static_cast<float>(hd));
       TRY(launched(cuda::paged_attention(elem_, a, R.stream), "paged_attention"));

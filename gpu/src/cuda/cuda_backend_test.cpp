@@ -240,39 +240,40 @@ TEST_CASE("pack_block converts to f16 and copies same-typed tensors bit for bit"
   CHECK(std::equal(packed.begin(), packed.end(), halves));
 }
 
-TEST_CASE("a step's layout lists every token with its position, slot, sequence and block table", "[cuda]") {
+TEST_CASE("a step's block tables and output rows are laid out for the kernels", "[cuda]") {
+  model_config c = open_fixture("tiny-llama-bf16")->config();
   kv_block_manager blocks(16, 4);
   REQUIRE_FALSE(blocks.add_sequence(7));
   REQUIRE_FALSE(blocks.add_sequence(9));
-  auto first = blocks.plan({7}, {5});
+  auto first = prepare_step(c, blocks, {{7, {1, 2, 3, 4, 5}, false}});
   REQUIRE(first);
-  blocks.commit(*first);  // sequence 7 holds 5 tokens (2 blocks)
+  blocks.commit(first->plan);  // sequence 7 holds 5 tokens (2 blocks)
 
   std::vector<step_item> items = {{9, {10, 11, 12, 13, 14, 15}, true}, {7, {42}, false}};
-  auto plan = blocks.plan({9, 7}, {6, 1});
-  REQUIRE(plan);
-  const auto st = cuda::build_step_layout(items, *plan);
-  CHECK(st.ids == std::vector<int32_t>{10, 11, 12, 13, 14, 15, 42});
-  CHECK(st.positions == std::vector<int64_t>{0, 1, 2, 3, 4, 5, 5});
-  CHECK(st.token_sequence == std::vector<int32_t>{0, 0, 0, 0, 0, 0, 1});
-  CHECK(st.output_rows == std::vector<int32_t>{0, 1, 2, 3, 4, 5, 6});
-  std::vector<int64_t> slots = (*plan)[0].slots;
-  slots.push_back((*plan)[1].slots[0]);
-  CHECK(st.slots == slots);
-  REQUIRE(st.max_blocks == 2);
-  const auto& t9 = *(*plan)[0].block_table;
-  const auto& t7 = *(*plan)[1].block_table;
-  CHECK(st.block_tables == std::vector<int32_t>{t9[0], t9[1], t7[0], t7[1]});
-  // Every slot of the step lies in the block its position maps to.
-  for (size_t i = 0; i < st.ids.size(); ++i) {
-    const int32_t block = st.block_tables[static_cast<size_t>(st.token_sequence[i] * st.max_blocks + st.positions[i] / 4)];
-    CHECK(st.slots[i] == int64_t{block} * 4 + st.positions[i] % 4);
+  auto step = prepare_step(c, blocks, items);
+  REQUIRE(step);
+  const auto t = cuda::build_step_tables(*step);
+  CHECK(t.output_rows == std::vector<int32_t>{0, 1, 2, 3, 4, 5, 6});
+  REQUIRE(t.max_blocks == 2);
+  const auto& t9 = *step->plan[0].block_table;
+  const auto& t7 = *step->plan[1].block_table;
+  CHECK(t.block_tables == std::vector<int32_t>{t9[0], t9[1], t7[0], t7[1]});
+  // What the attention kernel computes for each token: the slot its position maps to through
+  // its item's row of the matrix is the slot the token's K/V are written to.
+  for (size_t i = 0; i < step->token_ids.size(); ++i) {
+    const int64_t pos = step->positions[i];
+    const int32_t block =
+        t.block_tables[static_cast<size_t>(step->item_of_token[i] * t.max_blocks + pos / 4)];
+    CHECK(step->slots[i] == int64_t{block} * 4 + pos % 4);
   }
+  blocks.rollback(step->plan);
 
   SECTION("without all_logits only each item's last token is an output row") {
     items[0].all_logits = false;
-    const auto last = cuda::build_step_layout(items, *plan);
-    CHECK(last.output_rows == std::vector<int32_t>{5, 6});
+    auto last = prepare_step(c, blocks, items);
+    REQUIRE(last);
+    CHECK(cuda::build_step_tables(*last).output_rows == std::vector<int32_t>{5, 6});
+    blocks.rollback(last->plan);
   }
 }
 

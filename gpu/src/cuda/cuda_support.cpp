@@ -204,23 +204,17 @@ caf::error pack_weights(const checkpoint& weights, const tp_shard& s, const weig
   return caf::none;
 }
 
-step_layout build_step_layout(const std::vector<step_item>& items, const std::vector<planned_sequence>& plan) {
-  step_layout st;
-  for (const auto& p : plan) st.max_blocks = std::max(st.max_blocks, static_cast<int64_t>(p.block_table->size()));
-  st.block_tables.assign(plan.size() * static_cast<size_t>(st.max_blocks), 0);
-  for (size_t i = 0; i < items.size(); ++i) {
-    const auto& p = plan[i];
-    std::copy(p.block_table->begin(), p.block_table->end(),
-              st.block_tables.begin() + static_cast<std::ptrdiff_t>(i * static_cast<size_t>(st.max_blocks)));
-    for (int64_t t = 0; t < p.num_tokens; ++t) {
-      if (items[i].all_logits || t == p.num_tokens - 1) st.output_rows.push_back(static_cast<int32_t>(st.ids.size()));
-      st.ids.push_back(items[i].tokens[static_cast<size_t>(t)]);
-      st.positions.push_back(p.start_position + t);
-      st.slots.push_back(p.slots[static_cast<size_t>(t)]);
-      st.token_sequence.push_back(static_cast<int32_t>(i));
-    }
+step_tables build_step_tables(const prepared_step& step) {
+  step_tables t;
+  for (const auto& p : step.plan) t.max_blocks = std::max(t.max_blocks, static_cast<int64_t>(p.block_table->size()));
+  t.block_tables.assign(step.plan.size() * static_cast<size_t>(t.max_blocks), 0);
+  for (size_t i = 0; i < step.plan.size(); ++i) {
+    const auto& table = *step.plan[i].block_table;
+    std::copy(table.begin(), table.end(),
+              t.block_tables.begin() + static_cast<std::ptrdiff_t>(i * static_cast<size_t>(t.max_blocks)));
   }
-  return st;
+  t.output_rows.assign(step.output_tokens.begin(), step.output_tokens.end());
+  return t;
 }
 
 namespace {

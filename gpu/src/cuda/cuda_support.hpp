@@ -79,19 +79,15 @@ caf::error pack_weights(const checkpoint& weights, const tp_shard& shard, const 
                         elem_type elem,
                         const std::function<caf::error(int64_t offset, const std::vector<uint16_t>& values)>& sink);
 
-/// One step flattened for the kernels: every new token in item order, where its K/V go, which
-/// block table (= item) it reads, which rows' logits are returned.
-struct step_layout {
-  std::vector<int32_t> ids;             ///< [n]
-  std::vector<int64_t> positions;       ///< [n]
-  std::vector<int64_t> slots;           ///< [n]
-  std::vector<int32_t> token_sequence;  ///< [n]: item index
-  std::vector<int32_t> output_rows;     ///< token indices whose logits are wanted, in order
-  std::vector<int32_t> block_tables;    ///< [items, max_blocks], unused entries 0
+/// What the kernels need of a prepared step (backend.hpp's prepare_step) beyond its token
+/// arrays: the block tables of its items as one [items, max_blocks] matrix (unused entries 0;
+/// item_of_token indexes its rows) and the output token indices as int32.
+struct step_tables {
+  std::vector<int32_t> block_tables;
   int64_t max_blocks = 0;
+  std::vector<int32_t> output_rows;
 };
-/// Precondition: plan[i] is items[i]'s plan (kv_block_manager::plan of the same ids and counts).
-step_layout build_step_layout(const std::vector<step_item>& items, const std::vector<planned_sequence>& plan);
+step_tables build_step_tables(const prepared_step& step);
 
 /// NCCL collectives over device buffers, one per rank, rank r on GPU devices[r], operations
 /// enqueued on streams[r] (asynchronous: a result is ready for later work on that stream; the
