@@ -10,8 +10,9 @@
 #        carry:     ["build-gpu-check"]
 #        timeout_s: 540   (leaves time for a second try inside the 15 minutes)
 #      Runs each test case of the gpu-labelled binaries (*_gpu_test) and of gpu_cuda_backend_test
-#      one by one (a hang costs one case, not the run), then bench_inference_gpu, writes logs and
-#      JSON under $OUT, and prints a short table last. Exit status 0 when no case failed.
+#      one by one (a hang costs one case, not the run), then bench_inference_gpu, then the kernel
+#      tests and one end-to-end case under compute-sanitizer memcheck; writes logs and JSON under
+#      $OUT and prints a short table last. Exit status 0 when no case failed.
 #
 # libcublas, libcublasLt and libnccl are not carried (hundreds of MB): the run looks for them on
 # the device machine (CUDA's lib64, PyTorch's nvidia/* wheels; see ../shared/notes/GPU.md).
@@ -110,6 +111,28 @@ run() {
   timeout 300 "$pack_dir/bin/bench_inference_gpu" --json "$out/bench_inference_gpu.json" \
     --model-dir /tmp/triplane-llama-3.2-1b-random 2>&1 | tee "$out/bench.log"
   local bench_rc=${PIPESTATUS[0]}
+
+  # Last, as time allows: the kernels and one end-to-end case under compute-sanitizer's memcheck
+  # (out-of-bounds and misaligned accesses; it works on the Firecracker machines, see KINDS.md).
+  local sanitizer
+  sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+  if [[ -n $sanitizer ]]; then
+    for bin_case in "gpu_kernels_gpu_test|" \
+                    "gpu_cuda_backend_gpu_test|on CUDA KV-cached decoding matches recomputing the whole sequence"; do
+      bin=${bin_case%%|*}
+      name=${bin_case#*|}
+      log="$out/logs/memcheck-$bin.log"
+      start=$(date +%s%N)
+      timeout 150 "$sanitizer" --tool memcheck --error-exitcode 3 "$pack_dir/bin/$bin" ${name:+"$name"} -r compact \
+        >"$log" 2>&1
+      rc=$?
+      seconds=$(awk -v a="$start" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
+      case $rc in 0) status=pass ;; 124) status=TIMEOUT ;; *) status=FAIL ;; esac
+      printf '%s\t%s\t%s\t%s\n' "$status" "memcheck" "$seconds" "$bin ${name:-(all cases)}" >>"$results"
+    done
+  else
+    echo "compute-sanitizer not found: memcheck skipped"
+  fi
 
   echo
   echo "== GPU check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1))"
