@@ -8,7 +8,10 @@
 // collective: (1) every rank makes sure its scratch memory is large enough (failure: overloaded,
 // nothing changed); (2) every rank uploads the step's layout and runs the model. A failure in
 // phase 2 is a device failure: the step is rolled back, the backend answers internal from then
-// on, and its owner (the supervised worker) makes a new one.
+// on, and its owner (the supervised worker) makes a new one. Not handled yet: a rank failing in
+// phase 2 between two all-reduces while the other ranks wait in NCCL leaves them waiting (the fix
+// is an ncclCommAbort of the whole group from the failing rank); such failures are device faults
+// or launch errors that hit every rank alike.
 #include <cuda_runtime_api.h>
 #include <cublas_v2.h>
 

@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "cuda_support.hpp"
+#include "triplane/gpu/cuda_device.hpp"
 #include "test_support.hpp"
 #include "triplane/gpu/generate.hpp"
 
@@ -289,4 +290,19 @@ TEST_CASE("triplane generate --backend cuda without a GPU fails with the reason,
   CHECK(code == 1);
   CHECK(out.str().empty());
   CHECK_THAT(err.str(), Catch::Contains("no usable GPU"));
+}
+
+TEST_CASE("device queries answer plainly where there is no GPU", "[cuda]") {
+  const auto devices = query_cuda_devices();
+  if (devices.count > 0) {
+    WARN("SKIPPED: a GPU is present (" << devices.name << ")");
+    return;
+  }
+  CHECK_THAT(devices.why, Catch::Contains("no usable GPU"));
+  auto bandwidth = measure_copy_bandwidth(0, 1 << 20, 3);
+  REQUIRE_FALSE(bandwidth);
+  CHECK(code_of(bandwidth.error()) == errc::unavailable);
+  auto bad = measure_copy_bandwidth(0, 0, 3);
+  REQUIRE_FALSE(bad);
+  CHECK(code_of(bad.error()) == errc::invalid_argument);
 }
