@@ -1,6 +1,7 @@
 // Each CUDA kernel against its float32 CPU twin on fresh random inputs, outputs poisoned first.
-// Tolerances: a value stored as bf16 carries a relative rounding error of at most 2^-9; we allow
-// 2^-8 relative plus a small absolute term for values near zero. Float32 outputs: 1e-5 relative.
+// Tolerances: a value stored as bf16 carries a relative rounding error of at most 2^-8 (half an
+// ulp of 8 significant bits); we allow 1/250 relative plus a small absolute term for values near
+// zero. Float32 outputs: 1e-5 relative.
 // Label gpu: each case skips with a WARN where no GPU is present.
 #include <catch2/catch.hpp>
 
@@ -36,7 +37,7 @@ std::vector<float> from_bf16(const std::vector<uint16_t>& v) {
   return out;
 }
 
-// Every got[i] within 2^-8 relative (+ abs) of want[i]; NaN (unwritten) fails.
+// Every got[i] within rel * |want[i]| + abs of want[i]; NaN (unwritten) fails.
 void check_close(const std::vector<float>& got, const std::vector<float>& want, float rel, float abs) {
   REQUIRE(got.size() == want.size());
   size_t bad = 0;
@@ -50,7 +51,9 @@ void check_close(const std::vector<float>& got, const std::vector<float>& want, 
   CHECK(bad == 0);
 }
 
-constexpr float bf16_rel = 1.0f / 256;
+// One bf16 rounding is at most half an ulp: 2^-8 of the value (exactly 2^-8 only at powers of
+// two); 1/250 leaves room for the float32 differences before the rounding.
+constexpr float bf16_rel = 1.0f / 250;
 
 } // namespace
 
@@ -251,5 +254,5 @@ TEST_CASE("the f16 variants store f16", "[gpu][kernels]") {
   for (size_t i = 0; i < act.size(); ++i) got[i] = f16_to_f32(act[i]);
   for (int64_t t = 0; t < n; ++t)
     cpu::silu_mul(gate_up.data() + t * 2 * mlp, gate_up.data() + t * 2 * mlp + mlp, want.data() + t * mlp, mlp);
-  check_close(got, want, 1.0f / 2048, 1e-6f);  // f16: 10 fraction bits
+  check_close(got, want, 1.0f / 2000, 1e-6f);  // f16: half an ulp is at most 2^-11
 }
