@@ -1,6 +1,6 @@
 // The host-side parts of the CUDA backend that need no GPU, kept apart so they run in CPU tests:
 // device probing, the mapping of CUDA / cuBLAS / NCCL statuses to triplane errors, option checks,
-// the per-rank weight layout and packing, the flattened layout of one step, and the NCCL group.
+// the per-rank weight layout and packing, the block tables of one step, and the NCCL group.
 #pragma once
 
 #include <cstdint>
