@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <new>
 
 #include "../thread_pool.hpp"
 #include "cuda_support.hpp"
@@ -137,7 +138,13 @@ public:
     // Each rank sets up its own GPU on its own thread (uploads run side by side).
     std::vector<caf::error> errors(static_cast<size_t>(tp_));
     rank_threads_->run_on_each([&](int r) {
-      errors[static_cast<size_t>(r)] = init_rank(*ranks_[static_cast<size_t>(r)], weights, inv_freq);
+      try {  // packing stages each tensor in host memory; no exception may leave a rank thread
+        errors[static_cast<size_t>(r)] = init_rank(*ranks_[static_cast<size_t>(r)], weights, inv_freq);
+      } catch (const std::bad_alloc&) {
+        errors[static_cast<size_t>(r)] =
+            make_error(errc::limit_exceeded, "cuda backend: out of host memory staging the weights for GPU " +
+                                                 std::to_string(r));
+      }
     });
     for (auto& err : errors)
       if (err) return std::move(err);
@@ -187,8 +194,17 @@ public:
         return std::move(err);
       }
 
-    // Phase 2: the model.
-    std::vector<float> logits(static_cast<size_t>(sizes.rows * config_.vocab_size));
+    // Phase 2: the model. Host memory is taken here, on the calling thread: running out of it is
+    // this step's error, not an exception inside a rank thread.
+    std::vector<float> logits;
+    try {
+      logits.resize(static_cast<size_t>(sizes.rows * config_.vocab_size));
+      if (ranks_.front()->shard.vocab_split) ranks_.front()->host_gathered.resize(logits.size());  // rank 0's
+    } catch (const std::bad_alloc&) {
+      blocks_.rollback(step.plan);
+      return make_error(errc::overloaded, "cuda backend: out of host memory for the logits of " +
+                                              std::to_string(sizes.rows) + " rows");
+    }
     rank_threads_->run_on_each([&](int r) {
       errors[static_cast<size_t>(r)] = run_rank(*ranks_[static_cast<size_t>(r)], step, tables, sizes, logits);
     });
@@ -388,7 +404,6 @@ private:
     const size_t local = static_cast<size_t>(z.rows * s.vocab_size);
     TRY(R.comm->all_gather(b.logits, local, b.gathered));
     if (leader) {
-      R.host_gathered.resize(local * static_cast<size_t>(tp_));
       TRY(from_cuda(cudaMemcpyAsync(R.host_gathered.data(), b.gathered, R.host_gathered.size() * sizeof(float),
                                     cudaMemcpyDeviceToHost, R.stream),
                     where + "download logits"));
@@ -423,9 +438,13 @@ expected<std::unique_ptr<backend>> make_cuda_backend(const checkpoint& weights, 
   const cuda::device_probe probe = cuda::probe_devices();
   if (probe.count == 0) return make_error(errc::unavailable, "cuda backend: " + probe.why);
   if (auto err = cuda::check_device_count(options.tensor_parallel, probe.count)) return err;
-  auto b = std::make_unique<cuda_backend>(weights.config(), options);
-  if (auto err = b->init(weights, options)) return err;
-  return std::unique_ptr<backend>(std::move(b));
+  try {
+    auto b = std::make_unique<cuda_backend>(weights.config(), options);
+    if (auto err = b->init(weights, options)) return err;
+    return std::unique_ptr<backend>(std::move(b));
+  } catch (const std::bad_alloc&) {
+    return make_error(errc::limit_exceeded, "cuda backend: out of host memory setting up " + weights.directory());
+  }
 }
 
 } // namespace triplane::gpu
