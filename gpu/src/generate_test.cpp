@@ -59,11 +59,17 @@ TEST_CASE("the generate executable runs and refuses a CUDA backend it does not h
   const std::string exe = TRIPLANE_GENERATE_EXE;
   const std::string model = fixture_dir("tiny-llama-f32");
   CHECK(std::system((exe + " --model " + model + " --tokens 195 --max-new-tokens 3 > /dev/null").c_str()) == 0);
-  int status = std::system((exe + " --model " + model + " --tokens 195 --backend cuda 2> /dev/null").c_str());
-  CHECK(status != 0);
   auto r = run({"--model", model, "--tokens", "195", "--backend", "cuda"});
+  if (r.code == 0) {
+    WARN("a usable GPU is present: the CUDA backend ran, so there is no refusal to check here");
+    return;
+  }
   CHECK(r.code == 1);
-  CHECK(r.err.find("CUDA backend is not part of this build") != std::string::npos);
+  // Without CUDA in the build, or with it but no usable GPU on this machine.
+  bool explained = r.err.find("CUDA backend is not part of this build") != std::string::npos ||
+                   r.err.find("no usable GPU") != std::string::npos;
+  INFO(r.err);
+  CHECK(explained);
 }
 
 TEST_CASE("generate rejects bad flags with a usage message", "[generate]") {
