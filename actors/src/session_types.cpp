@@ -31,7 +31,7 @@ void add_session_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<command_record>("tp_command_record");
   cfg.add_message_type<session_info>("tp_session_info");
   cfg.add_message_type<std::map<std::string, std::string>>("tp_string_map");
-  cfg.add_message_type<caf::optional<std::string>>("tp_optional_string");
+  cfg.add_message_type<kv_value>("tp_kv_value");
 }
 
 } // namespace triplane::actors

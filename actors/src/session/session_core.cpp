@@ -119,6 +119,7 @@ caf::error session_core::sync_and_save(bool* quota_exceeded, std::string* quota_
     } else if (!outcome) {
       return outcome.error();
     } else {
+      if (running_background() == 0) scan_needed_ = false;
       stats_.files_read = outcome->files_read;
       stats_.chunks_written = outcome->new_chunks.size();
       if (outcome->changed || dirty_ || !stored_) {
@@ -258,6 +259,7 @@ expected<bg_status> session_core::bg_start(const exec_request& req, std::functio
   auto bg = std::make_unique<background>();
   bg->id = record_.next_bg_id++;
   dirty_ = true;
+  scan_needed_ = true;
   bg->argv = spec->argv;
   bg->started_ms = now_ms();
   auto proc = sandbox_process::start(*node_.sandbox, std::move(*spec), nullptr);
@@ -425,10 +427,10 @@ expected<uint64_t> session_core::tar_in(const tar_in_request& req) {
   return static_cast<uint64_t>(std::count(r->stdout_data.begin(), r->stdout_data.end(), '\n'));
 }
 
-caf::optional<std::string> session_core::kv_get(const std::string& key) const {
+kv_value session_core::kv_get(const std::string& key) const {
   auto i = record_.kv.find(key);
-  if (i == record_.kv.end()) return caf::none;
-  return i->second;
+  if (i == record_.kv.end()) return {};
+  return {true, i->second};
 }
 
 expected<bool> session_core::kv_put(const std::string& key, std::string value) {
@@ -520,6 +522,9 @@ session_info session_core::info() const {
 
 caf::error session_core::persist() {
   if (destroyed_) return {};
+  // Every exec and file operation already synced and stored its changes; only background
+  // processes (and kv/env/settings changes) leave something to do here.
+  if (stored_ && !dirty_ && !scan_needed_) return {};
   return sync_and_save(nullptr, nullptr);
 }
 

@@ -74,7 +74,7 @@ public:
   expected<std::string> tar_out(const std::string& dir);
   expected<uint64_t> tar_in(const tar_in_request& req);
 
-  caf::optional<std::string> kv_get(const std::string& key) const;
+  kv_value kv_get(const std::string& key) const;
   expected<bool> kv_put(const std::string& key, std::string value);
   bool kv_delete(const std::string& key);
   std::vector<kv_entry> kv_list(const std::string& prefix) const;
@@ -120,6 +120,7 @@ private:
   uint64_t launches_ = 0;
   std::map<uint64_t, std::unique_ptr<background>> background_;
   bool destroyed_ = false;
+  bool scan_needed_ = false;    ///< a background process may have changed files since the last scan
 };
 
 } // namespace triplane::actors::session

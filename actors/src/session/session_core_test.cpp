@@ -50,7 +50,7 @@ TEST_CASE("a session's files, kv, env, cwd and history survive passivation", "[s
   CHECK(link->link_target == "a.txt");
   CHECK(s->stat_file("dir/empty/deeper"));
   CHECK(s->stat_file("run.sh")->mode == 0755);
-  CHECK(s->kv_get("note/1") == std::string("remember"));
+  CHECK(s->kv_get("note/1").value == "remember");
   auto info = s->info();
   CHECK(info.cwd == "dir");
   CHECK(info.env.at("GREETING") == "hi");
@@ -117,7 +117,7 @@ TEST_CASE("fork copies a session without copying file contents", "[session]") {
 
   auto child = f.activate("child");
   CHECK(read_all(*child, "src/main.c") == "int main(){return 0;}\n");
-  CHECK(child->kv_get("k") == std::string("v"));
+  CHECK(child->kv_get("k").value == "v");
   REQUIRE(child->write_file(file("src/main.c", "int main(){return 1;}\n")));
   CHECK(read_all(*parent, "src/main.c") == "int main(){return 0;}\n");
   REQUIRE_FALSE(parent->destroy());

@@ -18,7 +18,6 @@
 #include <caf/actor.hpp>
 #include <caf/atom.hpp>
 #include <caf/meta/type_name.hpp>
-#include <caf/optional.hpp>
 
 namespace triplane::actors {
 
@@ -65,12 +64,14 @@ using move_atom = caf::atom_constant<caf::atom("ss_move")>;
 /// `(tar_out_atom, std::string dir)` -> std::string: a POSIX ustar archive of `dir` ("" or "."
 /// = the whole workspace); limit_exceeded when it would exceed session_settings.max_tar_bytes.
 using tar_out_atom = caf::atom_constant<caf::atom("ss_tarout")>;
-/// `(tar_in_atom, tar_in_request)` -> uint64_t: number of entries extracted. Entries whose
-/// names escape `dir` (absolute, `..`) or that are device nodes are refused with
-/// invalid_argument before anything is written.
+/// `(tar_in_atom, tar_in_request)` -> uint64_t: number of entries extracted. GNU tar runs
+/// inside the sandbox (so it can only write the workspace); it strips leading '/', skips members
+/// with '..' and cannot create devices. A tar failure is invalid_argument with tar's message;
+/// members before the failure may have been extracted (and are kept).
 using tar_in_atom = caf::atom_constant<caf::atom("ss_tarin")>;
 
-/// `(kv_get_atom, std::string key)` -> caf::optional<std::string> (none when absent).
+/// `(kv_get_atom, std::string key)` -> kv_value (found = false when absent). (Not a
+/// caf::optional: CAF 0.17 unwraps optionals in replies, which breaks typed forwarding.)
 using kv_get_atom = caf::atom_constant<caf::atom("ss_kvget")>;
 /// `(kv_put_atom, std::string key, std::string value)` -> bool (true when the key was new).
 /// limit_exceeded beyond session_settings.max_kv_bytes in total.
@@ -349,6 +350,16 @@ typename Inspector::result_type inspect(Inspector& f, tar_in_request& x) {
 
 // ---------------------------------------------------------------------------------------------
 // kv, history, info
+
+/// The reply to kv_get.
+struct kv_value {
+  bool found = false;
+  std::string value;  ///< empty when !found
+};
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, kv_value& x) {
+  return f(caf::meta::type_name("tp_kv_value"), x.found, x.value);
+}
 
 struct kv_entry {
   std::string key;
