@@ -274,10 +274,13 @@ expected<bg_status> session_core::bg_start(const exec_request& req, std::functio
       std::unique_lock<std::mutex> lock(raw->mutex);
       raw->snapshot = raw->proc->result();
       if (finished) {
+        // on_end first: whoever sees `done` may rely on the end having been announced.
+        lock.unlock();
+        if (on_end) on_end(raw->id);
+        lock.lock();
         raw->done = true;
         lock.unlock();
         raw->ended.notify_all();
-        if (on_end) on_end(raw->id);
         return;
       }
     }
