@@ -6,6 +6,7 @@
 #include <csignal>
 #include <cstddef>
 #include <cstring>
+#include <filesystem>
 #include <sstream>
 
 #include <fcntl.h>
@@ -74,7 +75,8 @@ uint64_t now_unix_ms() {
 
 } // namespace
 
-expected<sandbox_config> sandbox_config::detect(const cgroup_host* cgroups) {
+expected<sandbox_config> sandbox_config::detect(const cgroup_host* cgroups,
+                                               const std::string& staging_dir) {
   sandbox_config cfg;
   for (const char* candidate : {"/usr/bin/bwrap", "/usr/local/bin/bwrap", "/bin/bwrap"})
     if (::access(candidate, X_OK) == 0) {
@@ -95,13 +97,32 @@ expected<sandbox_config> sandbox_config::detect(const cgroup_host* cgroups) {
   // The parts of /etc programs need to run: the loader's cache, alternatives (cc, python3),
   // name-service files without secrets, timezone, python's site config. Never shadow/gshadow,
   // ssl private keys, or anything under /root, /home, /var, /work.
+  std::vector<std::string> etc;
   for (const char* name :
        {"ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "localtime", "timezone",
         "nsswitch.conf", "hosts", "passwd", "group", "protocols", "services", "os-release",
         "debian_version", "python3", "python3.11", "python3.12", "mime.types", "bash.bashrc",
         "profile", "inputrc"}) {
     std::string path = std::string("/etc/") + name;
-    if (exists(path)) cfg.ro_binds.push_back(path);
+    if (exists(path)) etc.push_back(name);
+  }
+  if (!staging_dir.empty()) {
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    fs::path staged = fs::path(staging_dir) / "etc";
+    fs::remove_all(staged, ec);
+    fs::create_directories(staged, ec);
+    for (const auto& name : etc) {
+      if (ec) break;
+      fs::copy(fs::path("/etc") / name, staged / name,
+               fs::copy_options::recursive | fs::copy_options::copy_symlinks, ec);
+    }
+    if (ec)
+      return make_error(errc::io_error, "cannot stage /etc for the sandbox in '" +
+                                            staged.string() + "': " + ec.message());
+    cfg.etc_dir = staged.string();
+  } else {
+    for (const auto& name : etc) cfg.ro_binds.push_back("/etc/" + name);
   }
   return cfg;
 }
@@ -143,6 +164,7 @@ expected<std::unique_ptr<sandbox_process>> sandbox_process::start(const sandbox_
   for (const auto& path : config.ro_binds) {
     args.insert(args.end(), {"--ro-bind", path, path});
   }
+  if (!config.etc_dir.empty()) args.insert(args.end(), {"--ro-bind", config.etc_dir, "/etc"});
   for (const auto& [target, link] : config.symlinks) args.insert(args.end(), {"--symlink", target, link});
   args.insert(args.end(), {"--proc", "/proc", "--dev", "/dev", "--size",
                            std::to_string(config.tmp_bytes), "--tmpfs", "/tmp",

@@ -311,6 +311,19 @@ expected<std::string> session_store::chunk(std::string_view hash) const {
   return std::move(**value);
 }
 
+caf::error session_store::with_chunk(std::string_view hash,
+                                     const std::function<void(std::string_view)>& use) const {
+  bool matches = true;
+  auto found = db_.get(chunks_, hash, [&](std::string_view bytes) {
+    matches = sha256(bytes) == hash;
+    if (matches) use(bytes);
+  });
+  if (!found) return found.error();
+  if (!*found) return make_error(errc::corrupted, "chunk " + to_hex(hash) + " is missing");
+  if (!matches) return make_error(errc::corrupted, "chunk " + to_hex(hash) + " does not match its hash");
+  return {};
+}
+
 expected<uint64_t> session_store::refcount(std::string_view hash) const {
   auto value = db_.get(refs_, hash);
   if (!value) return value.error();

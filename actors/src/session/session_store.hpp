@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -96,6 +97,9 @@ public:
   caf::error destroy(const std::string& id);
   /// The bytes of chunk `hash`; corrupted when missing or when the bytes do not hash to it.
   expected<std::string> chunk(std::string_view hash) const;
+  /// Calls `use(bytes)` with chunk `hash` pinned in RocksDB's cache (no copy), after checking
+  /// that the bytes hash to it. corrupted when missing or mismatching.
+  caf::error with_chunk(std::string_view hash, const std::function<void(std::string_view)>& use) const;
   /// Current reference count of `hash` (0 when none).
   expected<uint64_t> refcount(std::string_view hash) const;
   expected<store_stats> stats() const;

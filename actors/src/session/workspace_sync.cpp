@@ -192,21 +192,24 @@ caf::error materialize(const std::string& root, manifest& m, const session_store
         int fd = ::open(full.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
         if (fd < 0)
           return make_error(errc::io_error, "cannot create '" + path + "': " + std::strerror(errno));
+        caf::error write_error;
         for (const auto& hash : e.chunks) {
-          auto bytes = store.chunk(hash);
-          if (!bytes) {
-            ::close(fd);
-            return bytes.error();
-          }
-          size_t done = 0;
-          while (done < bytes->size()) {
-            auto n = ::write(fd, bytes->data() + done, bytes->size() - done);
-            if (n < 0 && errno == EINTR) continue;
-            if (n < 0) {
-              ::close(fd);
-              return make_error(errc::io_error, "cannot write '" + path + "': " + std::strerror(errno));
+          auto err = store.with_chunk(hash, [&](std::string_view bytes) {
+            size_t done = 0;
+            while (done < bytes.size()) {
+              auto n = ::write(fd, bytes.data() + done, bytes.size() - done);
+              if (n < 0 && errno == EINTR) continue;
+              if (n < 0) {
+                write_error = make_error(errc::io_error, "cannot write '" + path + "': " + std::strerror(errno));
+                return;
+              }
+              done += static_cast<size_t>(n);
             }
-            done += static_cast<size_t>(n);
+          });
+          if (!err) err = std::move(write_error);
+          if (err) {
+            ::close(fd);
+            return err;
           }
         }
         ::fchmod(fd, e.mode);
