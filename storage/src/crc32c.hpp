@@ -1,5 +1,8 @@
 // CRC-32C (Castagnoli), the checksum of state record payloads. Hand-written because neither
-// RocksDB nor Cap'n Proto export theirs; uses the SSE4.2 crc32 instruction where the CPU has it.
+// RocksDB nor Cap'n Proto export theirs. Chosen over zlib's crc32 because x86-64 computes it in
+// hardware (SSE4.2: ~14 GB/s here against ~1 GB/s in software, and a state load checksums every
+// payload byte) and it is the storage world's usual choice (RocksDB, ext4, iSCSI), with better
+// error detection than zlib's polynomial at these lengths.
 #pragma once
 
 #include <cstddef>

@@ -24,7 +24,8 @@ TEST_CASE("crc32c matches the published check values", "[storage][crc32c]") {
 
 TEST_CASE("crc32c hardware and portable paths agree and chain", "[storage][crc32c]") {
   std::mt19937_64 rng(42);
-  for (size_t n : {1u, 7u, 8u, 9u, 63u, 64u, 65u, 1000u, 65536u + 3u}) {
+  for (size_t n : {1u, 7u, 8u, 9u, 63u, 64u, 65u, 1000u, 3071u, 3072u, 3073u, 3079u, 65536u + 3u,
+                   (1u << 20) + 5u}) {
     std::string data(n, '\0');
     for (auto& ch : data) ch = static_cast<char>(rng());
     INFO("length " << n);

@@ -165,7 +165,13 @@ expected<std::unique_ptr<database>> open_database(const database_options& option
   auto state = std::make_unique<database::impl>();
   state->path = options.path;
   state->env = std::move(env);
-  state->block_cache = rocksdb::NewLRUCache(options.block_cache_bytes);
+  // RocksDB's default sharding splits the cache into shards of 512 KiB and up; a block larger
+  // than its shard is never kept, so 1 MiB values would be read from the file on every get.
+  // Shards of at least 16 MiB keep values up to that size cacheable (2 cores: few shards suffice).
+  int shard_bits = 0;
+  while (shard_bits < 6 && (options.block_cache_bytes >> (shard_bits + 1)) >= (size_t{16} << 20))
+    ++shard_bits;
+  state->block_cache = rocksdb::NewLRUCache(options.block_cache_bytes, shard_bits);
 
   rocksdb::DBOptions db_options;
   db_options.create_if_missing = options.create_if_missing;

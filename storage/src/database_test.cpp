@@ -8,8 +8,10 @@
 
 #include "temp_directory.hpp"
 
+
 using namespace triplane;
 using namespace triplane::storage;
+using triplane::testing::temp_directory;
 
 namespace {
 
@@ -267,4 +269,26 @@ TEST_CASE("opening refuses bad paths and names with errors that say what was wro
     CHECK(code_of(db.error()) == errc::invalid_argument);
     CHECK_THAT(describe(db.error()), Catch::Contains("absent"));
   }
+}
+
+TEST_CASE("a value of 1 MiB stays in the block cache after it was read",
+          "[storage][database]") {
+  // With RocksDB's default cache sharding (512 KiB shards for 64 MiB), a 1 MiB block was never
+  // cached and every get went back to the file.
+  temp_directory dir;
+  auto db = open_db(dir.path(), {"kv"});
+  auto kv = cf_of(*db, "kv");
+  std::string big(1u << 20, '\0');
+  uint64_t noise = 7;
+  for (auto& c : big) {
+    noise ^= noise << 13, noise ^= noise >> 7, noise ^= noise << 17;
+    c = static_cast<char>(noise);
+  }
+  REQUIRE_FALSE(db->put(kv, "big", big, durability::process_crash));
+  REQUIRE_FALSE(db->flush());
+  REQUIRE(*db->get_raw(kv, "big") == std::optional<size_t>{big.size()});
+  auto usage = db->property(kv, "rocksdb.block-cache-usage");
+  REQUIRE(usage);
+  CHECK(*usage >= big.size());
+  CHECK(*db->get(kv, "big") == std::optional<std::string>{big});
 }

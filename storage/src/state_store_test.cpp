@@ -11,15 +11,17 @@
 #include <capnp/serialize.h>
 #include <catch2/catch.hpp>
 
+#include "temp_directory.hpp"
+
 #include "crc32c.hpp"
 #include "state_record.hpp"
-#include "temp_directory.hpp"
 #include "triplane/schemas/state.capnp.h"
 #include "triplane/schemas/test/evolution_v1.capnp.h"
 #include "triplane/schemas/test/evolution_v2.capnp.h"
 
 using namespace triplane;
 using namespace triplane::storage;
+using triplane::testing::temp_directory;
 
 namespace {
 

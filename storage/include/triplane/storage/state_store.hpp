@@ -34,7 +34,7 @@ struct stored_state {
 
 struct store_options {
   std::string path;                                   ///< directory; created if missing
-  /// Level of begin_activation()'s epoch writes (save() takes its level per call).
+  /// Level of begin_activation()'s and erase()'s writes (save() takes its level per call).
   durability default_durability = durability::process_crash;
   size_t block_cache_bytes = 64u << 20;
   bool create_if_missing = true;
@@ -96,7 +96,8 @@ public:
 
   /// Removes the key's state. Same fencing as save(). The epoch record stays, so epochs keep
   /// growing after an erase and a zombie of an activation before the erase stays fenced.
-  /// Erasing a key without state is not an error; a corrupted record can be erased.
+  /// Erasing a key without state is not an error; a corrupted record can be erased. Written at
+  /// the store's default durability.
   virtual caf::error erase(const actor_key& key, uint64_t epoch) = 0;
 
   /// Calls `visit(id)` for every id of `kind` that has stored state, in byte order, until it

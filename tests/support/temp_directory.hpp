@@ -1,5 +1,5 @@
-// Test support: a fresh directory under the system temp dir, removed with its contents at scope
-// exit. Header-only, for the storage tests.
+// Shared test support (tests/support is on the include path of tests that need it): a fresh
+// directory under the system temp dir, removed with its contents at scope exit.
 #pragma once
 
 #include <cstdlib>
@@ -7,7 +7,7 @@
 #include <stdexcept>
 #include <string>
 
-namespace triplane::storage {
+namespace triplane::testing {
 
 class temp_directory {
 public:
@@ -31,4 +31,4 @@ private:
   std::string path_;
 };
 
-} // namespace triplane::storage
+} // namespace triplane::testing
