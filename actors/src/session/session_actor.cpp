@@ -247,7 +247,8 @@ expected<std::unique_ptr<session_host>> session_host::create(storage::database& 
     return make_error(errc::invalid_argument, "session host needs a workspaces directory");
   auto state = std::make_unique<impl>();
   state->cgroups = session::cgroup_host::detect();
-  auto sandbox = session::sandbox_config::detect(state->cgroups.get());
+  // A dot-name cannot collide with the hex-named workspaces.
+  auto sandbox = session::sandbox_config::detect(state->cgroups.get(), options.workspaces_dir + "/.sandbox-etc");
   if (!sandbox) return sandbox.error();
   state->sandbox = std::move(*sandbox);
   auto store = session::session_store::open(db, options.durability);
