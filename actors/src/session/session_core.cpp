@@ -6,6 +6,7 @@
 #include <atomic>
 #include <chrono>
 #include <csignal>
+#include <filesystem>
 
 #include <unistd.h>
 
@@ -28,6 +29,19 @@ caf::error validate_env_name(const std::string& name) {
   if (name.empty() || name.find('=') != std::string::npos || name.find('\0') != std::string::npos)
     return make_error(errc::invalid_argument, "invalid environment variable name '" + name + "'");
   return {};
+}
+
+/// Bytes held by regular files under `root` (stat only, symlinks not followed).
+uint64_t workspace_usage(const std::string& root) {
+  uint64_t total = 0;
+  std::error_code ec;
+  for (auto i = std::filesystem::recursive_directory_iterator(
+           root, std::filesystem::directory_options::skip_permission_denied, ec);
+       !ec && i != std::filesystem::recursive_directory_iterator(); i.increment(ec)) {
+    std::error_code fec;
+    if (i->is_regular_file(fec) && !i->is_symlink(fec)) total += i->file_size(fec);
+  }
+  return total;
 }
 
 constexpr uint64_t default_output_cap = 1u << 20;
@@ -226,8 +240,23 @@ expected<exec_result> session_core::exec(const exec_request& req, sandbox_proces
   uint64_t started = now_ms();
   auto proc = sandbox_process::start(*node_.sandbox, std::move(*spec), std::move(sink));
   if (!proc) return proc.error();
-  exec_result result = (*proc)->wait();
+  // Pump, and about once a second check the workspace's size with a stat walk: a command that
+  // writes many files is stopped near the quota instead of filling the host's disk first.
+  const uint64_t limit = quota();
+  bool over_quota = false;
+  auto next_check = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+  while (!(*proc)->pump(200)) {
+    if (std::chrono::steady_clock::now() < next_check) continue;
+    next_check = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+    if (workspace_usage(workspace_dir_) > limit) {
+      over_quota = true;
+      (*proc)->kill_tree();
+    }
+  }
+  exec_result result = (*proc)->result();
   proc->reset();
+  if (over_quota) result.message += std::string(result.message.empty() ? "" : "; ") +
+                                    "killed: workspace grew past its quota while running";
   result.enforced.workspace_quota = limit_mechanism::supervisor;
   record_history(argv, result, started);
   bool over = false;

@@ -153,6 +153,14 @@ TEST_CASE("filling the disk past the quota is refused and the workspace restored
     CHECK(r->message.find("quota") != std::string::npos);
     CHECK(code_of(s->stat_file("f1").error()) == errc::not_found);
   }
+  SECTION("a command that keeps writing is stopped while it runs") {
+    auto r = s->exec(shell("i=0; while true; do i=$((i+1)); head -c 200000 /dev/zero > f$i; done"));
+    REQUIRE(r);
+    CHECK(r->quota_exceeded);
+    CHECK_FALSE(r->timed_out);
+    CHECK(r->message.find("while running") != std::string::npos);
+    CHECK(code_of(s->stat_file("f1").error()) == errc::not_found);
+  }
   SECTION("one file past the size limit") {
     auto r = s->exec(shell("head -c 5000000 /dev/zero > big; echo rc=$?"));
     REQUIRE(r);
