@@ -160,7 +160,9 @@ std::unique_ptr<exec_cgroup> cgroup_host::create(const std::string& name,
     group->cpu = limit_mechanism::cgroup_v2;
     return group;
   }
-  if (!v1_memory_.empty()) {
+  // v1: one migration per hierarchy joined, each costing the kernel an RCU grace period (a few
+  // ms), so only the hierarchies whose limits are requested are joined.
+  if (!v1_memory_.empty() && limits.memory_bytes) {
     auto dir = make(v1_memory_);
     if (dir.empty()) return nullptr;
     group->memory_dir_ = dir;
@@ -174,7 +176,7 @@ std::unique_ptr<exec_cgroup> cgroup_host::create(const std::string& name,
       group->memory = limit_mechanism::cgroup_v1;
     }
   }
-  if (!v1_pids_.empty()) {
+  if (!v1_pids_.empty() && limits.max_processes) {
     auto dir = make(v1_pids_);
     if (dir.empty()) return nullptr;
     group->pids_dir_ = dir;
@@ -186,11 +188,15 @@ std::unique_ptr<exec_cgroup> cgroup_host::create(const std::string& name,
       group->processes = limit_mechanism::cgroup_v1;
     }
   }
-  if (!v1_cpuacct_.empty()) {
+  if (!v1_cpuacct_.empty() && limits.cpu_time_ms) {
     auto dir = make(v1_cpuacct_);
     if (dir.empty()) return nullptr;
     group->cpu_dir_ = dir;
     group->cpu = limit_mechanism::cgroup_v1;
+  }
+  if (group->dirs_.empty()) {
+    if (why) *why = "no limit requested";
+    return nullptr;
   }
   return group;
 }

@@ -59,8 +59,10 @@ class cgroup_host {
 public:
   static std::unique_ptr<cgroup_host> detect();
   limit_mechanism mechanism() const { return mechanism_; }
-  /// A group named `name` (unique per node) with `limits` applied (0 = unlimited).
-  /// nullptr when the host has no usable cgroups or creation failed (reason in *why).
+  /// A group named `name` (unique per node) with `limits` applied (0 = unlimited). On v1 only
+  /// the controllers of requested limits are used (joining each costs the child an RCU grace
+  /// period). nullptr when the host has no usable cgroups, nothing was requested (v1), or
+  /// creation failed (reason in *why).
   std::unique_ptr<exec_cgroup> create(const std::string& name, const exec_limits& limits,
                                       std::string* why) const;
 

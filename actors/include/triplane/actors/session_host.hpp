@@ -21,7 +21,15 @@ namespace triplane::actors {
 
 struct session_host_options {
   std::string workspaces_dir;                   ///< required; one sub-directory per live session
-  session_settings defaults;                    ///< node defaults under every session's settings
+  /// Node defaults under every session's settings. Out of the box: at most 1,024 tasks and
+  /// 4 GiB of memory per command, 5 min wall clock; each limit set costs a cgroup join.
+  session_settings defaults = [] {
+    session_settings s;
+    s.default_limits.max_processes = 1024;
+    s.default_limits.memory_bytes = 4ull << 30;
+    s.default_timeout_ms = 300000;
+    return s;
+  }();
   size_t history_limit = 100;                   ///< commands kept per session
   uint64_t max_workspace_bytes = 256ull << 20;  ///< quota for sessions that set none
   uint64_t max_kv_bytes = 1u << 20;
