@@ -137,7 +137,7 @@ int main(int argc, char** argv) {
 
   // 1. exec of `true` beside its floors, interleaved so that noise hits all three alike.
   {
-    series plain, bare, session_exec;
+    series plain, bare, session_exec, limited_exec;
     std::vector<std::string> bwrap_args = {sandbox.bwrap_path, "--unshare-all", "--die-with-parent",
                                            "--new-session", "--ro-bind", "/usr", "/usr"};
     for (auto& [target, link] : sandbox.symlinks) bwrap_args.insert(bwrap_args.end(), {"--symlink", target, link});
@@ -146,18 +146,30 @@ int main(int argc, char** argv) {
     exec_request req;
     req.argv = {"true"};
     must(s->exec(req), "warm-up exec");
+    // The same with a memory and a process limit: two cgroup v1 joins per exec.
+    auto limited = must(session_core::activate(node, "exec-bench-limited"), "activate");
+    session_settings with_limits;
+    with_limits.default_limits.memory_bytes = 4ull << 30;
+    with_limits.default_limits.max_processes = 1024;
+    must(limited->configure(with_limits), "configure");
+    must(limited->exec(req), "warm-up exec");
     for (int i = 0; i < exec_n; ++i) {
       plain.us.push_back(spawn_and_wait({"/bin/true"}));
       bare.us.push_back(spawn_and_wait(bwrap_args));
       auto t = clk::now();
       auto r = must(s->exec(req), "exec");
       session_exec.us.push_back(since_us(t));
+      auto t3 = clk::now();
+      must(limited->exec(req), "exec with limits");
+      limited_exec.us.push_back(since_us(t3));
       if (r.exit_code != 0) die("exec true", make_error(errc::internal, "exit " + std::to_string(r.exit_code)));
     }
     rows.push_back({"fork/exec of true (floor)", plain.pct(50), plain.pct(99), "us", ""});
     rows.push_back({"bare bwrap --unshare-all true", bare.pct(50), bare.pct(99), "us", "minimal mounts"});
     rows.push_back({"session exec of true", session_exec.pct(50), session_exec.pct(99), "us",
                     "x" + std::to_string(session_exec.pct(50) / bare.pct(50)).substr(0, 4) + " bare bwrap"});
+    rows.push_back({"session exec of true, memory+pids limits", limited_exec.pct(50), limited_exec.pct(99), "us",
+                    "x" + std::to_string(limited_exec.pct(50) / bare.pct(50)).substr(0, 4) + " bare bwrap"});
   }
 
   // 2. first exec on a passivated session holding 100 files / 1 MiB (lazy: activation loads
