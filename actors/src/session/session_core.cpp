@@ -104,7 +104,6 @@ uint64_t session_core::quota() const {
 }
 
 caf::error session_core::ensure_materialized() {
-  if (destroyed_) return make_error(errc::not_found, "session '" + record_.id + "' was destroyed");
   if (workspace_) return {};
   auto start = std::chrono::steady_clock::now();
   if (auto err = remove_tree(workspace_dir_)) return err;
@@ -136,7 +135,7 @@ caf::error session_core::sync_and_save(bool* quota_exceeded, std::string* quota_
       if (running_background() == 0) scan_needed_ = false;
       stats_.files_read = outcome->files_read;
       stats_.chunks_written = outcome->new_chunks.size();
-      if (outcome->changed || dirty_ || !stored_) {
+      if (outcome->changed || dirty_) {
         record_.last_used_unix_ms = now_ms();
         if (auto err = node_.store->save(record_, stored_ ? &stored_files_ : nullptr,
                                          outcome->new_chunks))
@@ -148,7 +147,7 @@ caf::error session_core::sync_and_save(bool* quota_exceeded, std::string* quota_
       return {};
     }
   }
-  if (dirty_ || !stored_) {
+  if (dirty_) {
     record_.last_used_unix_ms = now_ms();
     if (auto err = node_.store->save(record_, stored_ ? &stored_files_ : nullptr, {})) return err;
     stored_files_ = record_.files;
@@ -553,7 +552,6 @@ session_info session_core::info() const {
 }
 
 caf::error session_core::persist() {
-  if (destroyed_) return {};
   // Every exec and file operation already synced and stored its changes; only background
   // processes (and kv/env/settings changes) leave something to do here.
   if (stored_ && !dirty_ && !scan_needed_) return {};
@@ -595,11 +593,19 @@ caf::error session_core::destroy() {
   background_.clear();
   workspace_.reset();
   if (auto err = remove_tree(workspace_dir_)) return err;
-  destroyed_ = true;
-  if (stored_) {
-    stored_ = false;
-    return node_.store->destroy(record_.id);
-  }
+  bool was_stored = stored_;
+  // From here on the object is a fresh, empty session with the same id (the id is free to be
+  // used again); nothing is stored for it until something changes.
+  session_record fresh;
+  fresh.id = record_.id;
+  fresh.created_unix_ms = fresh.last_used_unix_ms = now_ms();
+  record_ = std::move(fresh);
+  stored_files_.clear();
+  stored_ = false;
+  dirty_ = false;
+  scan_needed_ = false;
+  stats_ = {};
+  if (was_stored) return node_.store->destroy(record_.id);
   return {};
 }
 

@@ -92,7 +92,8 @@ public:
   /// Stores a copy under new_id sharing all chunks. Persists this session first.
   expected<session_info> fork(const std::string& new_id);
   /// Kills processes, removes the workspace and the stored record; chunks only this session
-  /// referenced are reclaimed. The object is unusable afterwards.
+  /// referenced are reclaimed. Afterwards the object is a fresh, empty session with the same id,
+  /// stored only once something changes.
   caf::error destroy();
 
   const persistence_stats& stats() const { return stats_; }
@@ -119,7 +120,6 @@ private:
   persistence_stats stats_;
   uint64_t launches_ = 0;
   std::map<uint64_t, std::unique_ptr<background>> background_;
-  bool destroyed_ = false;
   bool scan_needed_ = false;    ///< a background process may have changed files since the last scan
 };
 

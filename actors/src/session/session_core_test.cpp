@@ -135,6 +135,9 @@ TEST_CASE("destroy removes the workspace, the record and the session's chunks", 
   CHECK_FALSE(std::filesystem::exists(dir));
   CHECK(f.store->stats()->chunks == 0);
   CHECK_FALSE(*f.store->exists("doomed"));
+  CHECK(s->info().file_count == 0);
+  CHECK_FALSE(s->persist());
+  CHECK_FALSE(*f.store->exists("doomed"));  // nothing changed since: nothing stored
   auto again = f.activate("doomed");
   CHECK(again->info().file_count == 0);
 }
