@@ -256,6 +256,24 @@ TEST_CASE("a directory goes out and back in as a tar archive", "[session]") {
   CHECK(*n >= 3);
   CHECK(read_all(*s, "copy/sub/b.txt") == "B");
   CHECK_FALSE(s->tar_in({"bad", "this is not a tar archive at all"}));
+  // An archive whose members climb out with '..' or are absolute: tar (inside the sandbox)
+  // refuses them, and nothing appears outside the workspace.
+  auto made = s->exec(shell(
+      "python3 -c \"import tarfile, io\n"
+      "with tarfile.open('evil.tar', 'w') as t:\n"
+      "  for name in ('../../escaped.txt', '/abs.txt', 'fine.txt'):\n"
+      "    data = b'x'; info = tarfile.TarInfo(name); info.size = 1; t.addfile(info, io.BytesIO(data))\n\""));
+  REQUIRE(made);
+  REQUIRE(made->exit_code == 0);
+  auto evil = s->read_file({"evil.tar", 0, 0});
+  REQUIRE(evil);
+  auto r = s->tar_in({"unpack", evil->data});
+  REQUIRE_FALSE(r);
+  CHECK(code_of(r.error()) == errc::invalid_argument);
+  auto ws = std::filesystem::path(s->workspace_dir());
+  CHECK_FALSE(std::filesystem::exists(ws.parent_path() / "escaped.txt"));
+  CHECK_FALSE(std::filesystem::exists(ws / "escaped.txt"));
+  CHECK_FALSE(std::filesystem::exists("/abs.txt"));
   CHECK(code_of(s->tar_out("../x").error()) == errc::invalid_argument);
 }
 
