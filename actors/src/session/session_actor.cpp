@@ -177,6 +177,8 @@ public:
         return rp;
       },
       [=](bg_done_atom, uint64_t) { c->release_pin(); },
+      // Answered here, not by the worker: the worker is the thread blocked in the exec.
+      [core = core_](exec_cancel_atom) { return core->cancel_exec(); },
       [=](bg_poll_atom a, uint64_t id) { return forward(tag<bg_status>{}, a, id); },
       [=](bg_wait_atom a, uint64_t id, uint64_t t) { return forward(tag<bg_status>{}, a, id, t); },
       [=](bg_signal_atom a, uint64_t id, int32_t s) { return forward(tag<bg_status>{}, a, id, s); },

@@ -229,3 +229,28 @@ TEST_CASE("fork and passivation through the actor keep the files", "[session][ac
   CHECK(still.data == "x");
   f.passivate(again);
 }
+
+TEST_CASE("a running exec can be cancelled while it blocks", "[session][actor]") {
+  fixture f;
+  auto a = f.activate("cancel");
+  caf::scoped_actor self{*f.sys};
+  CHECK_FALSE(call<bool>(*f.sys, a.handle, exec_cancel_atom::value));
+  auto start = std::chrono::steady_clock::now();
+  self->send(a.handle, exec_atom::value, shell("sleep 30"));
+  bool cancelled = false;
+  for (int i = 0; i < 100 && !cancelled; ++i) {
+    std::this_thread::sleep_for(20ms);
+    cancelled = call<bool>(*f.sys, a.handle, exec_cancel_atom::value);
+  }
+  CHECK(cancelled);
+  self->receive(
+    [&](exec_result& r) {
+      CHECK(r.term_signal == 9);
+      CHECK(r.message.find("cancelled") != std::string::npos);
+    },
+    caf::after(10s) >> [] { FAIL("no reply"); });
+  CHECK(std::chrono::steady_clock::now() - start < 10s);
+  auto info = call<session_info>(*f.sys, a.handle, info_atom::value);
+  CHECK(info.stored);
+  f.passivate(a);
+}

@@ -243,8 +243,15 @@ expected<exec_result> session_core::exec(const exec_request& req, sandbox_proces
   // writes many files is stopped near the quota instead of filling the host's disk first.
   const uint64_t limit = quota();
   bool over_quota = false;
+  bool cancelled = false;
+  cancel_requested_ = false;
+  exec_running_ = true;
   auto next_check = std::chrono::steady_clock::now() + std::chrono::seconds(1);
-  while (!(*proc)->pump(200)) {
+  while (!(*proc)->pump(50)) {
+    if (cancel_requested_.exchange(false) && !cancelled) {
+      cancelled = true;
+      (*proc)->kill_tree();
+    }
     if (std::chrono::steady_clock::now() < next_check) continue;
     next_check = std::chrono::steady_clock::now() + std::chrono::seconds(1);
     if (workspace_usage(workspace_dir_) > limit) {
@@ -252,8 +259,10 @@ expected<exec_result> session_core::exec(const exec_request& req, sandbox_proces
       (*proc)->kill_tree();
     }
   }
+  exec_running_ = false;
   exec_result result = (*proc)->result();
   proc->reset();
+  if (cancelled) result.message += std::string(result.message.empty() ? "" : "; ") + "cancelled";
   if (over_quota) result.message += std::string(result.message.empty() ? "" : "; ") +
                                     "killed: workspace grew past its quota while running";
   result.enforced.workspace_quota = limit_mechanism::supervisor;
@@ -267,6 +276,12 @@ expected<exec_result> session_core::exec(const exec_request& req, sandbox_proces
     if (auto err = sync_and_save(nullptr, nullptr)) return err;  // store the history entry
   }
   return result;
+}
+
+bool session_core::cancel_exec() {
+  if (!exec_running_) return false;
+  cancel_requested_ = true;
+  return true;
 }
 
 bg_status session_core::status_of(background& bg) {
@@ -548,6 +563,7 @@ session_info session_core::info() const {
   i.running_background = running_background();
   i.history.assign(record_.history.begin(), record_.history.end());
   i.forked_from = record_.forked_from;
+  i.stored = stored_;
   return i;
 }
 

@@ -4,6 +4,7 @@
 // (exec, disk): never call it on a CAF scheduler thread.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -54,6 +55,8 @@ public:
   const std::string& id() const { return record_.id; }
 
   expected<exec_result> exec(const exec_request& req, sandbox_process::output_sink sink = nullptr);
+  /// Kills the exec running now, if any. Thread-safe: may be called while exec() blocks.
+  bool cancel_exec();
 
   /// Background processes. `on_end(bg_id)` runs on the process's own thread when it ends.
   expected<bg_status> bg_start(const exec_request& req, std::function<void(uint64_t)> on_end);
@@ -120,7 +123,9 @@ private:
   persistence_stats stats_;
   uint64_t launches_ = 0;
   std::map<uint64_t, std::unique_ptr<background>> background_;
-  bool scan_needed_ = false;    ///< a background process may have changed files since the last scan
+  bool scan_needed_ = false;
+  std::atomic<bool> exec_running_{false};
+  std::atomic<bool> cancel_requested_{false};    ///< a background process may have changed files since the last scan
 };
 
 } // namespace triplane::actors::session

@@ -31,7 +31,14 @@ using exec_atom = caf::atom_constant<caf::atom("ss_exec")>;
 /// reply (the final exec_result) comes after the last chunk was sent.
 using exec_stream_atom = caf::atom_constant<caf::atom("ss_execs")>;
 /// Tag of the chunk messages a streaming exec sends to its sink: `(exec_chunk_atom, exec_chunk)`.
+/// Chunks are plain sends (no flow control): what one exec can send is bounded by its output
+/// caps (exec_limits::stdout_cap_bytes / stderr_cap_bytes).
 using exec_chunk_atom = caf::atom_constant<caf::atom("ss_chunk")>;
+
+/// `(exec_cancel_atom)` -> bool: kills the process tree of the exec or streaming exec running
+/// now (its reply then says term_signal 9 and "cancelled"); false when none was running.
+/// Answered at once, also while that exec runs.
+using exec_cancel_atom = caf::atom_constant<caf::atom("ss_cancel")>;
 
 /// `(bg_start_atom, exec_request)` -> bg_status. Starts a background process; the session stays
 /// live (is not passivated) while any background process runs. exec_request.timeout_ms applies.
@@ -398,12 +405,14 @@ struct session_info {
   uint64_t running_background = 0;        ///< while > 0 the session is not passivated
   std::vector<command_record> history;    ///< oldest first
   std::string forked_from;                ///< parent session id, "" when created fresh
+  bool stored = false;                    ///< the session has stored state; false for an id
+                                          ///< never used (or destroyed) and not changed since
 };
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, session_info& x) {
   return f(caf::meta::type_name("tp_session_info"), x.id, x.created_unix_ms,
            x.last_used_unix_ms, x.settings, x.env, x.cwd, x.file_count, x.workspace_bytes,
-           x.running_background, x.history, x.forked_from);
+           x.running_background, x.history, x.forked_from, x.stored);
 }
 
 } // namespace triplane::actors
