@@ -208,6 +208,10 @@ public:
   }
 
   expected<std::string> snapshot() override {
+    // Only called at passivation. Idle passivation never meets a running operation (they pin);
+    // shutdown passivates pinned sessions too: cancel a running exec, then wait for the
+    // worker's operation to end (persist takes the core's operation lock).
+    core_->cancel_exec();
     // Cheap when idle: every operation already stored its own changes.
     if (auto err = core_->persist()) return err;
     return std::string("triplane.session.v1");

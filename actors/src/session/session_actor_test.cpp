@@ -254,3 +254,19 @@ TEST_CASE("a running exec can be cancelled while it blocks", "[session][actor]")
   CHECK(info.stored);
   f.passivate(a);
 }
+
+TEST_CASE("passivation at shutdown cancels a running exec instead of racing it", "[session][actor]") {
+  fixture f;
+  auto a = f.activate("shutdown");
+  call<file_entry>(*f.sys, a.handle, file_write_atom::value, file_write_request{"keep.txt", "k", 0644, false, false});
+  caf::scoped_actor self{*f.sys};
+  self->send(a.handle, exec_atom::value, shell("echo partial > p.txt; sleep 30"));
+  std::this_thread::sleep_for(300ms);
+  auto start = std::chrono::steady_clock::now();
+  f.passivate(a);  // what the directory does for pinned sessions at shutdown
+  CHECK(std::chrono::steady_clock::now() - start < 10s);
+  auto b = f.activate("shutdown");
+  auto d = call<file_data>(*f.sys, b.handle, file_read_atom::value, file_read_request{"keep.txt", 0, 0});
+  CHECK(d.data == "k");
+  f.passivate(b);
+}

@@ -232,6 +232,7 @@ void session_core::record_history(const std::vector<std::string>& argv, const ex
 }
 
 expected<exec_result> session_core::exec(const exec_request& req, sandbox_process::output_sink sink) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   if (auto err = ensure_materialized()) return err;
   auto spec = resolve(req);
   if (!spec) return spec.error();
@@ -296,6 +297,7 @@ bg_status session_core::status_of(background& bg) {
 }
 
 expected<bg_status> session_core::bg_start(const exec_request& req, std::function<void(uint64_t)> on_end) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   if (auto err = ensure_materialized()) return err;
   auto spec = resolve(req);
   if (!spec) return spec.error();
@@ -378,6 +380,7 @@ size_t session_core::running_background() const {
 }
 
 expected<file_entry> session_core::write_file(const file_write_request& req) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   if (auto err = ensure_materialized()) return err;
   if (req.data.size() > quota())
     return make_error(errc::limit_exceeded, "write of " + std::to_string(req.data.size()) +
@@ -392,21 +395,25 @@ expected<file_entry> session_core::write_file(const file_write_request& req) {
 }
 
 expected<file_data> session_core::read_file(const file_read_request& req) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   if (auto err = ensure_materialized()) return err;
   return workspace_->read(req);
 }
 
 expected<std::vector<file_entry>> session_core::list_files(const file_list_request& req) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   if (auto err = ensure_materialized()) return err;
   return workspace_->list(req);
 }
 
 expected<file_entry> session_core::stat_file(const std::string& path) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   if (auto err = ensure_materialized()) return err;
   return workspace_->stat(path);
 }
 
 expected<file_entry> session_core::make_directory(const mkdir_request& req) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   if (auto err = ensure_materialized()) return err;
   auto e = workspace_->make_directory(req);
   if (!e) return e;
@@ -415,6 +422,7 @@ expected<file_entry> session_core::make_directory(const mkdir_request& req) {
 }
 
 expected<uint64_t> session_core::remove_file(const remove_request& req) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   if (auto err = ensure_materialized()) return err;
   auto n = workspace_->remove(req);
   if (!n) return n;
@@ -423,6 +431,7 @@ expected<uint64_t> session_core::remove_file(const remove_request& req) {
 }
 
 expected<file_entry> session_core::move_file(const move_request& req) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   if (auto err = ensure_materialized()) return err;
   auto e = workspace_->move(req);
   if (!e) return e;
@@ -431,6 +440,7 @@ expected<file_entry> session_core::move_file(const move_request& req) {
 }
 
 expected<std::string> session_core::tar_out(const std::string& dir) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   if (auto err = ensure_materialized()) return err;
   auto st = workspace_->stat(dir);
   if (!st) return st.error();
@@ -451,6 +461,7 @@ expected<std::string> session_core::tar_out(const std::string& dir) {
 }
 
 expected<uint64_t> session_core::tar_in(const tar_in_request& req) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   if (auto err = ensure_materialized()) return err;
   auto names = split_path(req.dir, true);
   if (!names) return names.error();
@@ -474,12 +485,14 @@ expected<uint64_t> session_core::tar_in(const tar_in_request& req) {
 }
 
 kv_value session_core::kv_get(const std::string& key) const {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   auto i = record_.kv.find(key);
   if (i == record_.kv.end()) return {};
   return {true, i->second};
 }
 
 expected<bool> session_core::kv_put(const std::string& key, std::string value) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   if (key.empty() || key.size() > max_kv_key_bytes)
     return make_error(errc::invalid_argument, "kv key must be 1.." + std::to_string(max_kv_key_bytes) + " bytes");
   uint64_t limit = record_.settings.max_kv_bytes ? record_.settings.max_kv_bytes : node_.max_kv_bytes;
@@ -495,12 +508,14 @@ expected<bool> session_core::kv_put(const std::string& key, std::string value) {
 }
 
 bool session_core::kv_delete(const std::string& key) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   bool existed = record_.kv.erase(key) > 0;
   if (existed) dirty_ = true;
   return existed;
 }
 
 std::vector<kv_entry> session_core::kv_list(const std::string& prefix) const {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   std::vector<kv_entry> out;
   for (auto i = record_.kv.lower_bound(prefix); i != record_.kv.end(); ++i) {
     if (i->first.compare(0, prefix.size(), prefix) != 0) break;
@@ -511,6 +526,7 @@ std::vector<kv_entry> session_core::kv_list(const std::string& prefix) const {
 
 expected<session_info> session_core::set_env(const std::map<std::string, std::string>& set,
                                              const std::vector<std::string>& unset) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   for (const auto& [k, v] : set) {
     if (auto err = validate_env_name(k)) return err;
     if (v.find('\0') != std::string::npos)
@@ -523,6 +539,7 @@ expected<session_info> session_core::set_env(const std::map<std::string, std::st
 }
 
 expected<session_info> session_core::set_cwd(const std::string& dir) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   if (auto err = ensure_materialized()) return err;
   auto names = split_path(dir, true);
   if (!names) return names.error();
@@ -540,6 +557,7 @@ expected<session_info> session_core::set_cwd(const std::string& dir) {
 }
 
 expected<session_info> session_core::configure(const session_settings& settings) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   if (settings.network != network_policy::none && settings.network != network_policy::loopback)
     return make_error(errc::invalid_argument, "unknown network policy");
   record_.settings = settings;
@@ -548,6 +566,7 @@ expected<session_info> session_core::configure(const session_settings& settings)
 }
 
 session_info session_core::info() const {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   session_info i;
   i.id = record_.id;
   i.created_unix_ms = record_.created_unix_ms;
@@ -568,6 +587,7 @@ session_info session_core::info() const {
 }
 
 caf::error session_core::persist() {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   // Every exec and file operation already synced and stored its changes; only background
   // processes (and kv/env/settings changes) leave something to do here.
   if (stored_ && !dirty_ && !scan_needed_) return {};
@@ -575,6 +595,7 @@ caf::error session_core::persist() {
 }
 
 caf::error session_core::passivate() {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   if (running_background() > 0)
     return make_error(errc::unavailable, "session '" + record_.id +
                                              "' has running background processes and stays live");
@@ -585,6 +606,7 @@ caf::error session_core::passivate() {
 }
 
 expected<session_info> session_core::fork(const std::string& new_id) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   if (new_id.empty() || new_id.size() > max_id_bytes || new_id.find('\0') != std::string::npos)
     return make_error(errc::invalid_argument, "new session id must be 1.." + std::to_string(max_id_bytes) +
                                                   " bytes without NUL");
@@ -602,6 +624,7 @@ expected<session_info> session_core::fork(const std::string& new_id) {
 }
 
 caf::error session_core::destroy() {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   for (auto& [id, bg] : background_) {
     bg->kill_requested = true;
     if (bg->thread.joinable()) bg->thread.join();

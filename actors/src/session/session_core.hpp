@@ -1,7 +1,8 @@
 // One sandbox session's behaviour as a plain C++ object: exec, files, kv, env, history,
-// persistence (sync, passivate, rehydrate), fork and destroy. Not thread-safe except where noted:
-// its owner (the session actor's worker) calls it from one thread at a time. Calls may block
-// (exec, disk): never call it on a CAF scheduler thread.
+// persistence (sync, passivate, rehydrate), fork and destroy. Operations on the state serialise
+// on an internal mutex; bg_poll/bg_wait/bg_signal/bg_list are for the worker thread only;
+// cancel_exec() and running_background() may be called from anywhere. Calls may block (exec,
+// disk): never call it on a CAF scheduler thread except at passivation.
 #pragma once
 
 #include <atomic>
@@ -125,6 +126,9 @@ private:
   std::map<uint64_t, std::unique_ptr<background>> background_;
   bool scan_needed_ = false;
   std::atomic<bool> exec_running_{false};
+  /// Held by every operation on the session's state, so the runtime's thread (snapshot and
+  /// on_passivate at shutdown) never overlaps the worker's. Recursive: operations nest.
+  mutable std::recursive_mutex op_mutex_;
   std::atomic<bool> cancel_requested_{false};    ///< a background process may have changed files since the last scan
 };
 
