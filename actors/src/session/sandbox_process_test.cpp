@@ -180,6 +180,11 @@ TEST_CASE("allocating past the memory limit is stopped", "[sandbox][bad-input]")
   CHECK(r.enforced.memory != limit_mechanism::none);
   CHECK(r.stdout_data.find("allocated") == std::string::npos);
   CHECK(r.exit_code != 0);
+  if (r.enforced.memory == limit_mechanism::cgroup_v1 || r.enforced.memory == limit_mechanism::cgroup_v2) {
+    CHECK(r.memory_exceeded);
+    CHECK(r.peak_memory_bytes <= (64u << 20));
+    CHECK(r.message.find("memory limit") != std::string::npos);
+  }
 }
 
 TEST_CASE("the CPU time limit kills a busy loop", "[sandbox][bad-input]") {
