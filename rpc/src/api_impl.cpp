@@ -93,10 +93,30 @@ std::shared_ptr<tenant_state> server_core::tenant_for(const token_record& rec) {
   return slot;
 }
 
+void close_on_malformed(const std::shared_ptr<connection_state>& conn, const kj::Exception& e) {
+  if (!conn || !conn->close) return;
+  std::string_view d{e.getDescription().cStr()};
+  if (d.find("triplane:") != std::string_view::npos) return;
+  if (e.getType() != kj::Exception::Type::FAILED) return;
+  spdlog::warn("rpc: closing connection from {}: malformed call: {}", conn->peer, d);
+  conn->close->fulfill();
+  conn->close = nullptr;
+}
+
 namespace {
 
 // ------------------------------------------------------------------------------------------
 // Input validation and id scoping
+
+/// Walks the whole parameter struct once: enforces the reader's nesting and traversal limits on
+/// all of it (not only the fields a method reads) and rejects pointers of the wrong kind.
+/// Also lets the RPC system cancel the call when the caller cancels it or disconnects (off by
+/// default in Cap'n Proto 0.9): our promises release their work through guards.
+template <class Context>
+void check_params(Context& ctx) {
+  ctx.allowCancellation();
+  (void)ctx.getParams().totalSize();
+}
 
 std::string checked_id(capnp::Text::Reader text, const char* what) {
   std::string id{text.cStr(), text.size()};
@@ -236,9 +256,10 @@ struct exec_guard {
 
 class session_impl final : public api::Session::Server {
 public:
-  session_impl(server_core& core, std::shared_ptr<tenant_state> tenant, std::string id,
-               std::string full_id)
-    : core_(core), tenant_(std::move(tenant)), id_(std::move(id)), full_id_(std::move(full_id)) {
+  session_impl(server_core& core, std::shared_ptr<tenant_state> tenant,
+               std::shared_ptr<connection_state> conn, std::string id, std::string full_id)
+    : core_(core), tenant_(std::move(tenant)), conn_(std::move(conn)), id_(std::move(id)),
+      full_id_(std::move(full_id)) {
     ++tenant_->open_sessions;
   }
   ~session_impl() noexcept(false) { --tenant_->open_sessions; }
@@ -251,7 +272,8 @@ public:
     timeout = std::min(timeout, core_.opts.limits.exec_max_timeout);
     // The session enforces `timeout`; the RPC deadline leaves it room to report.
     auto deadline = timeout + milliseconds(5000);
-    return core_.run("Session.exec", tenant_, deadline, [this, ctx, timeout, deadline]() mutable {
+    return run("Session.exec", deadline, [this, ctx, timeout, deadline]() mutable {
+      check_params(ctx);
       auto params = ctx.getParams();
       auto r = params.getRequest();
       sc::exec_request req;
@@ -301,7 +323,8 @@ public:
   }
 
   kj::Promise<void> readFile(ReadFileContext ctx) override {
-    return core_.run("Session.readFile", tenant_, deadline(), [this, ctx]() mutable {
+    return run("Session.readFile", deadline(), [this, ctx]() mutable {
+      check_params(ctx);
       auto p = ctx.getParams();
       auto path = checked_text(p.getPath(), 4096, "path");
       return ask<std::string>(caf::make_message(sc::read_atom::value, path, p.getOffset(),
@@ -311,7 +334,8 @@ public:
   }
 
   kj::Promise<void> writeFile(WriteFileContext ctx) override {
-    return core_.run("Session.writeFile", tenant_, deadline(), [this, ctx]() mutable {
+    return run("Session.writeFile", deadline(), [this, ctx]() mutable {
+      check_params(ctx);
       auto p = ctx.getParams();
       auto path = checked_text(p.getPath(), 4096, "path");
       return ask<bool>(caf::make_message(sc::write_atom::value, path, from_data(p.getData()),
@@ -321,7 +345,8 @@ public:
   }
 
   kj::Promise<void> listFiles(ListFilesContext ctx) override {
-    return core_.run("Session.listFiles", tenant_, deadline(), [this, ctx]() mutable {
+    return run("Session.listFiles", deadline(), [this, ctx]() mutable {
+      check_params(ctx);
       auto p = ctx.getParams();
       auto path = checked_text(p.getPath(), 4096, "path");
       return ask<std::vector<sc::file_entry>>(
@@ -338,7 +363,8 @@ public:
   }
 
   kj::Promise<void> removeFile(RemoveFileContext ctx) override {
-    return core_.run("Session.removeFile", tenant_, deadline(), [this, ctx]() mutable {
+    return run("Session.removeFile", deadline(), [this, ctx]() mutable {
+      check_params(ctx);
       auto p = ctx.getParams();
       auto path = checked_text(p.getPath(), 4096, "path");
       return ask<bool>(caf::make_message(sc::remove_atom::value, path, p.getRecursive()))
@@ -347,7 +373,8 @@ public:
   }
 
   kj::Promise<void> kvGet(KvGetContext ctx) override {
-    return core_.run("Session.kvGet", tenant_, deadline(), [this, ctx]() mutable {
+    return run("Session.kvGet", deadline(), [this, ctx]() mutable {
+      check_params(ctx);
       auto key = checked_text(ctx.getParams().getKey(), 4096, "key");
       return ask<caf::optional<std::string>>(caf::make_message(sc::kv_get_atom::value, key))
         .then([ctx](caf::optional<std::string>&& value) mutable {
@@ -359,7 +386,8 @@ public:
   }
 
   kj::Promise<void> kvPut(KvPutContext ctx) override {
-    return core_.run("Session.kvPut", tenant_, deadline(), [this, ctx]() mutable {
+    return run("Session.kvPut", deadline(), [this, ctx]() mutable {
+      check_params(ctx);
       auto p = ctx.getParams();
       auto key = checked_text(p.getKey(), 4096, "key");
       if (key.empty()) wire::fail(errc::invalid_argument, "key is empty");
@@ -369,7 +397,8 @@ public:
   }
 
   kj::Promise<void> kvDelete(KvDeleteContext ctx) override {
-    return core_.run("Session.kvDelete", tenant_, deadline(), [this, ctx]() mutable {
+    return run("Session.kvDelete", deadline(), [this, ctx]() mutable {
+      check_params(ctx);
       auto key = checked_text(ctx.getParams().getKey(), 4096, "key");
       return ask<bool>(caf::make_message(sc::kv_delete_atom::value, key))
         .then([ctx](bool existed) mutable { ctx.getResults().setExisted(existed); });
@@ -377,7 +406,8 @@ public:
   }
 
   kj::Promise<void> kvList(KvListContext ctx) override {
-    return core_.run("Session.kvList", tenant_, deadline(), [this, ctx]() mutable {
+    return run("Session.kvList", deadline(), [this, ctx]() mutable {
+      check_params(ctx);
       auto prefix = checked_text(ctx.getParams().getPrefix(), 4096, "prefix");
       return ask<std::vector<std::string>>(caf::make_message(sc::kv_list_atom::value, prefix))
         .then([ctx](std::vector<std::string>&& keys) mutable {
@@ -388,26 +418,29 @@ public:
   }
 
   kj::Promise<void> fork(ForkContext ctx) override {
-    return core_.run("Session.fork", tenant_, deadline(), [this, ctx]() mutable {
+    return run("Session.fork", deadline(), [this, ctx]() mutable {
+      check_params(ctx);
       auto new_id = checked_id(ctx.getParams().getNewId(), "newId");
       check_session_limit(*tenant_, core_);
       auto new_full = scoped_id(tenant_->name, new_id);
       return ask<bool>(caf::make_message(sc::fork_atom::value, new_full))
         .then([this, ctx, new_id, new_full](bool) mutable {
           check_session_limit(*tenant_, core_);
-          ctx.getResults().setSession(kj::heap<session_impl>(core_, tenant_, new_id, new_full));
+          ctx.getResults().setSession(kj::heap<session_impl>(core_, tenant_, conn_, new_id, new_full));
         });
     });
   }
 
   kj::Promise<void> destroy(DestroyContext ctx) override {
-    return core_.run("Session.destroy", tenant_, deadline(), [this, ctx]() mutable {
+    return run("Session.destroy", deadline(), [this, ctx]() mutable {
+      check_params(ctx);
       return ask<bool>(caf::make_message(sc::destroy_atom::value)).ignoreResult();
     });
   }
 
   kj::Promise<void> info(InfoContext ctx) override {
-    return core_.run("Session.info", tenant_, deadline(), [this, ctx]() mutable {
+    return run("Session.info", deadline(), [this, ctx]() mutable {
+      check_params(ctx);
       return ask<sc::session_info>(caf::make_message(sc::info_atom::value))
         .then([this, ctx](sc::session_info&& i) mutable {
           auto out = ctx.getResults().initInfo();
@@ -441,6 +474,11 @@ private:
   };
 
   milliseconds deadline() const { return core_.opts.limits.call_deadline; }
+
+  template <class Body>
+  kj::Promise<void> run(const char* method, milliseconds deadline, Body&& body) {
+    return core_.run(method, tenant_, deadline, kj::fwd<Body>(body), false, conn_);
+  }
 
   template <class Reply>
   kj::Promise<Reply> ask(caf::message inner) {
@@ -501,6 +539,7 @@ private:
 
   server_core& core_;
   std::shared_ptr<tenant_state> tenant_;
+  std::shared_ptr<connection_state> conn_;
   std::string id_;       ///< as the tenant named it
   std::string full_id_;  ///< tenant-scoped directory id
 };
@@ -614,12 +653,14 @@ private:
 
 class tenant_impl final : public api::Tenant::Server {
 public:
-  tenant_impl(server_core& core, std::shared_ptr<tenant_state> tenant, role who)
-    : core_(core), tenant_(std::move(tenant)), who_(who) {}
+  tenant_impl(server_core& core, std::shared_ptr<tenant_state> tenant, role who,
+              std::shared_ptr<connection_state> conn)
+    : core_(core), tenant_(std::move(tenant)), who_(who), conn_(std::move(conn)) {}
 
   kj::Promise<void> session(SessionContext ctx) override {
     return core_.run("Tenant.session", tenant_, core_.opts.limits.call_deadline,
                      [this, ctx]() mutable {
+      check_params(ctx);
       auto p = ctx.getParams();
       auto id = checked_id(p.getId(), "session id");
       session_impl::check_session_limit(*tenant_, core_);
@@ -630,9 +671,9 @@ public:
                                        core_.opts.limits.call_deadline)
         .then([this, ctx, id, full](sc::session_info&&) mutable {
           session_impl::check_session_limit(*tenant_, core_);
-          ctx.getResults().setSession(kj::heap<session_impl>(core_, tenant_, id, full));
+          ctx.getResults().setSession(kj::heap<session_impl>(core_, tenant_, conn_, id, full));
         });
-    });
+    }, false, conn_);
   }
 
   kj::Promise<void> inference(InferenceContext ctx) override {
@@ -654,6 +695,7 @@ private:
   server_core& core_;
   std::shared_ptr<tenant_state> tenant_;
   role who_;
+  std::shared_ptr<connection_state> conn_;
 };
 
 // ------------------------------------------------------------------------------------------
@@ -665,13 +707,21 @@ public:
     : core_(core), conn_(std::move(conn)) {}
 
   kj::Promise<void> authenticate(AuthenticateContext ctx) override {
-    auto token = ctx.getParams().getToken();
+    capnp::Text::Reader token;
+    try {
+      check_params(ctx);
+      token = ctx.getParams().getToken();
+    } catch (kj::Exception& e) {
+      core_.metrics.record("Bootstrap.authenticate", 0, errc::invalid_argument);
+      close_on_malformed(conn_, e);
+      throw;
+    }
     const token_record* rec = nullptr;
     if (token.size() <= 1024) rec = match_token(core_.opts.tokens, {token.cStr(), token.size()});
     if (rec) {
       conn_->authenticated = true;
       auto res = ctx.getResults();
-      res.setTenant(kj::heap<tenant_impl>(core_, core_.tenant_for(*rec), rec->who));
+      res.setTenant(kj::heap<tenant_impl>(core_, core_.tenant_for(*rec), rec->who, conn_));
       res.setName(rec->tenant);
       res.setRole(rec->who == role::admin ? api::Role::ADMIN : api::Role::TENANT);
       core_.metrics.record("Bootstrap.authenticate", 0, errc::ok);

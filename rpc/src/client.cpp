@@ -9,8 +9,27 @@
 
 namespace triplane::client {
 
-struct connection::impl {
+namespace {
+
+/// kj allows one event loop per thread: connections made on one thread share it.
+struct thread_loop {
   kj::AsyncIoContext io = kj::setupAsyncIo();
+};
+
+std::shared_ptr<thread_loop> loop_of_this_thread() {
+  thread_local std::weak_ptr<thread_loop> current;
+  if (auto l = current.lock()) return l;
+  auto l = std::make_shared<thread_loop>();
+  current = l;
+  return l;
+}
+
+} // namespace
+
+struct connection::impl {
+  // Declared first so that it is destroyed last: everything below lives on this loop.
+  std::shared_ptr<thread_loop> loop = loop_of_this_thread();
+  kj::AsyncIoContext& io = loop->io;
   kj::Own<kj::AsyncIoStream> stream;
   kj::Own<capnp::TwoPartyClient> rpc;
   api::Tenant::Client tenant{nullptr};

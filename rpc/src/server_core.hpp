@@ -63,9 +63,13 @@ public:
   /// (unavailable) or when the tenant is at its concurrency limit (overloaded); bounds it by
   /// `deadline` (timeout); counts it; makes it cancellable by drain(). Admin calls
   /// (`tenant == nullptr` or `admin_call`) are neither limited nor cancelled by drain.
+  ///
+  /// A failure that is not a triplane error (a call the schema cannot decode: wrong parameter
+  /// struct, nesting or size limits) closes the caller's connection `conn`.
   template <class Body>
   kj::Promise<void> run(const char* method, std::shared_ptr<tenant_state> tenant,
-                        std::chrono::milliseconds deadline, Body&& body, bool admin_call = false);
+                        std::chrono::milliseconds deadline, Body&& body, bool admin_call = false,
+                        std::shared_ptr<connection_state> conn = nullptr);
 
   /// Resolves once no counted call is in flight, or after `deadline`; then cancels what is
   /// left and answers how many calls were cancelled. Leaves the server draining.
@@ -100,10 +104,13 @@ private:
   std::vector<kj::Own<kj::PromiseFulfiller<void>>> idle_waiters_;
 };
 
+/// Closes `conn` when `e` is a decoding failure of the client's message.
+void close_on_malformed(const std::shared_ptr<connection_state>& conn, const kj::Exception& e);
+
 template <class Body>
 kj::Promise<void> server_core::run(const char* method, std::shared_ptr<tenant_state> tenant,
                                    std::chrono::milliseconds deadline, Body&& body,
-                                   bool admin_call) {
+                                   bool admin_call, std::shared_ptr<connection_state> conn) {
   bool counted = tenant && !admin_call;
   if (counted && draining) {
     metrics.record(method, 0, errc::unavailable);
@@ -127,7 +134,8 @@ kj::Promise<void> server_core::run(const char* method, std::shared_ptr<tenant_st
   if (counted) work = canceler_.wrap(kj::mv(work));
   return work
     .then([s]() { s->finish(errc::ok); },
-          [s](kj::Exception&& e) {
+          [s, conn](kj::Exception&& e) {
+            close_on_malformed(conn, e);
             s->finish(wire::code_of(e));
             kj::throwFatalException(kj::mv(e));
           })

@@ -4,9 +4,10 @@
 // (not_found, permission_denied, limit_exceeded, overloaded, timeout, ...) and its message;
 // a lost connection is `unavailable`.
 //
-// Threading: a connection runs its own Cap'n Proto event loop on the thread that created it;
-// use it and every session handle from it only on that thread. At most one connection per
-// thread. Session handles must not outlive their connection.
+// Threading: a connection runs on the Cap'n Proto event loop of the thread that created it
+// (connections made on one thread share that thread's loop); use it and its session handles
+// only on that thread. Session handles must not outlive their connection. Do not fork() a
+// process that holds a connection and use the client library in the child.
 #pragma once
 
 #include <chrono>
