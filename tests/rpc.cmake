@@ -19,3 +19,12 @@ target_include_directories(rpc_end_to_end_test PRIVATE ${rpc_tests_dir})
 target_compile_definitions(rpc_end_to_end_test PRIVATE
   TRIPLANE_RPC_TEST_NODE="$<TARGET_FILE:triplane_rpc_test_node>")
 add_dependencies(rpc_end_to_end_test triplane_rpc_test_node)
+
+triplane_add_test(rpc_bad_input_test
+  SOURCES ${rpc_tests_dir}/rpc_bad_input_test.cpp ${rpc_tests_dir}/support/rpc_test_node_process.cpp
+  LIBS triplane::client triplane::rpc triplane_rpc_api
+  LABELS rpc)
+target_include_directories(rpc_bad_input_test PRIVATE ${rpc_tests_dir})
+target_compile_definitions(rpc_bad_input_test PRIVATE
+  TRIPLANE_RPC_TEST_NODE="$<TARGET_FILE:triplane_rpc_test_node>")
+add_dependencies(rpc_bad_input_test triplane_rpc_test_node)

@@ -201,7 +201,7 @@ TEST_CASE("a bad token is refused with permission_denied and repeated failures c
   CHECK(m->auth_failures >= 6);
 }
 
-TEST_CASE("tenant B cannot open, read, list or fork tenant A's sessions, even by guessing ids",
+TEST_CASE("tenant B cannot open or read or list or fork tenant A's sessions even by guessing ids",
           "[rpc][isolation]") {
   node_process node;
   auto alice = connect_as(node, node.tokens().alice);
@@ -366,7 +366,7 @@ TEST_CASE("a call that outlives its deadline is answered with timeout", "[rpc][l
   CHECK(s->kv_put("fast", "1"));
 }
 
-TEST_CASE("an admin reads node stats, rpc metrics and the supervision tree; drain cancels "
+TEST_CASE("an admin reads node stats and rpc metrics and the supervision tree and drain cancels "
           "in-flight calls", "[rpc][admin]") {
   node_process node;
   // A client in a child process (forked before this process connects) starts a long exec
