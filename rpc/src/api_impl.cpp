@@ -103,6 +103,13 @@ void close_on_malformed(const std::shared_ptr<connection_state>& conn, const kj:
   conn->close = nullptr;
 }
 
+kj::Exception unscoped(const kj::Exception& e, const std::string& scope_prefix) {
+  std::string d = e.getDescription().cStr();
+  for (auto at = d.find(scope_prefix); at != std::string::npos; at = d.find(scope_prefix, at))
+    d.erase(at, scope_prefix.size());
+  return kj::Exception(e.getType(), e.getFile(), e.getLine(), kj::str(d.c_str()));
+}
+
 namespace {
 
 // ------------------------------------------------------------------------------------------

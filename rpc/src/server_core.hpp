@@ -142,13 +142,21 @@ kj::Promise<void> server_core::run(const char* method, std::shared_ptr<tenant_st
     .attach(kj::mv(slot));
 }
 
+/// Removes the server's tenant scoping ("<tenant>/") from an error text: clients never see it.
+kj::Exception unscoped(const kj::Exception& e, const std::string& scope_prefix);
+
 template <class Reply>
 kj::Promise<Reply> server_core::ask_session(const std::string& full_id, caf::message inner,
                                             std::chrono::milliseconds timeout) {
-  return bridge.ask<Reply>(directory,
-                           caf::make_message(runtime::call_atom::value, std::string("session"),
-                                             full_id, std::move(inner)),
-                           timeout);
+  auto prefix = full_id.substr(0, full_id.find('/') + 1);
+  return bridge
+    .ask<Reply>(directory,
+                caf::make_message(runtime::call_atom::value, std::string("session"), full_id,
+                                  std::move(inner)),
+                timeout)
+    .catch_([prefix](kj::Exception&& e) -> Reply {
+      kj::throwFatalException(unscoped(e, prefix));
+    });
 }
 
 } // namespace triplane::rpc::detail
