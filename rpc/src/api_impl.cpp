@@ -189,6 +189,7 @@ struct exec_channel {
     if (queued_bytes > max_bytes) {
       overflow = true;
       chunks.clear();
+      if (interrupt) interrupt->fulfill();
     } else {
       chunks.emplace_back(stream, std::move(bytes));
     }
@@ -203,6 +204,7 @@ struct exec_channel {
     std::lock_guard<std::mutex> lock{mu};
     error = std::move(e);
     wake_locked();
+    if (interrupt) interrupt->fulfill();
   }
   void wake_locked() {
     if (waiter) {
@@ -220,6 +222,9 @@ struct exec_channel {
   std::optional<sc::exec_result> result;
   std::optional<caf::error> error;
   kj::Own<kj::CrossThreadPromiseFulfiller<void>> waiter;
+  /// Fulfilled on overflow or failure: stops a send to the client that is stuck on flow
+  /// control (a client that does not read would otherwise hold the call forever).
+  kj::Own<kj::CrossThreadPromiseFulfiller<void>> interrupt;
 };
 
 using channel_ptr = std::shared_ptr<exec_channel>;
@@ -307,6 +312,13 @@ public:
                                                std::move(req), call_id, deadline);
       auto guard = kj::heap<exec_guard>(core_, full_id_, call_id, relay);
       auto state = kj::heap<exec_output>();
+      {
+        auto paf = kj::newPromiseAndCrossThreadFulfiller<void>();
+        std::lock_guard<std::mutex> lock{ch->mu};
+        ch->interrupt = kj::mv(paf.fulfiller);
+        if (ch->overflow || ch->error) ch->interrupt->fulfill();
+        state->interrupted = paf.promise.fork();
+      }
       state->has_sink = has_sink;
       if (has_sink) state->sink = sink;
       auto* st = state.get();
@@ -478,6 +490,7 @@ private:
     bool truncated = false;
     std::optional<sc::exec_result> result;
     uint64_t delivered = 0;
+    kj::ForkedPromise<void> interrupted = nullptr;
   };
 
   milliseconds deadline() const { return core_.opts.limits.call_deadline; }
@@ -527,7 +540,9 @@ private:
       }
       return pump(ch, st);
     }
-    return send_batch(std::move(batch), st).then([this, ch, &st]() { return pump(ch, st); });
+    return send_batch(std::move(batch), st)
+      .exclusiveJoin(st.interrupted.addBranch())
+      .then([this, ch, &st]() { return pump(ch, st); });
   }
 
   kj::Promise<void> send_batch(std::deque<std::pair<uint8_t, std::string>> batch,
