@@ -75,6 +75,9 @@ enum OutputStream {
 interface OutputSink {
   # Provided by the client; the server pushes command output into it as it is produced.
   write @0 (stream :OutputStream, chunk :Data) -> stream;
+  done @1 () -> ();
+  # Called once after the last write, before exec returns: when exec's result arrives, every
+  # write has been handled by the sink (streaming calls run one at a time, in order).
 }
 
 struct EnvVar {
@@ -142,6 +145,8 @@ interface Session {
 
 interface TokenSink {
   tokens @0 (ids :List(UInt32), text :Text) -> stream;
+  done @1 () -> ();
+  # Called once after the last tokens, before generate returns.
 }
 
 struct GenerateRequest {

@@ -39,6 +39,9 @@ class PrintingSink(api.OutputSink.Server):
         self.chunks.append((str(stream), bytes(chunk)))
         print(f"[{stream}] {bytes(chunk).decode(errors='replace')}", end="", flush=True)
 
+    async def done(self, **kwargs):
+        pass  # exec calls this after the last write, before it returns
+
 
 async def main():
     endpoint = os.environ.get("TRIPLANE_ENDPOINT", "127.0.0.1:7400")

@@ -522,7 +522,10 @@ private:
       if (batch.empty()) {
         if (ch->result && st.delivered >= ch->result->chunks) {
           st.result = ch->result;
-          return kj::READY_NOW;
+          if (!st.has_sink) return kj::READY_NOW;
+          // Completes after every write was handled by the client's sink.
+          return st.sink.doneRequest().send().ignoreResult().exclusiveJoin(
+            st.interrupted.addBranch().then([this, ch, &st]() { return pump(ch, st); }));
         }
         auto paf = kj::newPromiseAndCrossThreadFulfiller<void>();
         ch->waiter = kj::mv(paf.fulfiller);

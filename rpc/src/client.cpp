@@ -82,6 +82,7 @@ public:
         std::string_view(reinterpret_cast<const char*>(chunk.begin()), chunk.size()));
     return kj::READY_NOW;
   }
+  kj::Promise<void> done(DoneContext) override { return kj::READY_NOW; }
 
 private:
   output_callback cb_;
@@ -95,6 +96,7 @@ public:
     cb_(std::string_view(t.cStr(), t.size()));
     return kj::READY_NOW;
   }
+  kj::Promise<void> done(DoneContext) override { return kj::READY_NOW; }
 
 private:
   std::function<void(std::string_view)> cb_;
