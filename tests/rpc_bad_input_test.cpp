@@ -223,67 +223,105 @@ TEST_CASE("malformed frames and messages close their connection while the node k
   CHECK(rss_end - rss_start < 96 * 1024);
 }
 
-TEST_CASE("a client that never reads its exec stream is cut off with bounded node memory",
-          "[rpc][bad-input]") {
-  node_process node({"--output-buffer", "4194304"});
-  // The stuck client: a child process that starts a 256 MiB streaming exec and then never
-  // touches its socket again (forked before this process opens any connection).
+namespace {
+
+/// Forks a client that starts `flood|spew 4096 65536` (256 MiB) with a sink and then never
+/// touches its socket again. Must run before this process opens any connection.
+pid_t start_stuck_reader(const node_process& node, const char* command) {
   pid_t child = fork();
   REQUIRE(child >= 0);
-  if (child == 0) {
-    auto io = kj::setupAsyncIo();
-    auto addr = io.provider->getNetwork().parseAddress(node.endpoint()).wait(io.waitScope);
-    auto stream = addr->connect().wait(io.waitScope);
-    int small = 4096;
-    stream->setsockopt(SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
-    capnp::TwoPartyClient rpc(*stream);
-    auto boot = rpc.bootstrap().castAs<triplane::api::Bootstrap>();
-    auto auth = boot.authenticateRequest();
-    auth.setToken(node.tokens().alice);
-    auto tenant = auth.send().getTenant();
-    auto open = tenant.sessionRequest();
-    open.setId("stuck");
-    open.setCreate(true);
-    auto session = open.send().getSession();
-    struct sink final : triplane::api::OutputSink::Server {
-      kj::Promise<void> write(WriteContext) override { return kj::NEVER_DONE; }
-    };
-    auto req = session.execRequest();
-    auto argv = req.initRequest().initArgv(3);
-    argv.set(0, "flood");
-    argv.set(1, "4096");
-    argv.set(2, "65536");
-    req.setSink(kj::heap<sink>());
-    auto pending = req.send();
-    // Run the loop just long enough to send the calls, then stop reading for good.
-    io.provider->getTimer().afterDelay(300 * kj::MILLISECONDS).wait(io.waitScope);
-    sleep(60);
-    _exit(0);
-  }
+  if (child != 0) return child;
+  auto io = kj::setupAsyncIo();
+  auto addr = io.provider->getNetwork().parseAddress(node.endpoint()).wait(io.waitScope);
+  auto stream = addr->connect().wait(io.waitScope);
+  int small = 4096;
+  stream->setsockopt(SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+  capnp::TwoPartyClient rpc(*stream);
+  auto boot = rpc.bootstrap().castAs<triplane::api::Bootstrap>();
+  auto auth = boot.authenticateRequest();
+  auth.setToken(node.tokens().alice);
+  auto tenant = auth.send().getTenant();
+  auto open = tenant.sessionRequest();
+  open.setId("stuck");
+  open.setCreate(true);
+  auto session = open.send().getSession();
+  struct sink final : triplane::api::OutputSink::Server {
+    kj::Promise<void> write(WriteContext) override { return kj::NEVER_DONE; }
+  };
+  auto req = session.execRequest();
+  auto argv = req.initRequest().initArgv(3);
+  argv.set(0, command);
+  argv.set(1, "4096");
+  argv.set(2, "65536");
+  req.setSink(kj::heap<sink>());
+  auto pending = req.send();
+  // Run the loop just long enough to send the calls, then stop reading for good.
+  io.provider->getTimer().afterDelay(300 * kj::MILLISECONDS).wait(io.waitScope);
+  sleep(60);
+  _exit(0);
+}
 
-  auto good = connection::connect(node.endpoint(), node.tokens().alice);
-  REQUIRE(good);
+/// Serves `good` for ~4 s while the stuck reader runs; returns the node's RSS growth (KiB).
+long serve_beside_stuck_reader(const node_process& node, connection& good) {
   auto rss_start = node.rss_kib();
   long rss_peak = rss_start;
   for (int i = 0; i < 40; ++i) {
-    check_healthy(**good, "stuck reader, round " + std::to_string(i));
+    check_healthy(good, "stuck reader, round " + std::to_string(i));
     rss_peak = std::max(rss_peak, node.rss_kib());
     std::this_thread::sleep_for(100ms);
   }
   INFO("RSS start " << rss_start << " KiB, peak " << rss_peak << " KiB");
-  // 256 MiB were produced for the stuck client; the node held at most its output buffer
-  // (4 MiB), the stream window and socket buffers.
-  CHECK(rss_peak - rss_start < 64 * 1024);
+  return rss_peak - rss_start;
+}
 
-  // The exec was refused with limit_exceeded (and killed), visible to operators.
+uint64_t errors_of(connection& ops, const std::string& code) {
+  auto m = ops.metrics();
+  REQUIRE(m);
+  for (const auto& [c, n] : m->errors)
+    if (c == code) return n;
+  return 0;
+}
+
+} // namespace
+
+TEST_CASE("a client that never reads its exec stream holds back the producer with bounded "
+          "node memory and its death cancels the exec", "[rpc][bad-input]") {
+  node_process node;
+  pid_t child = start_stuck_reader(node, "flood");
+  auto good = connection::connect(node.endpoint(), node.tokens().alice);
+  REQUIRE(good);
+  // 256 MiB are waiting to be produced; credit-based flow control keeps the producer waiting
+  // once about a watermark (1 MiB) plus the stream window are queued.
+  CHECK(serve_beside_stuck_reader(node, **good) < 32 * 1024);
   auto ops = connection::connect(node.endpoint(), node.tokens().ops);
   REQUIRE(ops);
-  auto m = (*ops)->metrics();
-  REQUIRE(m);
-  uint64_t limit_errors = 0;
-  for (const auto& [code, n] : m->errors)
-    if (code == "limit_exceeded") limit_errors = n;
-  CHECK(limit_errors == 1);
+  CHECK(errors_of(**ops, "limit_exceeded") == 0);
+  // The stuck client goes away: the node cancels its exec in the session.
+  kill(child, SIGKILL);
+  waitpid(child, nullptr, 0);
+  auto s = (*good)->open_session("stuck", false);
+  REQUIRE(s);
+  bool cancelled = false;
+  for (int i = 0; i < 50 && !cancelled; ++i) {
+    auto v = s->kv_get("last_cancelled");
+    REQUIRE(v);
+    cancelled = v->has_value();
+    if (!cancelled) std::this_thread::sleep_for(100ms);
+  }
+  CHECK(cancelled);
+  check_healthy(**good, "stuck reader killed");
+}
+
+TEST_CASE("a producer that ignores credit for a client that never reads is killed with "
+          "limit_exceeded at the buffer cap", "[rpc][bad-input]") {
+  node_process node({"--output-buffer", "4194304"});
+  pid_t child = start_stuck_reader(node, "spew");
+  auto good = connection::connect(node.endpoint(), node.tokens().alice);
+  REQUIRE(good);
+  CHECK(serve_beside_stuck_reader(node, **good) < 64 * 1024);
+  auto ops = connection::connect(node.endpoint(), node.tokens().ops);
+  REQUIRE(ops);
+  CHECK(errors_of(**ops, "limit_exceeded") == 1);
   kill(child, SIGKILL);
   waitpid(child, nullptr, 0);
   check_healthy(**good, "stuck reader killed");

@@ -179,12 +179,14 @@ std::string from_data(capnp::Data::Reader d) {
 // Exec output: pushed by the session to a relay actor, queued here, drained by the RPC thread.
 
 struct exec_channel {
-  explicit exec_channel(uint64_t cap) : max_bytes(cap) {}
+  exec_channel(uint64_t cap, uint64_t mark) : max_bytes(cap), watermark(mark) {}
 
-  void push(uint8_t stream, std::string bytes) {
+  /// Queues a chunk; true when the producer may go on at once (below the watermark), else the
+  /// RPC thread sends the relay drained_atom once it has taken the queue.
+  bool push(uint8_t stream, std::string bytes) {
     std::lock_guard<std::mutex> lock{mu};
     ++received;
-    if (overflow) return;
+    if (overflow) return true;
     queued_bytes += bytes.size();
     if (queued_bytes > max_bytes) {
       overflow = true;
@@ -194,6 +196,9 @@ struct exec_channel {
       chunks.emplace_back(stream, std::move(bytes));
     }
     wake_locked();
+    if (queued_bytes < watermark) return true;
+    producer_waiting = true;
+    return false;
   }
   void finish(sc::exec_result r) {
     std::lock_guard<std::mutex> lock{mu};
@@ -215,6 +220,9 @@ struct exec_channel {
 
   std::mutex mu;
   const uint64_t max_bytes;
+  const uint64_t watermark;
+  bool producer_waiting = false;
+  caf::actor relay;  ///< set once, before the first pump
   std::deque<std::pair<uint8_t, std::string>> chunks;
   uint64_t queued_bytes = 0;
   uint64_t received = 0;
@@ -229,7 +237,12 @@ struct exec_channel {
 
 using channel_ptr = std::shared_ptr<exec_channel>;
 
+using drained_atom = caf::atom_constant<caf::atom("rpc_drain")>;
+using held_credits = std::vector<caf::response_promise>;
+
 /// Issues the exec request and receives its output chunks (so the session can push them).
+/// Answers each chunk (credit) at once while less than `watermark` bytes wait for the client,
+/// else when the RPC thread reports that it drained the queue (drained_atom).
 caf::behavior exec_relay(caf::event_based_actor* self, channel_ptr ch, caf::actor directory,
                          std::string full_id, sc::exec_request req, uint64_t call_id,
                          milliseconds timeout) {
@@ -239,9 +252,18 @@ caf::behavior exec_relay(caf::event_based_actor* self, channel_ptr ch, caf::acto
                 caf::make_message(sc::exec_atom::value, std::move(req), me, call_id))
     .then([ch](sc::exec_result& r) { ch->finish(r); },
           [ch](caf::error& e) { ch->fail(std::move(e)); });
+  auto held = std::make_shared<held_credits>();
   return {
-    [ch, call_id](sc::chunk_atom, uint64_t id, uint8_t stream, std::string& bytes) {
-      if (id == call_id) ch->push(stream, std::move(bytes));
+    [self, ch, call_id, held](sc::chunk_atom, uint64_t id, uint8_t stream,
+                              std::string& bytes) -> caf::result<bool> {
+      if (id != call_id) return false;
+      if (ch->push(stream, std::move(bytes))) return true;
+      held->push_back(self->make_response_promise());
+      return caf::delegated<bool>{};
+    },
+    [held](drained_atom) {
+      for (auto& rp : *held) rp.deliver(true);
+      held->clear();
     },
   };
 }
@@ -307,7 +329,8 @@ public:
       bool has_sink = params.hasSink();
       auto sink = params.getSink();
       auto call_id = core_.next_call_id++;
-      auto ch = std::make_shared<exec_channel>(core_.opts.limits.max_exec_output_buffer);
+      auto ch = std::make_shared<exec_channel>(core_.opts.limits.max_exec_output_buffer,
+                                               core_.opts.limits.exec_output_watermark);
       auto relay = core_.bridge.system().spawn(exec_relay, ch, core_.directory, full_id_,
                                                std::move(req), call_id, deadline);
       auto guard = kj::heap<exec_guard>(core_, full_id_, call_id, relay);
@@ -316,6 +339,7 @@ public:
         auto paf = kj::newPromiseAndCrossThreadFulfiller<void>();
         std::lock_guard<std::mutex> lock{ch->mu};
         ch->interrupt = kj::mv(paf.fulfiller);
+        ch->relay = relay;
         if (ch->overflow || ch->error) ch->interrupt->fulfill();
         state->interrupted = paf.promise.fork();
       }
@@ -519,6 +543,10 @@ private:
             + std::to_string(ch->max_bytes) + " bytes queued); the command was killed");
       batch.swap(ch->chunks);
       ch->queued_bytes = 0;
+      if (ch->producer_waiting) {
+        ch->producer_waiting = false;
+        caf::anon_send(ch->relay, drained_atom::value);
+      }
       if (batch.empty()) {
         if (ch->result && st.delivered >= ch->result->chunks) {
           st.result = ch->result;

@@ -42,6 +42,8 @@ struct pending_exec {
   caf::actor sink;
   caf::response_promise rp;
   uint64_t chunks_left = 0, chunk_size = 0, sent = 0;
+  uint64_t unanswered = 0;     // chunks without credit back yet
+  bool ignore_credit = false;  // "spew": a producer that does not wait for credit
 };
 
 struct session_state {
@@ -147,7 +149,9 @@ caf::behavior session_actor(session_ptr self, std::string id, session initial,
       if (argv.empty()) argv = {"echo", req.shell};
       sc::exec_result r;
       auto emit = [&](uint8_t stream, std::string bytes) {
-        self->send(sink, sc::chunk_atom::value, call_id, stream, std::move(bytes));
+        self->request(sink, caf::infinite, sc::chunk_atom::value, call_id, stream,
+                      std::move(bytes))
+          .then([](bool) {}, [](caf::error&) {});
         ++r.chunks;
       };
       if (argv[0] == "echo") {
@@ -164,7 +168,8 @@ caf::behavior session_actor(session_ptr self, std::string id, session initial,
         r.exit_code = std::stoi(argv[1]);
         return r;
       }
-      if ((argv[0] == "sleep" && argv.size() == 2) || (argv[0] == "flood" && argv.size() == 3)) {
+      if ((argv[0] == "sleep" && argv.size() == 2)
+          || ((argv[0] == "flood" || argv[0] == "spew") && argv.size() == 3)) {
         auto rp = self->make_response_promise();
         pending_exec p{sink, rp};
         if (argv[0] == "sleep") {
@@ -173,6 +178,7 @@ caf::behavior session_actor(session_ptr self, std::string id, session initial,
         } else {
           p.chunks_left = std::stoull(argv[1]);
           p.chunk_size = std::stoull(argv[2]);
+          p.ignore_credit = argv[0] == "spew";
           self->send(self, flood_atom::value, call_id);
         }
         self->state.running.emplace(call_id, std::move(p));
@@ -190,13 +196,28 @@ caf::behavior session_actor(session_ptr self, std::string id, session initial,
       auto i = self->state.running.find(call_id);
       if (i == self->state.running.end()) return;  // cancelled
       auto& p = i->second;
-      for (int n = 0; n < 16 && p.chunks_left > 0; ++n, --p.chunks_left, ++p.sent)
-        self->send(p.sink, sc::chunk_atom::value, call_id, uint8_t{0},
-                   std::string(p.chunk_size, 'x'));
+      // Like a real producer: at most 8 chunks without credit ("spew" ignores that).
+      while (p.chunks_left > 0 && (p.ignore_credit || p.unanswered < 8)) {
+        --p.chunks_left;
+        ++p.sent;
+        ++p.unanswered;
+        self->request(p.sink, caf::infinite, sc::chunk_atom::value, call_id, uint8_t{0},
+                      std::string(p.chunk_size, 'x'))
+          .then(
+            [self, call_id](bool) {
+              auto j = self->state.running.find(call_id);
+              if (j == self->state.running.end()) return;
+              --j->second.unanswered;
+              self->send(self, flood_atom::value, call_id);
+            },
+            [](caf::error&) {});
+        if (p.ignore_credit && p.sent % 16 == 0) break;  // let other messages in
+      }
       if (p.chunks_left > 0) {
-        self->send(self, flood_atom::value, call_id);
+        if (p.ignore_credit) self->send(self, flood_atom::value, call_id);
         return;
       }
+      if (p.unanswered > 0 && !p.ignore_credit) return;  // finish once all were accepted
       sc::exec_result r;
       r.chunks = p.sent;
       p.rp.deliver(r);

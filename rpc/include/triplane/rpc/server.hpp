@@ -25,8 +25,10 @@ struct limits {
   std::chrono::milliseconds call_deadline{10000};  ///< per call, except exec and generate
   std::chrono::milliseconds exec_default_timeout{60000};  ///< exec without a timeout
   std::chrono::milliseconds exec_max_timeout{600000};     ///< a longer request is clamped
-  uint64_t max_exec_output_buffer = 8u << 20;  ///< output queued for a slow client: beyond it the
-                                               ///< exec is killed with `limit_exceeded`
+  uint64_t exec_output_watermark = 1u << 20;  ///< output queued for the client above which the
+                                              ///< session's producer waits (credit withheld)
+  uint64_t max_exec_output_buffer = 8u << 20;  ///< hard cap for a producer that ignores credit:
+                                               ///< beyond it the exec is killed, `limit_exceeded`
   uint64_t max_unstreamed_output = 16u << 20;  ///< output returned in the result (no sink)
   uint32_t auth_failures_before_close = 5;     ///< per connection
   std::chrono::milliseconds auth_failure_delay{200};  ///< doubled per failure on a connection

@@ -19,8 +19,12 @@ namespace triplane::rpc::session_calls {
 /// `(open_atom, bool create)` -> session_info. not_found when absent and !create.
 using open_atom = caf::atom_constant<caf::atom("s_open")>;
 /// `(exec_atom, exec_request, caf::actor sink, uint64_t call_id)` -> exec_result.
-/// Output goes to `sink` as `(chunk_atom, call_id, uint8_t stream, std::string bytes)`, stream
-/// 0 = stdout, 1 = stderr; every chunk is sent before the reply, whose `chunks` counts them.
+/// Output goes to `sink` as REQUESTS `(chunk_atom, call_id, uint8_t stream, std::string bytes)`
+/// -> bool, stream 0 = stdout, 1 = stderr. The reply is flow-control credit: the sink answers
+/// late while its consumer (a remote client) is behind, so a producer keeps at most a few
+/// chunks (<= 8, <= 64 KiB each) unanswered. A producer that ignores this gets its exec
+/// cancelled once the sink's buffer cap is exceeded. Every chunk is sent before the exec reply,
+/// whose `chunks` counts them.
 using exec_atom = caf::atom_constant<caf::atom("s_exec")>;
 using chunk_atom = caf::atom_constant<caf::atom("s_chunk")>;
 /// `(cancel_atom, uint64_t call_id)`: kill the exec of that call if it still runs (no reply).
