@@ -15,6 +15,7 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -44,7 +45,15 @@ struct figure {
   std::string name;
   size_t in_flight = 0;
   double calls_per_s = 0, p50_us = 0, p99_us = 0;
+  double cpu_us_per_call = 0;  ///< process CPU (all threads, user+sys): robust to a busy host
 };
+
+double process_cpu_us() {
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  auto us = [](const timeval& t) { return t.tv_sec * 1e6 + t.tv_usec; };
+  return us(ru.ru_utime) + us(ru.ru_stime);
+}
 
 figure summarize(std::string name, size_t in_flight, std::vector<uint64_t> lat, double seconds) {
   std::sort(lat.begin(), lat.end());
@@ -86,6 +95,7 @@ figure bench_local(caf::actor_system& sys, caf::actor dir, size_t in_flight, siz
   auto run = std::make_shared<local_run>();
   run->latencies.reserve(calls);
   caf::scoped_actor self{sys};
+  auto cpu0 = process_cpu_us();
   auto t0 = clock_type::now();
   auto left = std::make_shared<size_t>(calls);
   auto outstanding = std::make_shared<size_t>(in_flight);
@@ -95,13 +105,17 @@ figure bench_local(caf::actor_system& sys, caf::actor dir, size_t in_flight, siz
   });
   self->receive([](done_atom) {});
   double seconds = static_cast<double>(us_since(t0)) / 1e6;
-  return summarize("local actor request", in_flight, run->latencies, seconds);
+  auto f = summarize("local actor request", in_flight, run->latencies, seconds);
+  f.cpu_us_per_call = (process_cpu_us() - cpu0) / static_cast<double>(calls);
+  return f;
 }
 
 // ---- RPC --------------------------------------------------------------------------------------
 
 struct rpc_driver {
   triplane::api::Session::Client session;
+  triplane::api::Bootstrap::Client floor;  ///< protocolVersion, which no actor serves
+  bool use_floor = false;
   size_t left = 0;
   std::vector<uint64_t> latencies;
 
@@ -109,25 +123,37 @@ struct rpc_driver {
     if (left == 0) return kj::READY_NOW;
     --left;
     auto t0 = clock_type::now();
-    auto req = session.kvGetRequest();
-    req.setKey("key");
-    return req.send().then([this, t0](capnp::Response<triplane::api::Session::KvGetResults>&&) {
+    auto done = [this, t0]() {
       latencies.push_back(us_since(t0));
       return next();
+    };
+    if (use_floor) return floor.protocolVersionRequest().send().then([done](auto&&) {
+      return done();
     });
+    auto req = session.kvGetRequest();
+    req.setKey("key");
+    return req.send().then([done](auto&&) { return done(); });
   }
 };
 
 figure bench_rpc(kj::AsyncIoContext& io, triplane::api::Session::Client session,
-                 size_t in_flight, size_t calls) {
-  rpc_driver d{session, calls, {}};
+                 size_t in_flight, size_t calls,
+                 kj::Maybe<triplane::api::Bootstrap::Client> floor = nullptr) {
+  bool is_floor = floor != nullptr;
+  triplane::api::Bootstrap::Client floor_cap{nullptr};
+  KJ_IF_MAYBE(f, floor) { floor_cap = *f; }
+  rpc_driver d{session, floor_cap, is_floor, calls, {}};
   d.latencies.reserve(calls);
+  auto cpu0 = process_cpu_us();
   auto t0 = clock_type::now();
   kj::Vector<kj::Promise<void>> all;
   for (size_t i = 0; i < in_flight; ++i) all.add(d.next());
   kj::joinPromises(all.releaseAsArray()).wait(io.waitScope);
   double seconds = static_cast<double>(us_since(t0)) / 1e6;
-  return summarize("RPC Session.kvGet", in_flight, d.latencies, seconds);
+  auto f = summarize(is_floor ? "RPC floor (no actor)" : "RPC Session.kvGet", in_flight,
+                     d.latencies, seconds);
+  f.cpu_us_per_call = (process_cpu_us() - cpu0) / static_cast<double>(calls);
+  return f;
 }
 
 class counting_sink final : public triplane::api::OutputSink::Server {
@@ -202,18 +228,21 @@ double bench_raw_tcp(uint64_t total, uint64_t chunk_size) {
 int main(int argc, char** argv) {
   std::string json_path;
   bool quick = false;
+  std::string policy = "stealing";
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--json" && i + 1 < argc) json_path = argv[++i];
     else if (a == "--quick") quick = true;
+    else if (a == "--policy" && i + 1 < argc) policy = argv[++i];
     else {
-      std::fprintf(stderr, "usage: rpc_bench [--json FILE] [--quick]\n");
+      std::fprintf(stderr, "usage: rpc_bench [--json FILE] [--quick] [--policy stealing|sharing]\n");
       return 2;
     }
   }
   spdlog::set_level(spdlog::level::warn);
   caf::actor_system_config cfg;
   cfg.set("scheduler.max-threads", 2);
+  cfg.set("scheduler.policy", policy == "sharing" ? caf::atom("sharing") : caf::atom("stealing"));
   caf::actor_system sys{cfg};
   auto dir = triplane::test::spawn_session_directory_double(sys);
 
@@ -257,6 +286,7 @@ int main(int argc, char** argv) {
     for (size_t n : {size_t{1}, size_t{16}, size_t{256}}) {
       size_t calls = (n == 1 ? 10000 : 100000) / scale;
       figures.push_back(bench_local(sys, dir, n, calls));
+      figures.push_back(bench_rpc(io, session, n, calls, kj::Maybe<triplane::api::Bootstrap::Client>(boot)));
       figures.push_back(bench_rpc(io, session, n, calls));
     }
     uint64_t chunks = quick ? 256 : 2048, chunk = 64 * 1024;
@@ -266,10 +296,12 @@ int main(int argc, char** argv) {
   (*server)->stop(std::chrono::milliseconds(1000));
   caf::anon_send_exit(dir, caf::exit_reason::user_shutdown);
 
-  std::printf("%-22s %9s %12s %10s %10s\n", "path", "in flight", "calls/s", "p50 us", "p99 us");
+  std::printf("%-22s %9s %12s %10s %10s %14s\n", "path", "in flight", "calls/s", "p50 us",
+              "p99 us", "CPU us/call");
   for (const auto& f : figures)
-    std::printf("%-22s %9zu %12.0f %10.1f %10.1f\n", f.name.c_str(), f.in_flight, f.calls_per_s,
-                f.p50_us, f.p99_us);
+    std::printf("%-22s %9zu %12.0f %10.1f %10.1f %14.1f\n", f.name.c_str(), f.in_flight,
+                f.calls_per_s, f.p50_us, f.p99_us, f.cpu_us_per_call);
+  std::printf("(client and server share this process: CPU us/call covers both ends)\n");
   std::printf("\nexec output streaming (64 KiB chunks): %.1f MB/s; raw loopback TCP copy: %.1f "
               "MB/s (%.0f%%)\n",
               stream_mb_s, raw_mb_s, 100.0 * stream_mb_s / raw_mb_s);
@@ -282,7 +314,8 @@ int main(int argc, char** argv) {
       const auto& f = figures[i];
       out << "    {\"path\": \"" << f.name << "\", \"in_flight\": " << f.in_flight
           << ", \"calls_per_s\": " << f.calls_per_s << ", \"p50_us\": " << f.p50_us
-          << ", \"p99_us\": " << f.p99_us << "}" << (i + 1 < figures.size() ? "," : "") << "\n";
+          << ", \"p99_us\": " << f.p99_us << ", \"cpu_us_per_call\": " << f.cpu_us_per_call
+          << "}" << (i + 1 < figures.size() ? "," : "") << "\n";
     }
     out << "  ],\n  \"exec_stream_mb_s\": " << stream_mb_s
         << ",\n  \"raw_tcp_loopback_mb_s\": " << raw_mb_s << "\n}\n";

@@ -22,7 +22,7 @@ public:
 
 } // namespace triplane::rpc::detail
 
-CAF_ALLOW_UNSAFE_MESSAGE_TYPE(std::shared_ptr<triplane::rpc::detail::pending_call>)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(std::vector<std::shared_ptr<triplane::rpc::detail::pending_call>>)
 
 namespace triplane::rpc::detail {
 
@@ -51,7 +51,7 @@ private:
 
 /// Owned by the RPC thread. Spawns `n` bridge actors (hidden, so they never hold up the actor
 /// system's shutdown) and shuts them down when destroyed.
-class caf_bridge {
+class caf_bridge : private kj::TaskSet::ErrorHandler {
 public:
   caf_bridge(caf::actor_system& sys, size_t n);
   ~caf_bridge();
@@ -64,20 +64,31 @@ public:
   kj::Promise<Reply> ask(const caf::actor& dest, caf::message msg,
                          std::chrono::milliseconds timeout) {
     auto paf = kj::newPromiseAndCrossThreadFulfiller<Reply>();
-    std::shared_ptr<pending_call> call = std::make_shared<typed_call<Reply>>(
-      dest, std::move(msg), timeout, kj::mv(paf.fulfiller));
-    caf::anon_send(next(), std::move(call));
+    batch_.push_back(std::make_shared<typed_call<Reply>>(dest, std::move(msg), timeout,
+                                                         kj::mv(paf.fulfiller)));
+    if (batch_.size() == 1) schedule_flush();
     return kj::mv(paf.promise);
   }
 
   caf::actor_system& system() { return sys_; }
 
 private:
+  void taskFailed(kj::Exception&& e) override;
+
+public:
+
+private:
+  // The requests of one event-loop turn go to a bridge actor as one message: one cross-thread
+  // hand-off (and worker wake-up) per batch instead of per call.
+  void schedule_flush();
+  void flush();
   const caf::actor& next();
 
   caf::actor_system& sys_;
   std::vector<caf::actor> actors_;
   size_t next_ = 0;
+  std::vector<std::shared_ptr<pending_call>> batch_;
+  kj::TaskSet flushes_;
 };
 
 } // namespace triplane::rpc::detail

@@ -5,8 +5,10 @@
 
 namespace triplane::rpc::detail {
 
-void rpc_metrics::record(const std::string& method, uint64_t latency_us, errc outcome) {
-  auto& m = methods_[method];
+void rpc_metrics::record(std::string_view method, uint64_t latency_us, errc outcome) {
+  auto i = methods_.find(method);
+  if (i == methods_.end()) i = methods_.emplace(std::string(method), per_method{}).first;
+  auto& m = i->second;
   ++m.calls;
   m.max_us = std::max(m.max_us, latency_us);
   if (m.recent.size() < window) {

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "triplane/runtime/error.hpp"
@@ -20,7 +21,7 @@ struct method_summary {
 
 class rpc_metrics {
 public:
-  void record(const std::string& method, uint64_t latency_us, errc outcome);
+  void record(std::string_view method, uint64_t latency_us, errc outcome);
   std::vector<method_summary> summarize() const;
   /// (code name, count) for every code seen.
   std::vector<std::pair<std::string, uint64_t>> errors() const;
@@ -38,7 +39,7 @@ private:
     std::vector<uint64_t> recent;  // ring of up to `window` samples
     size_t next = 0;
   };
-  std::map<std::string, per_method> methods_;
+  std::map<std::string, per_method, std::less<>> methods_;  // no allocation per lookup
   std::map<errc, uint64_t> errors_;
 };
 
