@@ -11,8 +11,6 @@
 #include "server_core.hpp"
 #include "triplane/rpc/session_calls.hpp"
 
-// The directory's stats reply crosses actors locally only.
-CAF_ALLOW_UNSAFE_MESSAGE_TYPE(triplane::runtime::directory_stats)
 
 namespace triplane::rpc::detail {
 namespace sc = session_calls;

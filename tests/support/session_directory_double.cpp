@@ -11,7 +11,6 @@
 #include "triplane/runtime/directory.hpp"
 #include "triplane/runtime/error.hpp"
 
-CAF_ALLOW_UNSAFE_MESSAGE_TYPE(triplane::runtime::directory_stats)
 
 namespace triplane::test {
 namespace {
