@@ -152,6 +152,16 @@ TEST_CASE("exec output streams to the client's callback and exit codes come back
     REQUIRE(f);
     CHECK(bytes == 200u * 65536u);
   }
+  SECTION("a client whose output callback fails gets cancelled and keeps its connection") {
+    opts.argv = {"flood", "50", "65536"};
+    auto f = s->exec(opts, [](triplane::client::output_stream, std::string_view) {
+      throw std::runtime_error("disk full on the client");
+    });
+    REQUIRE_FALSE(f);
+    CHECK(triplane::code_of(f.error()) == errc::cancelled);
+    CHECK(triplane::describe(f.error()).find("disk full on the client") != std::string::npos);
+    CHECK(s->kv_put("still", "connected"));
+  }
   SECTION("an empty command is refused with invalid_argument") {
     triplane::client::exec_options empty;
     CHECK(code(s->exec(empty)) == errc::invalid_argument);

@@ -550,7 +550,7 @@ private:
           st.result = ch->result;
           if (!st.has_sink) return kj::READY_NOW;
           // Completes after every write was handled by the client's sink.
-          return st.sink.doneRequest().send().ignoreResult().exclusiveJoin(
+          return sink_failures(st.sink.doneRequest().send().ignoreResult()).exclusiveJoin(
             st.interrupted.addBranch().then([this, ch, &st]() { return pump(ch, st); }));
         }
         auto paf = kj::newPromiseAndCrossThreadFulfiller<void>();
@@ -569,9 +569,21 @@ private:
       }
       return pump(ch, st);
     }
-    return send_batch(std::move(batch), st)
+    return sink_failures(send_batch(std::move(batch), st))
       .exclusiveJoin(st.interrupted.addBranch())
       .then([this, ch, &st]() { return pump(ch, st); });
+  }
+
+  /// A failure of the client's own sink is the client's problem, not a malformed call: it
+  /// becomes a triplane error (so the connection is not closed for it).
+  static kj::Promise<void> sink_failures(kj::Promise<void> p) {
+    return p.catch_([](kj::Exception&& e) -> kj::Promise<void> {
+      if (std::string_view(e.getDescription().cStr()).find("triplane:") != std::string_view::npos)
+        return kj::mv(e);
+      return wire::make_exception(errc::cancelled,
+                                  std::string("the client's output sink failed: ")
+                                    + e.getDescription().cStr());
+    });
   }
 
   kj::Promise<void> send_batch(std::deque<std::pair<uint8_t, std::string>> batch,
