@@ -4,7 +4,9 @@
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <pthread.h>
+#include <sys/stat.h>
 
 #include <caf/all.hpp>
 #include <caf/io/all.hpp>
@@ -15,8 +17,49 @@
 #include "triplane/runtime/node.hpp"
 #include "triplane/runtime/logging.hpp"
 #include "triplane/runtime/node_config.hpp"
+#include "triplane/rpc/server.hpp"
+#include "triplane/rpc/tokens.hpp"
 
 namespace triplane::app {
+namespace {
+
+/// The tokens the API accepts: the configured file, or DATA_DIR/tokens, created on first start
+/// with an admin token and a "default" tenant token whose clear values are written once to
+/// DATA_DIR/client-tokens (mode 0600) for the operator.
+expected<std::vector<rpc::token_record>> load_or_create_tokens(const runtime::node_options& options) {
+  if (!options.tokens_file.empty()) return rpc::load_tokens_file(options.tokens_file);
+  auto dir = std::filesystem::path{options.data_dir};
+  auto path = dir / "tokens";
+  if (std::filesystem::exists(path)) return rpc::load_tokens_file(path.string());
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  auto admin = rpc::generate_token();
+  auto tenant = rpc::generate_token();
+  auto admin_record = rpc::make_token_record("admin", rpc::role::admin, admin);
+  if (!admin_record) return std::move(admin_record.error());
+  auto tenant_record = rpc::make_token_record("default", rpc::role::tenant, tenant);
+  if (!tenant_record) return std::move(tenant_record.error());
+  auto clear_path = dir / "client-tokens";
+  {
+    // Clear tokens: readable by the owner only, written before the hashes so that a crash
+    // never leaves hashes whose tokens nobody has.
+    std::ofstream clear(clear_path, std::ios::trunc);
+    ::chmod(clear_path.c_str(), 0600);
+    clear << "# Clear API tokens of this node (keep secret). Use with TRIPLANE_TOKEN.\n"
+          << "admin " << admin << "\n"
+          << "default " << tenant << "\n";
+    if (!clear) return make_error(errc::io_error, "cannot write " + clear_path.string());
+  }
+  std::ofstream hashes(path, std::ios::trunc);
+  hashes << "# token <tenant> <tenant|admin> <salt-hex> <sha256-hex>\n"
+         << rpc::format_token_line(*admin_record) << "\n"
+         << rpc::format_token_line(*tenant_record) << "\n";
+  if (!hashes) return make_error(errc::io_error, "cannot write " + path.string());
+  spdlog::warn("created API tokens in {} (clear values in {}, mode 0600)", path.string(), clear_path.string());
+  return std::vector<rpc::token_record>{*admin_record, *tenant_record};
+}
+
+} // namespace
 
 int run_serve(const std::vector<std::string>& args) {
   runtime::node_config config;
@@ -69,6 +112,24 @@ int run_serve(const std::vector<std::string>& args) {
     spdlog::critical("node failed to start: {}", describe(node.error()));
     return 1;
   }
+  auto tokens = load_or_create_tokens(*options);
+  if (!tokens) {
+    spdlog::critical("API tokens: {}", describe(tokens.error()));
+    return 1;
+  }
+  rpc::server_options server_options;
+  server_options.host = options->listen_host;
+  server_options.port = options->listen_port;
+  server_options.tokens = std::move(*tokens);
+  auto* node_ptr = node->get();
+  server_options.describe_supervision = [node_ptr] { return node_ptr->supervision_tree(std::chrono::milliseconds{500}); };
+  auto server = rpc::rpc_server::start(std::move(server_options), (*node)->system(), (*node)->directory_proxy());
+  if (!server) {
+    spdlog::critical("RPC server failed to start on {}:{}: {}", options->listen_host, options->listen_port,
+                     describe(server.error()));
+    return 1;
+  }
+  (*node)->set_listen_port((*server)->port());
   // Tests and scripts wait for this line; it names the bound address.
   std::printf("triplane: serving on %s:%u (data in %s)\n", options->listen_host.c_str(),
               (*node)->listen_port(), options->data_dir.c_str());
@@ -78,6 +139,10 @@ int run_serve(const std::vector<std::string>& args) {
   sigwait(&shutdown_signals, &signal_number);
   spdlog::info("received {}: shutting down (deadline {} ms)", signal_number == SIGINT ? "SIGINT" : "SIGTERM",
                options->shutdown_timeout.count());
+  // Stop taking work first: in-flight calls finish or are cancelled within the deadline.
+  auto cancelled = (*server)->stop(options->shutdown_timeout / 2);
+  if (cancelled > 0) spdlog::warn("cancelled {} in-flight calls at shutdown", cancelled);
+  server->reset();
   auto drained = (*node)->shutdown(options->shutdown_timeout);
   node->reset();
   if (!drained) {

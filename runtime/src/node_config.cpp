@@ -19,6 +19,7 @@ constexpr flag_mapping serve_flags[] = {
   {"--listen", "triplane.listen"},
   {"--log-level", "triplane.log-level"},
   {"--log-format", "triplane.log-format"},
+  {"--tokens", "triplane.tokens-file"},
 };
 
 bool starts_with(const std::string& s, const std::string& prefix) {
@@ -48,7 +49,8 @@ node_config::node_config() {
     .add(durability_, "durability", "process-crash (WAL, no fsync) | power-loss (fsync)")
     .add(max_live_, "max-live", "live virtual actors per node before LRU passivation")
     .add(idle_timeout_, "idle-timeout", "default idle time before an actor passivates")
-    .add(shutdown_timeout_, "shutdown-timeout", "deadline for draining at SIGINT/SIGTERM");
+    .add(shutdown_timeout_, "shutdown-timeout", "deadline for draining at SIGINT/SIGTERM")
+    .add(tokens_file_, "tokens-file", "API tokens file (default DATA_DIR/tokens, created if missing)");
   // A node on a small machine should not spin up more scheduler threads than cores.
   set("scheduler.max-threads", std::max(2u, std::thread::hardware_concurrency()));
   set("logger.verbosity", caf::atom("quiet"));
@@ -65,6 +67,10 @@ Options (flags override the config file; `--opt value` and `--opt=value` both wo
   --config FILE          read settings from FILE (CAF's INI format, see below)
   --data-dir DIR         state directory (default ./data); RocksDB lives in DIR/state
   --listen HOST:PORT     RPC API address (default 127.0.0.1:7400; port 0 = any free port)
+  --tokens FILE          API tokens (salted hashes; see `triplane token --help`). Default:
+                         DATA_DIR/tokens, created on first start with an admin token and a
+                         token of tenant "default", whose clear values go to
+                         DATA_DIR/client-tokens (mode 0600)
   --log-level LEVEL      trace, debug, info (default), warn, error, critical or off
   --log-format FORMAT    text (default) or json (one JSON object per line on stderr)
   --triplane.KEY=VALUE   any key of the [triplane] section below
@@ -79,6 +85,7 @@ Config file keys ([triplane] section; CAF's own sections such as [scheduler] als
   max-live=100000            live virtual actors before least-recently-used passivation
   idle-timeout=30s           default idle time before an actor passivates
   shutdown-timeout=10s       drain deadline at SIGINT/SIGTERM
+  tokens-file="node.tokens"  API tokens file (see --tokens)
 )";
 }
 
@@ -191,6 +198,7 @@ expected<node_options> node_config::options() const {
   if (out.shutdown_timeout.count() <= 0)
     return make_error(errc::invalid_argument, "shutdown-timeout must be positive");
   out.config_file = config_file_;
+  out.tokens_file = tokens_file_;
   return out;
 }
 

@@ -26,6 +26,9 @@ struct node_options {
   std::chrono::milliseconds idle_timeout{30000};   ///< default idle timeout of actor kinds
   std::chrono::milliseconds shutdown_timeout{10000};  ///< deadline for draining at SIGINT/SIGTERM
   std::string config_file;                         ///< the file read, empty when none
+  /// API tokens (salted hashes, see `triplane token`); empty: DATA_DIR/tokens, created on first
+  /// start with a fresh admin and a "default" tenant token.
+  std::string tokens_file;
 };
 
 /// CAF's actor_system_config extended with the node's options (group `triplane`). Also keeps
@@ -35,7 +38,8 @@ public:
   node_config();
 
   /// Parses `serve`'s arguments (without the program and subcommand names):
-  ///   --config FILE, --data-dir DIR, --listen HOST:PORT, --log-level L, --log-format text|json,
+  ///   --config FILE, --data-dir DIR, --listen HOST:PORT, --tokens FILE, --log-level L,
+  ///   --log-format text|json,
   ///   and any `--group.key=value` CAF option. `--opt value` and `--opt=value` both work.
   /// Sets `help_requested` for --help/-h. Errors: invalid_argument naming the option; not_found
   /// for a missing config file; invalid_argument for a malformed config file (with CAF's
@@ -60,6 +64,7 @@ private:
   caf::timespan idle_timeout_ = std::chrono::seconds{30};
   caf::timespan shutdown_timeout_ = std::chrono::seconds{10};
   std::string config_file_;
+  std::string tokens_file_;
 };
 
 /// Splits "HOST:PORT" ("[::1]:7400" for IPv6). Errors: invalid_argument naming the value.
