@@ -199,10 +199,17 @@ caf::error continuous_batcher::step() {
       erase_finished();
       return err;
     }
-    // KV pool exhausted: evict the youngest request of the step and retry without it.
+    // KV pool exhausted: evict the youngest request of the step and retry without it. A request
+    // alone in the batch that still does not fit never will: it ends with overloaded.
     size_t victim = 0;
     for (size_t i = 1; i < members.size(); ++i)
       if (members[i]->order > members[victim]->order) victim = i;
+    if (running_.size() == 1) {
+      finish(*members[victim], finish_reason::error, errc::overloaded,
+             "the KV pool cannot hold this request's context even alone: " + describe(out.error()));
+      erase_finished();
+      return caf::none;
+    }
     preempt(*members[victim]);
     members.erase(members.begin() + static_cast<std::ptrdiff_t>(victim));
     items.erase(items.begin() + static_cast<std::ptrdiff_t>(victim));

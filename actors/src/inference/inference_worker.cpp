@@ -200,6 +200,9 @@ struct worker_state {
 
 using worker_actor = caf::stateful_actor<worker_state>;
 
+// Stop tokens are checked after every generated token: keep the list short.
+constexpr size_t max_stop_tokens = 1024;
+
 caf::error validate_request(const generate_request& req, const model_info& info) {
   if (!req.sink) return make_error(errc::invalid_argument, "generate: the sink actor is invalid");
   if (req.prompt.empty()) return make_error(errc::invalid_argument, "generate: the prompt is empty");
@@ -217,6 +220,9 @@ caf::error validate_request(const generate_request& req, const model_info& info)
                       "generate: prompt (" + std::to_string(prompt) + ") + max_new_tokens (" +
                           std::to_string(req.max_new_tokens) + ") exceeds the model's " +
                           std::to_string(info.max_position_embeddings) + " positions");
+  if (req.stop_tokens.size() > max_stop_tokens)
+    return make_error(errc::invalid_argument, "generate: " + std::to_string(req.stop_tokens.size()) +
+                                                  " stop tokens, at most " + std::to_string(max_stop_tokens));
   gpu::sampling_params p;
   p.temperature = req.sampling.temperature;
   p.top_k = req.sampling.top_k;

@@ -438,6 +438,9 @@ TEST_CASE("bad requests are refused with invalid_argument naming the problem", "
   auto bad_sampling = make_request({1}, 4, self);
   bad_sampling.sampling.top_p = 1.5f;
   cases.push_back({"top_p above 1", bad_sampling, "top_p"});
+  auto many_stops = make_request({1}, 4, self);
+  many_stops.stop_tokens.assign(1025, 7);
+  cases.push_back({"too many stop tokens", many_stops, "stop tokens"});
   for (auto& c : cases) {
     INFO(c.what);
     auto r = submit(self, worker, c.req);
@@ -606,6 +609,30 @@ TEST_CASE("requests that outgrow the KV pool are preempted, recomputed, and keep
   CHECK(s.preemptions >= 1);
   CHECK(streams[*a].end.preemptions + streams[*b].end.preemptions == static_cast<int64_t>(s.preemptions));
   CHECK(s.kv_blocks_free == s.kv_blocks_total);
+  stop(self, worker);
+}
+
+TEST_CASE("a request that outgrows the whole KV pool alone ends with overloaded after its tokens so far", "[inference][worker][preemption]") {
+  system_config cfg;
+  caf::actor_system sys{cfg};
+  caf::scoped_actor self{sys};
+  test_backend_spec spec;
+  spec.kv_bytes = 8 * fixture_block_bytes;  // 128 token slots
+  auto worker = spawn_worker(sys, test_maker(spec), default_worker());
+  auto prompt = random_prompt(60, 61);
+  auto got = generate_one(self, worker, make_request(prompt, 100, self));  // reserves 5 blocks, needs 10
+  CHECK(got.end.reason == finish_reason::error);
+  CHECK(got.end.error_code == errc::overloaded);
+  // Position 127 is the last slot: 60 prompt tokens + 68 generated, of which 67 were fed.
+  CHECK(got.end.generated_tokens == 69);
+  auto alone = run_alone(prompt, 100);
+  CHECK(got.tokens == std::vector<int32_t>(alone.begin(), alone.begin() + got.end.generated_tokens));
+  auto s = stats_of(self, worker);
+  CHECK(s.kv_blocks_free == s.kv_blocks_total);
+  CHECK(s.requests_failed == 1);
+  // Still serving.
+  auto small = generate_one(self, worker, make_request(random_prompt(5, 62), 3, self));
+  CHECK(small.end.reason == finish_reason::length);
   stop(self, worker);
 }
 

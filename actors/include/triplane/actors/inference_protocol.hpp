@@ -14,7 +14,10 @@
 //   client -> worker   (cancel_atom, request_id)        reply: caf::ok_atom, or not_found
 //   client -> worker   (info_atom)                      reply: model_info
 //   client -> worker   (stats_atom)                     reply: worker_stats
-// Sink messages are sent anonymously (no sender) and need no reply.
+// Sink messages are sent anonymously (no sender) and need no reply. They come from the worker's
+// engine thread, so a sink may see the first token_event before the client sees generate_accepted.
+// The sink stays the requester's: the worker only monitors it (a sink that goes down cancels).
+// Retrying after overloaded or after a worker restart is the client's decision.
 #pragma once
 
 #include <cstdint>
@@ -55,7 +58,7 @@ typename Inspector::result_type inspect(Inspector& f, sampling& x) {
 
 /// One generation. Validated by the worker: prompt not empty and every id in [0, vocab);
 /// 1 <= max_new_tokens; prompt + max_new_tokens <= the model's max_position_embeddings; sampling
-/// as gpu::validate; sink valid. The worker monitors the sink: if it goes down the request is
+/// as gpu::validate; at most 1024 stop tokens; sink valid. The worker monitors the sink: if it goes down the request is
 /// cancelled.
 struct generate_request {
   std::vector<int32_t> prompt;
