@@ -709,7 +709,7 @@ TEST_CASE("the node stays responsive while the engine runs long steps", "[infere
   caf::actor_system sys{cfg};
   caf::scoped_actor self{sys};
   test_backend_spec spec;
-  spec.delay = 60ms;  // a slow device step
+  spec.delay = 200ms;  // a slow device step
   auto worker = spawn_worker(sys, test_maker(spec), default_worker());
   auto echo = sys.spawn([](caf::event_based_actor*) -> caf::behavior { return {[](int x) { return x; }}; });
   auto id = submit(self, worker, make_request(random_prompt(10, 51), 20, self));
@@ -727,8 +727,9 @@ TEST_CASE("the node stays responsive while the engine runs long steps", "[infere
     CHECK(s.running == 1);
     std::this_thread::sleep_for(7ms);
   }
-  INFO("worst round trip " << worst_us << " us; a step takes 60 ms");
-  CHECK(worst_us < 30000);
+  // Were steps run on the one scheduler thread, some round trip would wait most of a step.
+  INFO("worst round trip " << worst_us << " us; a step takes 200 ms");
+  CHECK(worst_us < 100000);
   self->request(worker, caf::duration{10s}, cancel_atom::value, *id).receive([](caf::ok_atom) {}, [](caf::error&) {});
   std::map<uint64_t, stream> streams;
   collect(self, streams, 1);
