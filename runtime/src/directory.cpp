@@ -601,7 +601,7 @@ expected<directory> directory::start(caf::actor_system& system, storage::state_s
   return result;
 }
 
-expected<uint64_t> directory::stop(caf::actor_system& system, std::chrono::milliseconds deadline) {
+expected<uint64_t> directory::drain(caf::actor_system& system, std::chrono::milliseconds deadline) const {
   if (!front_) return uint64_t{0};
   caf::scoped_actor self{system};
   expected<uint64_t> result = make_error(errc::timeout, "passivating every actor took longer than " +
@@ -611,6 +611,13 @@ expected<uint64_t> directory::stop(caf::actor_system& system, std::chrono::milli
              [&](caf::error& err) {
                if (err != caf::sec::request_timeout) result = std::move(err);
              });
+  return result;
+}
+
+expected<uint64_t> directory::stop(caf::actor_system& system, std::chrono::milliseconds deadline) {
+  if (!front_) return uint64_t{0};
+  auto result = drain(system, deadline);
+  caf::scoped_actor self{system};
   for (auto& shard : shards_) self->send_exit(shard, caf::exit_reason::user_shutdown);
   self->send_exit(front_, caf::exit_reason::user_shutdown);
   front_ = nullptr;

@@ -1,7 +1,9 @@
-// The node core: store, actor system, directory; started and stopped in a fixed order.
+// The node core: database, state store, actor system, root supervisor with the directory and the
+// planes' children; started and stopped in a fixed order.
 #include "triplane/runtime/node.hpp"
 
 #include <filesystem>
+#include <mutex>
 #include <system_error>
 
 #include <caf/all.hpp>
@@ -11,13 +13,28 @@ namespace triplane::runtime {
 
 struct node::impl {
   node_options options;
+  std::unique_ptr<storage::database> db;
   std::unique_ptr<storage::state_store> store;
   std::unique_ptr<caf::actor_system> system;
+  caf::actor root;
+  caf::actor proxy;
+  mutable std::mutex mutex;  ///< guards `actors`, replaced when the directory restarts
   directory actors;
-  std::vector<std::string> kind_names;
   uint16_t port = 0;
   bool stopped = false;
 };
+
+namespace {
+
+/// Forwards everything to the root supervisor's "directory" child, whatever incarnation is live.
+caf::behavior directory_proxy_actor(caf::event_based_actor* self, caf::actor root) {
+  self->set_default_handler([self, root](caf::scheduled_actor*, caf::message_view& view) -> caf::result<caf::message> {
+    return self->delegate(root, sup::route_atom::value, std::string{"directory"}, view.move_content_to_message());
+  });
+  return {[](caf::unit_t) {}};
+}
+
+} // namespace
 
 node::node() : impl_(std::make_unique<impl>()) {}
 
@@ -26,53 +43,108 @@ node::~node() {
 }
 
 expected<std::unique_ptr<node>> node::start(node_config& config, const node_options& options,
-                                            std::vector<kind_spec> kinds) {
+                                            std::vector<std::string> column_families,
+                                            std::function<expected<std::vector<plane>>(node&)> make_planes) {
   std::unique_ptr<node> result{new node()};
   auto& st = *result->impl_;
   st.options = options;
   st.port = options.listen_port;
   std::error_code ec;
-  std::filesystem::create_directories(options.data_dir, ec);
+  auto state_dir = std::filesystem::path{options.data_dir} / "state";
+  std::filesystem::create_directories(state_dir, ec);
   if (ec)
-    return make_error(errc::io_error, "cannot create data directory '" + options.data_dir + "': " + ec.message());
-  storage::store_options so;
-  so.path = (std::filesystem::path{options.data_dir} / "state").string();
-  so.default_durability = options.durability;
-  auto store = storage::state_store::open(so);
+    return make_error(errc::io_error, "cannot create data directory '" + state_dir.string() + "': " + ec.message());
+  storage::database_options dbo;
+  dbo.path = state_dir.string();
+  dbo.column_families = {std::string{storage::state_column_family}, std::string{storage::epoch_column_family}};
+  for (auto& cf : column_families) dbo.column_families.push_back(cf);
+  auto db = storage::database::open(dbo);
+  if (!db) return std::move(db.error());
+  st.db = std::move(*db);
+  auto store = storage::state_store::open(*st.db, options.durability);
   if (!store) return std::move(store.error());
   st.store = std::move(*store);
   st.system = std::make_unique<caf::actor_system>(config);
-  for (auto& kind : kinds) {
-    if (kind.idle_timeout.count() == 0) kind.idle_timeout = options.idle_timeout;
-    st.kind_names.push_back(kind.name);
+
+  std::vector<plane> planes;
+  if (make_planes) {
+    auto made = make_planes(*result);
+    if (!made) return std::move(made.error());
+    planes = std::move(*made);
+  }
+  std::vector<kind_spec> kinds;
+  std::vector<child_spec> children;
+  for (auto& p : planes) {
+    for (auto& k : p.kinds) {
+      if (k.idle_timeout.count() == 0) k.idle_timeout = options.idle_timeout;
+      kinds.push_back(std::move(k));
+    }
+    for (auto& c : p.children) children.push_back(std::move(c));
   }
   directory_options dopts;
   dopts.max_live = options.max_live_actors;
   dopts.default_durability = options.durability;
-  auto started = directory::start(*st.system, *st.store, std::move(kinds), dopts);
-  if (!started) return std::move(started.error());
-  st.actors = std::move(*started);
+
+  supervisor_spec root_spec;
+  root_spec.flags.name = "triplane.node";
+  root_spec.flags.strategy = restart_strategy::one_for_one;
+  root_spec.flags.max_restarts = 5;
+  root_spec.flags.period = std::chrono::seconds{30};
+  root_spec.flags.backoff_base = std::chrono::milliseconds{100};
+  root_spec.flags.backoff_cap = std::chrono::seconds{5};
+  child_spec directory_child;
+  directory_child.id = "directory";
+  directory_child.kind = child_kind::worker;
+  directory_child.restart = restart_type::permanent;
+  directory_child.shutdown_timeout = options.shutdown_timeout;
+  auto* shared = result->impl_.get();
+  directory_child.start = [shared, kinds, dopts](caf::local_actor* parent) -> caf::actor {
+    auto started = directory::start(parent->home_system(), *shared->store, kinds, dopts);
+    if (!started) {
+      spdlog::error("directory failed to start: {}", describe(started.error()));
+      return nullptr;
+    }
+    std::lock_guard<std::mutex> guard{shared->mutex};
+    shared->actors = *started;
+    return started->front();
+  };
+  root_spec.children.push_back(std::move(directory_child));
+  for (auto& c : children) root_spec.children.push_back(std::move(c));
+  if (auto err = validate(root_spec)) return err;
+  auto root = spawn_supervisor(*st.system, std::move(root_spec));
+  if (!root) return std::move(root.error());
+  st.root = *root;
+  st.proxy = st.system->spawn(directory_proxy_actor, st.root);
+  // The root supervisor starts its children asynchronously: wait until the tree answers, which
+  // also surfaces a child that failed to start.
+  auto tree = fetch_tree(*st.system, st.root, std::chrono::seconds{30});
+  if (!tree) return make_error(errc::unavailable, "the node's supervision tree did not start: " + describe(tree.error()));
   spdlog::info("node started: data {}, durability {}, max-live {}, {} scheduler threads",
                options.data_dir,
                options.durability == storage::durability::power_loss ? "power-loss" : "process-crash",
                options.max_live_actors, st.system->scheduler().num_workers());
-  spdlog::info("supervision tree:\n{}", result->supervision_tree());
+  spdlog::info("supervision tree:\n{}", render_tree(*tree));
   return result;
 }
 
 caf::actor_system& node::system() { return *impl_->system; }
+storage::database& node::database() { return *impl_->db; }
 storage::state_store& node::store() { return *impl_->store; }
-const directory& node::actors() const { return impl_->actors; }
 const node_options& node::options() const { return impl_->options; }
 uint16_t node::listen_port() const { return impl_->port; }
 void node::set_listen_port(uint16_t port) { impl_->port = port; }
+caf::actor node::directory_proxy() const { return impl_->proxy; }
+caf::actor node::root_supervisor() const { return impl_->root; }
 
-std::string node::supervision_tree() const {
-  std::string out = "triplane.node\n";
-  out += "  directory (" + std::to_string(impl_->actors.shards().size()) + " shards; kinds:";
-  for (auto& name : impl_->kind_names) out += " " + name;
-  out += ")\n";
-  return out;
+directory node::actors() const {
+  std::lock_guard<std::mutex> guard{impl_->mutex};
+  return impl_->actors;
+}
+
+std::string node::supervision_tree(std::chrono::milliseconds timeout) const {
+  auto tree = fetch_tree(*impl_->system, impl_->root, timeout);
+  if (!tree) return "(supervision tree unavailable: " + describe(tree.error()) + ")";
+  return render_tree(*tree);
 }
 
 expected<uint64_t> node::shutdown(std::chrono::milliseconds deadline) {
@@ -81,12 +153,27 @@ expected<uint64_t> node::shutdown(std::chrono::milliseconds deadline) {
   st.stopped = true;
   expected<uint64_t> drained = uint64_t{0};
   if (st.system) {
-    drained = st.actors.stop(*st.system, deadline);
+    if (st.root) {
+      // Passivate every live actor first (their state reaches the store), then stop the tree
+      // (children in reverse order, each within its shutdown timeout).
+      drained = actors().drain(*st.system, deadline);
+      caf::scoped_actor self{*st.system};
+      self->send_exit(st.proxy, caf::exit_reason::user_shutdown);
+      self->send_exit(st.root, caf::exit_reason::user_shutdown);
+      self->wait_for(st.root);
+      st.root = nullptr;
+      st.proxy = nullptr;
+    }
+    {
+      std::lock_guard<std::mutex> guard{st.mutex};
+      st.actors = directory{};
+    }
     st.system.reset();  // waits for every actor to finish
   }
-  if (st.store) {
-    if (auto err = st.store->flush()) spdlog::error("flushing the store at shutdown: {}", describe(err));
-    st.store.reset();
+  st.store.reset();
+  if (st.db) {
+    if (auto err = st.db->flush()) spdlog::error("flushing the store at shutdown: {}", describe(err));
+    st.db.reset();
   }
   return drained;
 }

@@ -93,8 +93,13 @@ public:
   static expected<directory> start(caf::actor_system& system, storage::state_store& store,
                                    std::vector<kind_spec> kinds, directory_options options);
 
-  /// Stops every actor of the directory after passivating all live activations; waits up to
-  /// `deadline`. Returns the number passivated, or timeout.
+  /// Passivates every live activation (pinned ones included) and refuses new calls with
+  /// errc::unavailable from then on; waits up to `deadline`. Returns the number passivated, or
+  /// timeout. The directory's actors keep running (their owner stops them).
+  expected<uint64_t> drain(caf::actor_system& system, std::chrono::milliseconds deadline) const;
+
+  /// drain(), then stops every actor of the directory (for directories started without a
+  /// supervisor, e.g. in tests).
   expected<uint64_t> stop(caf::actor_system& system, std::chrono::milliseconds deadline);
 
 private:
