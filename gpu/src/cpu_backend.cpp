@@ -54,15 +54,6 @@ struct rank_state {
   std::vector<float> x, h, qkv, attn, proj, gate_up, act, logits_local;
 };
 
-// The flattened tokens of one step.
-struct step_tokens {
-  std::vector<int32_t> ids;
-  std::vector<int64_t> positions;
-  std::vector<int64_t> slots;
-  std::vector<size_t> sequence;          // index into plan for each token
-  std::vector<int64_t> output_rows;      // token indices whose logits are returned, in order
-};
-
 class cpu_backend final : public backend {
 public:
   cpu_backend(model_config config, const backend_options& options)
@@ -146,63 +137,32 @@ public:
 
   expected<std::vector<step_logits>> forward(const std::vector<step_item>& items) override {
     if (items.empty()) return std::vector<step_logits>{};
-    std::vector<sequence_id> ids;
-    std::vector<int64_t> counts;
-    for (const auto& item : items) {
-      const std::string who = "sequence " + std::to_string(item.sequence);
-      if (item.tokens.empty()) return make_error(errc::invalid_argument, who + ": no tokens in step");
-      for (auto t : item.tokens)
-        if (t < 0 || t >= config_.vocab_size)
-          return make_error(errc::invalid_argument, who + ": token id " + std::to_string(t) + " outside [0, " +
-                                                        std::to_string(config_.vocab_size) + ")");
-      int64_t len = blocks_.length(item.sequence);
-      if (len < 0) return make_error(errc::not_found, who + " is not registered");
-      if (len + static_cast<int64_t>(item.tokens.size()) > config_.max_position_embeddings)
-        return make_error(errc::limit_exceeded, who + ": " + std::to_string(len + item.tokens.size()) +
-                                                    " tokens exceed max_position_embeddings " +
-                                                    std::to_string(config_.max_position_embeddings));
-      ids.push_back(item.sequence);
-      counts.push_back(static_cast<int64_t>(item.tokens.size()));
-    }
-    auto plan = blocks_.plan(ids, counts);
-    if (!plan) return plan.error();
-
-    step_tokens st;
-    for (size_t i = 0; i < items.size(); ++i) {
-      const auto& p = (*plan)[i];
-      for (int64_t t = 0; t < p.num_tokens; ++t) {
-        if (items[i].all_logits || t == p.num_tokens - 1)
-          st.output_rows.push_back(static_cast<int64_t>(st.ids.size()));
-        st.ids.push_back(items[i].tokens[static_cast<size_t>(t)]);
-        st.positions.push_back(p.start_position + t);
-        st.slots.push_back(p.slots[static_cast<size_t>(t)]);
-        st.sequence.push_back(i);
+    auto step = prepare_step(config_, blocks_, items);
+    if (!step) return step.error();
+    std::vector<float> logits(step->output_tokens.size() * static_cast<size_t>(config_.vocab_size));
+    std::vector<caf::error> rank_errors(static_cast<size_t>(tp_));
+    rank_pool_->run_on_each([&](int r) {
+      rank_errors[static_cast<size_t>(r)] = run_rank(*ranks_[static_cast<size_t>(r)], *step, logits);
+    });
+    for (auto& err : rank_errors)
+      if (err) {
+        // The cache slots of this step hold partial data, but lengths did not advance, so
+        // nothing reads them; the blocks go back to the pool.
+        blocks_.rollback(step->plan);
+        return std::move(err);
       }
-    }
-    std::vector<float> logits(st.output_rows.size() * static_cast<size_t>(config_.vocab_size));
-    rank_pool_->run_on_each([&](int r) { run_rank(*ranks_[static_cast<size_t>(r)], *plan, st, logits); });
-    blocks_.commit(*plan);
-
-    std::vector<step_logits> out(items.size());
-    size_t row = 0;
-    const auto vocab = static_cast<size_t>(config_.vocab_size);
-    for (size_t i = 0; i < items.size(); ++i) {
-      int64_t rows = items[i].all_logits ? static_cast<int64_t>(items[i].tokens.size()) : 1;
-      out[i].rows = rows;
-      out[i].values.assign(logits.begin() + static_cast<std::ptrdiff_t>(row * vocab),
-                           logits.begin() + static_cast<std::ptrdiff_t>((row + static_cast<size_t>(rows)) * vocab));
-      row += static_cast<size_t>(rows);
-    }
-    return out;
+    blocks_.commit(step->plan);
+    return split_logits(items, logits, config_.vocab_size);
   }
 
 private:
-  // One rank's share of the step (LlamaForCausalLM.forward). Rank 0 writes `logits`.
-  void run_rank(rank_state& R, const std::vector<planned_sequence>& plan, const step_tokens& st,
-                std::vector<float>& logits) {
+  // One rank's share of the step (LlamaForCausalLM.forward). Rank 0 writes `logits`. A failing
+  // collective ends the rank's work: the in-process one cannot fail, so the other ranks never wait
+  // on a rank that left (a device backend would abort its communicator instead).
+  caf::error run_rank(rank_state& R, const prepared_step& st, std::vector<float>& logits) {
     const auto& c = config_;
     const auto& s = R.shard;
-    const int64_t n = static_cast<int64_t>(st.ids.size());
+    const int64_t n = static_cast<int64_t>(st.token_ids.size());
     const int64_t hidden = c.hidden_size, hd = c.head_dim;
     const int64_t q_dim = s.q_heads * hd, kv_dim = s.kv_heads * hd;
     const int64_t qkv_dim = q_dim + 2 * kv_dim;
@@ -212,7 +172,7 @@ private:
     // LlamaModel.embed_tokens
     R.x.resize(sz(n * hidden));
     for (int64_t t = 0; t < n; ++t)
-      std::memcpy(R.x.data() + t * hidden, embed_.data() + int64_t{st.ids[sz(t)]} * hidden, sz(hidden) * sizeof(float));
+      std::memcpy(R.x.data() + t * hidden, embed_.data() + int64_t{st.token_ids[sz(t)]} * hidden, sz(hidden) * sizeof(float));
     R.h.resize(sz(n * hidden));
     R.qkv.resize(sz(n * qkv_dim));
     R.attn.resize(sz(n * q_dim));
@@ -234,9 +194,9 @@ private:
         std::memcpy(k_cache + st.slots[sz(t)] * kv_dim, row + q_dim, sz(kv_dim) * sizeof(float));
         std::memcpy(v_cache + st.slots[sz(t)] * kv_dim, row + q_dim + kv_dim, sz(kv_dim) * sizeof(float));
       }
-      attention(R, plan, st, k_cache, v_cache);
+      attention(R, st, k_cache, v_cache);
       cpu::matmul(R.attn.data(), L.o.data(), R.proj.data(), n, q_dim, hidden, *R.pool);
-      R.comm->all_reduce_sum(R.proj.data(), sz(n * hidden));
+      if (auto err = R.comm->all_reduce_sum(R.proj.data(), sz(n * hidden))) return err;
       for (int64_t i = 0; i < n * hidden; ++i) R.x[sz(i)] += R.proj[sz(i)];
       // post_attention_layernorm -> mlp (down(silu(gate) * up)) -> residual
       cpu::rms_norm(R.x.data(), L.post_norm.data(), R.h.data(), n, hidden, eps);
@@ -246,38 +206,38 @@ private:
         cpu::silu_mul(gu, gu + s.mlp_size, R.act.data() + t * s.mlp_size, s.mlp_size);
       }
       cpu::matmul(R.act.data(), L.down.data(), R.proj.data(), n, s.mlp_size, hidden, *R.pool);
-      R.comm->all_reduce_sum(R.proj.data(), sz(n * hidden));
+      if (auto err = R.comm->all_reduce_sum(R.proj.data(), sz(n * hidden))) return err;
       for (int64_t i = 0; i < n * hidden; ++i) R.x[sz(i)] += R.proj[sz(i)];
     }
 
     // LlamaModel.norm on the rows whose logits are wanted, then lm_head.
-    const auto rows = static_cast<int64_t>(st.output_rows.size());
+    const auto rows = static_cast<int64_t>(st.output_tokens.size());
     std::vector<float> selected(sz(rows * hidden));
     for (int64_t i = 0; i < rows; ++i)
-      std::memcpy(selected.data() + i * hidden, R.x.data() + st.output_rows[sz(i)] * hidden, sz(hidden) * sizeof(float));
+      std::memcpy(selected.data() + i * hidden, R.x.data() + st.output_tokens[sz(i)] * hidden, sz(hidden) * sizeof(float));
     std::vector<float> normed(selected.size());
     cpu::rms_norm(selected.data(), final_norm_.data(), normed.data(), rows, hidden, eps);
     const float* head = R.lm_head.empty() ? embed_.data() : R.lm_head.data();
     if (!s.vocab_split) {
       if (R.comm->rank() == 0) cpu::matmul(normed.data(), head, logits.data(), rows, hidden, c.vocab_size, *R.pool);
-      return;
+      return caf::none;
     }
     R.logits_local.resize(sz(rows * s.vocab_size));
     cpu::matmul(normed.data(), head, R.logits_local.data(), rows, hidden, s.vocab_size, *R.pool);
     // Gather [rank][rows][vocab/tp] and lay it out as [rows][vocab].
     std::vector<float> gathered(sz(tp_ * rows * s.vocab_size));
-    R.comm->all_gather(R.logits_local.data(), R.logits_local.size(), gathered.data());
-    if (R.comm->rank() != 0) return;
+    if (auto err = R.comm->all_gather(R.logits_local.data(), R.logits_local.size(), gathered.data())) return err;
+    if (R.comm->rank() != 0) return caf::none;
     for (int r = 0; r < tp_; ++r)
       for (int64_t i = 0; i < rows; ++i)
         std::memcpy(logits.data() + i * c.vocab_size + r * s.vocab_size,
                     gathered.data() + (r * rows + i) * s.vocab_size, sz(s.vocab_size) * sizeof(float));
+    return caf::none;
   }
 
   // Grouped-query causal attention of every new token over its sequence's cached positions
   // (eager_attention_forward: softmax(q k^T * head_dim^-0.5) v, in float32).
-  void attention(rank_state& R, const std::vector<planned_sequence>& plan, const step_tokens& st,
-                 const float* k_cache, const float* v_cache) {
+  void attention(rank_state& R, const prepared_step& st, const float* k_cache, const float* v_cache) {
     const auto& c = config_;
     const auto& s = R.shard;
     const int64_t hd = c.head_dim;
@@ -285,14 +245,14 @@ private:
     const int64_t group = c.num_heads / c.num_kv_heads;
     const int64_t bs = blocks_.block_size();
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    const auto n = static_cast<int64_t>(st.ids.size());
+    const auto n = static_cast<int64_t>(st.token_ids.size());
     R.pool->parallel_for(n * s.q_heads, [&](int64_t begin, int64_t end) {
       std::vector<float> scores;
       for (int64_t work = begin; work < end; ++work) {
         const int64_t t = work / s.q_heads, h = work % s.q_heads;
         const int64_t kvh = (s.q_head_begin + h) / group - s.kv_head_begin;
         const float* q = R.qkv.data() + t * qkv_dim + h * hd;
-        const auto& p = plan[st.sequence[static_cast<size_t>(t)]];
+        const auto& p = st.plan[static_cast<size_t>(st.item_of_token[static_cast<size_t>(t)])];
         const auto& table = *p.block_table;
         const int64_t context = st.positions[static_cast<size_t>(t)] + 1;  // causal: itself and before
         scores.resize(static_cast<size_t>(context));

@@ -2,6 +2,7 @@
 #include "triplane/gpu/generate.hpp"
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
@@ -79,7 +80,7 @@ std::string generate_usage() {
 namespace {
 
 bool parse_int(const std::string& s, int64_t min, int64_t max, int64_t& out) {
-  if (s.empty()) return false;
+  if (s.empty() || !(std::isdigit(static_cast<unsigned char>(s[0])) || s[0] == '-')) return false;
   errno = 0;
   char* end = nullptr;
   long long v = std::strtoll(s.c_str(), &end, 10);
@@ -89,7 +90,7 @@ bool parse_int(const std::string& s, int64_t min, int64_t max, int64_t& out) {
 }
 
 bool parse_float(const std::string& s, float& out) {
-  if (s.empty()) return false;
+  if (s.empty() || !(std::isdigit(static_cast<unsigned char>(s[0])) || s[0] == '-' || s[0] == '.')) return false;
   errno = 0;
   char* end = nullptr;
   float v = std::strtof(s.c_str(), &end);

@@ -12,10 +12,12 @@
 //  - Use kv_block_manager (kv_cache.hpp) for the block tables so both backends share one
 //    allocation policy: forward() calls plan(), runs the model writing K/V at the planned slots
 //    and attending over each sequence's block table, then commit(); on any failure rollback().
-//  - Tensor parallelism (Megatron): rank r holds q heads [r*H/tp, (r+1)*H/tp), the KV heads those
-//    query heads use, columns of gate/up [r*I/tp, ...), and the matching input columns of o_proj and
-//    down_proj; after o_proj and after down_proj an all_reduce_sum; the lm_head is split by vocab
-//    rows and all_gathered when vocab % tp == 0, else computed whole on every rank. Requirements:
+//  - Tensor parallelism (Megatron; see shard_for_rank): column-parallel q/k/v and gate/up (rank r
+//    holds the weight rows of query heads [r*H/tp, (r+1)*H/tp), of the KV heads those query heads
+//    use, and of intermediate features [r*I/tp, (r+1)*I/tp)); row-parallel o_proj and down_proj
+//    (the matching input columns); an all_reduce_sum after o_proj and after down_proj. Embedding
+//    and norms are replicated. The lm_head is split by vocab rows and all_gathered when
+//    vocab % tp == 0, else rank 0 computes it whole. Requirements:
 //    heads % tp == 0, intermediate % tp == 0, and kv_heads % tp == 0 (KV heads split) or
 //    tp % kv_heads == 0 (each KV head replicated on tp / kv_heads ranks).
 //  - Numerics: logits are float32. The reference is transformers in float32.
@@ -119,5 +121,27 @@ struct tp_shard {
 };
 /// Precondition: check_tensor_parallel(config, tp) succeeded, 0 <= rank < tp.
 tp_shard shard_for_rank(const model_config& config, int tp, int rank);
+
+/// A step flattened for a backend's kernels: every new token of every item, in item order, with
+/// its position and KV slot. Shared so that all backends validate and lay out steps alike.
+struct prepared_step {
+  std::vector<planned_sequence> plan;  ///< one per item, from kv_block_manager::plan
+  std::vector<int32_t> token_ids;      ///< [tokens]
+  std::vector<int64_t> positions;      ///< [tokens] position of each token in its sequence
+  std::vector<int64_t> slots;          ///< [tokens] KV slot to write (block * block_size + offset)
+  std::vector<int32_t> item_of_token;  ///< [tokens] index into plan / items
+  std::vector<int64_t> output_tokens;  ///< token indices whose logits are returned, in order
+};
+
+/// Validates `items` (see backend::forward) against the model and the cache, plans their KV
+/// slots, and flattens them. On success the caller must commit() or rollback() `plan` on
+/// `blocks`. Errors: invalid_argument (no tokens, token id out of range), not_found (unknown
+/// sequence), limit_exceeded (beyond max_position_embeddings), overloaded (pool exhausted).
+expected<prepared_step> prepare_step(const model_config& config, kv_block_manager& blocks,
+                                     const std::vector<step_item>& items);
+
+/// Splits the logits of `step.output_tokens` ([outputs, vocab] row-major) into per-item results.
+std::vector<step_logits> split_logits(const std::vector<step_item>& items, const std::vector<float>& logits,
+                                      int64_t vocab);
 
 } // namespace triplane::gpu

@@ -15,6 +15,8 @@ namespace triplane::gpu {
 /// same order with the same counts (a collective call blocks until all ranks have joined it).
 /// A handle is used by one thread at a time: the thread that runs its rank.
 /// Buffers are host memory for the CPU implementation and device memory for NCCL.
+/// An error means the group is unusable (a rank that fails leaves the others waiting unless the
+/// implementation aborts the whole group, as ncclCommAbort does); the backend then fails the step.
 class collective {
 public:
   virtual ~collective() = default;
