@@ -429,4 +429,18 @@ expected<runtime::child_factory> make_worker_factory(std::string model_dir, gpu:
   return make_worker_factory(load_model(std::move(model_dir), backend), std::move(options));
 }
 
+expected<runtime::child_spec> worker_child_spec(std::string id, std::string model_dir, gpu::backend_options backend,
+                                                worker_options options, std::chrono::milliseconds shutdown_timeout) {
+  if (id.empty()) return make_error(errc::invalid_argument, "inference worker child: empty id");
+  auto factory = make_worker_factory(std::move(model_dir), backend, std::move(options));
+  if (!factory) return factory.error();
+  runtime::child_spec spec;
+  spec.id = std::move(id);
+  spec.start = std::move(*factory);
+  spec.restart = runtime::restart_type::permanent;
+  spec.shutdown_timeout = shutdown_timeout;
+  spec.kind = runtime::child_kind::worker;
+  return spec;
+}
+
 } // namespace triplane::actors::inference

@@ -644,12 +644,14 @@ TEST_CASE("a failed step fails its requests and the supervisor restarts the work
   faulty.fail_at = 6;  // the 6th forward of the faulty worker, mid-generation
   faulty.delay = 1ms;
   auto faulty_factory = make_worker_factory(test_maker(faulty), default_worker());
-  auto healthy_factory = make_worker_factory(model_dir, cpu_options(), worker_options{});
-  REQUIRE((faulty_factory && healthy_factory));
+  auto healthy_spec = worker_child_spec("healthy", model_dir, cpu_options(), worker_options{});
+  REQUIRE((faulty_factory && healthy_spec));
+  CHECK(healthy_spec->restart == runtime::restart_type::permanent);
+  CHECK(code_of(worker_child_spec("", model_dir, cpu_options(), worker_options{}).error()) == errc::invalid_argument);
   runtime::supervisor_spec spec;
   spec.flags.name = "inference";
   spec.children.push_back(runtime::child_spec{"faulty", *faulty_factory});
-  spec.children.push_back(runtime::child_spec{"healthy", *healthy_factory});
+  spec.children.push_back(*healthy_spec);
   auto sup = runtime::spawn_supervisor(sys, spec);
   REQUIRE(sup);
   auto lookup = [&](const std::string& id) {

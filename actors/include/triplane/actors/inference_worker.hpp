@@ -87,6 +87,14 @@ expected<runtime::child_factory> make_worker_factory(std::string model_dir, gpu:
 /// The same with any backend maker (a test wrapper around a real backend, a preloaded model).
 expected<runtime::child_factory> make_worker_factory(backend_maker make_backend, worker_options options);
 
+/// A permanent child spec named `id` running make_worker_factory(model_dir, backend, options), for a
+/// node's or an inference supervisor's children. The shutdown timeout covers finishing the current
+/// engine step (or model load) before the worker exits. Errors: make_worker_factory's, and
+/// invalid_argument for an empty id.
+expected<runtime::child_spec> worker_child_spec(std::string id, std::string model_dir, gpu::backend_options backend,
+                                                worker_options options,
+                                                std::chrono::milliseconds shutdown_timeout = std::chrono::seconds(30));
+
 /// The blocks a request with `tokens` of context occupies in a pool of `block_size`-token blocks.
 int64_t kv_blocks_for(int64_t tokens, int64_t block_size);
 
