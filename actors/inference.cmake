@@ -21,6 +21,8 @@ if(TRIPLANE_BUILD_TESTS)
       LABELS inference)
     target_include_directories(inference_${test_name} PRIVATE ${CMAKE_CURRENT_LIST_DIR}/src/inference)
     target_compile_definitions(inference_${test_name} PRIVATE
-      TRIPLANE_FIXTURES_DIR="${TRIPLANE_FIXTURES_DIR}")
+      TRIPLANE_FIXTURES_DIR="${TRIPLANE_FIXTURES_DIR}"
+      TRIPLANE_GENERATE_EXE="$<TARGET_FILE:triplane-generate>")
+    add_dependencies(inference_${test_name} triplane-generate)
   endforeach()
 endif()

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
 #include <map>
 #include <thread>
 
@@ -132,6 +133,27 @@ std::vector<int32_t> run_alone(const std::vector<int32_t>& prompt, int64_t max_n
   return out->tokens;
 }
 
+// What the `triplane generate` command prints for a greedy run.
+std::vector<int32_t> run_generate_command(const std::vector<int32_t>& prompt, int64_t max_new) {
+  std::string cmd = std::string(TRIPLANE_GENERATE_EXE) + " --model " + model_dir + " --threads 1 --max-new-tokens " +
+                    std::to_string(max_new) + " --tokens ";
+  for (size_t i = 0; i < prompt.size(); ++i) cmd += (i ? "," : "") + std::to_string(prompt[i]);
+  std::string out;
+  FILE* p = ::popen(cmd.c_str(), "r");
+  REQUIRE(p != nullptr);
+  char buf[4096];
+  while (std::fgets(buf, sizeof buf, p)) out += buf;
+  REQUIRE(::pclose(p) == 0);
+  std::vector<int32_t> ids;
+  size_t pos = 0;
+  while (pos < out.size() && out[pos] != '\n') {
+    size_t end = out.find_first_of(",\n", pos);
+    ids.push_back(static_cast<int32_t>(std::stol(out.substr(pos, end - pos))));
+    pos = end + (out[end] == ',' ? 1 : 0);
+  }
+  return ids;
+}
+
 std::vector<int32_t> random_prompt(size_t n, uint32_t seed) {
   std::vector<int32_t> out;
   uint32_t x = seed * 2654435761u + 1;
@@ -256,6 +278,7 @@ TEST_CASE("greedy tokens streamed by the worker equal the reference continuation
     for (int64_t i = 0; i < 12; ++i) want_indices[static_cast<size_t>(i)] = i;
     CHECK(got.indices == want_indices);
     CHECK(got.tokens == run_alone(e.ids, 12));
+    CHECK(got.tokens == run_generate_command(e.ids, 12));
     // Against transformers: equal up to the first near-tie (the README's prompt 0 has one).
     for (size_t i = 0; i < e.greedy.size(); ++i) {
       INFO("step " << i << " margin " << e.margin[i]);
