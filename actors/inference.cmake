@@ -26,3 +26,12 @@ if(TRIPLANE_BUILD_TESTS)
     add_dependencies(inference_${test_name} triplane-generate)
   endforeach()
 endif()
+
+# The serving benchmark (source in bench/, like every benchmark; declared here so that
+# bench/CMakeLists.txt needs no change).
+if(TRIPLANE_BUILD_BENCH)
+  add_executable(bench_inference_serving ${PROJECT_SOURCE_DIR}/bench/inference_serving_bench.cpp)
+  target_include_directories(bench_inference_serving PRIVATE ${PROJECT_SOURCE_DIR}/bench)
+  target_link_libraries(bench_inference_serving PRIVATE triplane::inference_serving CAF::core)
+  target_compile_definitions(bench_inference_serving PRIVATE TRIPLANE_FIXTURES_DIR="${TRIPLANE_FIXTURES_DIR}")
+endif()
