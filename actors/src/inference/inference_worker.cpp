@@ -268,17 +268,19 @@ caf::result<generate_accepted> admit(worker_actor* self, generate_request& req) 
     admitted.id = st.next_id++;
     admitted.reserved_blocks = need;
     admitted.accepted_at = steady_clock::now();
-    auto sink = req.sink.address();
-    admitted.request = std::move(req);
+    admitted.request = req;  // copy: the sink handle is kept below
     link.submitted.push_back(std::move(admitted));
-    auto& mine = st.requests_of[sink];
-    if (mine.empty()) self->monitor(link.submitted.back().request.sink);
-    mine.push_back(link.submitted.back().id);
-    st.sink_of.emplace(link.submitted.back().id, sink);
   }
   st.link->wake.notify_one();
+  // The engine's end-of-request message (done_atom) is handled after this handler returns, so the
+  // bookkeeping below is in place before it can arrive.
+  const uint64_t id = st.next_id - 1;
+  auto& mine = st.requests_of[req.sink.address()];
+  if (mine.empty()) self->monitor(req.sink);
+  mine.push_back(id);
+  st.sink_of.emplace(id, req.sink.address());
   ++st.accepted;
-  return generate_accepted{st.next_id - 1};
+  return generate_accepted{id};
 }
 
 void request_cancel(worker_actor* self, uint64_t id) {

@@ -740,6 +740,8 @@ TEST_CASE("the node stays responsive while the engine runs long steps", "[infere
   auto id = submit(self, worker, make_request(random_prompt(10, 51), 20, self));
   REQUIRE(id);
   self->receive([](token_event&) {}, caf::after(std::chrono::seconds(30)) >> [] { FAIL("no token"); });
+  // Stats are as of the last finished step: wait until they show the request.
+  REQUIRE(wait_for_stats(self, worker, [](const worker_stats& x) { return x.running == 1; }).running == 1);
   int64_t worst_us = 0;
   for (int i = 0; i < 20; ++i) {
     auto t0 = steady_clock::now();
