@@ -100,10 +100,43 @@ void publish(engine_link& link, const continuous_batcher& batcher, const gpu::ba
   link.counters = batcher.counters();
 }
 
+// Runs when the engine thread ends, whatever the path: from then on the actor refuses new requests
+// (stopping), and requests it accepted that the engine never took still get their final message.
+class link_closer {
+public:
+  explicit link_closer(engine_link& link) : link_(link) {}
+  link_closer(const link_closer&) = delete;
+  link_closer& operator=(const link_closer&) = delete;
+  ~link_closer() {
+    std::vector<admitted_request> orphans;
+    {
+      std::lock_guard<std::mutex> guard(link_.mutex);
+      link_.stopping = true;
+      orphans.swap(link_.submitted);
+      link_.cancels.clear();
+    }
+    for (auto& r : orphans) {
+      generation_finished f;
+      f.request_id = r.id;
+      f.reason = finish_reason::error;
+      f.error_code = errc::unavailable;
+      f.error_message = "the inference worker stopped before the request started; retry";
+      f.prompt_tokens = static_cast<int64_t>(r.request.prompt.size());
+      f.total_us = std::chrono::duration_cast<std::chrono::microseconds>(steady_clock::now() - r.accepted_at).count();
+      f.queued_us = f.total_us;
+      caf::anon_send(r.request.sink, f);
+    }
+  }
+
+private:
+  engine_link& link_;
+};
+
 // The engine thread: loads the model, then steps until stopped or a step fails. Owns the backend
 // and the batcher; `worker` is released when the thread ends.
 void run_engine(std::shared_ptr<engine_link> link, backend_maker make_backend,
                 worker_options options, caf::actor worker) {
+  link_closer closer(*link);
   std::unique_ptr<gpu::backend> engine;
   try {
     auto made = make_backend();
@@ -115,6 +148,9 @@ void run_engine(std::shared_ptr<engine_link> link, backend_maker make_backend,
   } catch (const std::exception& e) {
     caf::anon_send(worker, failed_atom::value,
                    make_error(errc::internal, std::string("loading the model threw: ") + e.what()));
+    return;
+  } catch (...) {
+    caf::anon_send(worker, failed_atom::value, make_error(errc::internal, "loading the model threw"));
     return;
   }
   if (!engine) {
