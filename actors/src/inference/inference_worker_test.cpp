@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstdio>
 #include <map>
+#include <random>
 #include <thread>
 
 #include <caf/all.hpp>
@@ -656,6 +657,97 @@ TEST_CASE("a request that outgrows the whole KV pool alone ends with overloaded 
   // Still serving.
   auto small = generate_one(self, worker, make_request(random_prompt(5, 62), 3, self));
   CHECK(small.end.reason == finish_reason::length);
+  stop(self, worker);
+}
+
+TEST_CASE("under a mixed load with cancels and preemptions every request ends exactly once and the pool drains", "[inference][worker][stress]") {
+  system_config cfg;
+  caf::actor_system sys{cfg};
+  caf::scoped_actor self{sys};
+  test_backend_spec spec;
+  spec.kv_bytes = 32 * fixture_block_bytes;  // 512 token slots: admission refusals and preemptions
+  auto opts = default_worker();
+  opts.step_token_budget = 32;
+  opts.max_running = 6;
+  opts.max_queued = 8;
+  opts.decode_reserve_tokens = 4;
+  auto worker = spawn_worker(sys, test_maker(spec), opts);
+  std::mt19937 rng(1234);
+  struct job {
+    std::vector<int32_t> prompt;
+    int64_t max_new = 0;
+  };
+  std::map<uint64_t, job> accepted;
+  std::map<uint64_t, stream> streams;
+  int64_t refused = 0;
+  auto drain = [&] {  // takes whatever stream messages are there now
+    bool more = true;
+    while (more)
+      self->receive(
+          [&](token_event& ev) {
+            auto& s = streams[ev.request_id];
+            CHECK_FALSE(s.finished);
+            s.tokens.push_back(ev.token);
+            s.indices.push_back(ev.index);
+          },
+          [&](generation_finished& f) {
+            auto& s = streams[f.request_id];
+            CHECK_FALSE(s.finished);  // exactly one final message
+            s.finished = true;
+            s.end = f;
+          },
+          caf::after(std::chrono::milliseconds(0)) >> [&] { more = false; });
+  };
+  for (int i = 0; i < 60; ++i) {
+    job j{random_prompt(1 + rng() % 40, 100 + static_cast<uint32_t>(i)), 1 + static_cast<int64_t>(rng() % 150)};
+    auto id = submit(self, worker, make_request(j.prompt, j.max_new, self));
+    if (id) {
+      accepted[*id] = j;
+    } else {
+      CHECK(code_of(id.error()) == errc::overloaded);
+      ++refused;
+    }
+    if (id && rng() % 4 == 0)  // cancel some, at once or a little later
+      self->request(worker, caf::duration{10s}, cancel_atom::value, *id)
+          .receive([](caf::ok_atom) {}, [](caf::error& e) { CHECK(code_of(e) == errc::not_found); });
+    std::this_thread::sleep_for(std::chrono::milliseconds(rng() % 8));
+    drain();
+  }
+  size_t unfinished = 0;
+  for (auto& [id, j] : accepted) unfinished += streams[id].finished ? 0 : 1;
+  collect(self, streams, accepted.size());
+  INFO(accepted.size() << " accepted, " << refused << " refused");
+  CHECK(accepted.size() >= 10);
+  CHECK(refused >= 1);
+  size_t checked = 0;
+  for (auto& [id, j] : accepted) {
+    auto& s = streams[id];
+    INFO("request " << id << ": prompt " << j.prompt.size() << ", max_new " << j.max_new);
+    REQUIRE(s.finished);
+    CHECK(static_cast<int64_t>(s.tokens.size()) == s.end.generated_tokens);
+    for (size_t k = 0; k < s.indices.size(); ++k) CHECK(s.indices[k] == static_cast<int64_t>(k));
+    auto alone = run_alone(j.prompt, j.max_new);
+    if (s.end.reason == finish_reason::length) {
+      CHECK(s.tokens == alone);
+      ++checked;
+    } else {
+      CHECK(((s.end.reason == finish_reason::cancelled) ||
+             (s.end.reason == finish_reason::error && s.end.error_code == errc::overloaded)));
+      CHECK(s.tokens == std::vector<int32_t>(alone.begin(), alone.begin() + static_cast<long>(s.tokens.size())));
+    }
+  }
+  CHECK(checked >= 5);
+  (void)unfinished;
+  auto st = wait_for_stats(self, worker, [](const worker_stats& x) { return x.running == 0 && x.queued == 0; });
+  WARN("stress: " << accepted.size() << " accepted, " << refused << " refused, " << st.preemptions
+                  << " preemptions, " << st.requests_cancelled << " cancelled, " << st.steps << " steps");
+  CHECK(st.running == 0);
+  CHECK(st.queued == 0);
+  CHECK(st.kv_blocks_free == st.kv_blocks_total);
+  CHECK(st.kv_blocks_reserved == 0);
+  CHECK(st.requests_accepted == accepted.size());
+  CHECK(st.requests_rejected == static_cast<uint64_t>(refused));
+  CHECK(st.requests_completed + st.requests_cancelled + st.requests_failed == accepted.size());
   stop(self, worker);
 }
 
