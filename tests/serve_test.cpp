@@ -4,6 +4,7 @@
 
 #include <csignal>
 #include <filesystem>
+#include <algorithm>
 #include <fstream>
 
 #include "child_process.hpp"
@@ -119,4 +120,15 @@ TEST_CASE("a second node on the same data directory is refused while the first r
   first.signal(SIGTERM);
   CHECK(first.wait(20s) == 0);
   std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("triplane generate runs the engine and prints the generated ids", "[generate]") {
+  std::string model = std::string{TRIPLANE_FIXTURES_DIR} + "/llama/tiny-llama-f32";
+  child_process gen({TRIPLANE_BINARY, "generate", "--model", model, "--tokens", "1,2,3", "--max-new-tokens", "5"});
+  REQUIRE(gen.wait(60s) == 0);
+  auto line = gen.out().substr(0, gen.out().find('\n'));
+  CHECK(std::count(line.begin(), line.end(), ',') == 4);
+  child_process bad({TRIPLANE_BINARY, "generate", "--model", "/nonexistent", "--tokens", "1"});
+  CHECK(bad.wait(60s) != 0);
+  CHECK(bad.err().find("/nonexistent") != std::string::npos);
 }

@@ -3,7 +3,10 @@
 #include <string>
 #include <vector>
 
+#include <iostream>
+
 #include "serve.hpp"
+#include "triplane/gpu/generate.hpp"
 
 namespace {
 
@@ -11,6 +14,7 @@ const char* usage = R"(Usage: triplane COMMAND [OPTIONS]
 
 Commands:
   serve      run a node (triplane serve --help)
+  generate   run the inference engine on a model directory (triplane generate --help)
   version    print the version
 
 Run `triplane COMMAND --help` for a command's options.
@@ -26,6 +30,7 @@ int main(int argc, char** argv) {
   std::string command = argv[1];
   std::vector<std::string> args(argv + 2, argv + argc);
   if (command == "serve") return triplane::app::run_serve(args);
+  if (command == "generate") return triplane::gpu::run_generate_command(args, std::cout, std::cerr);
   if (command == "version" || command == "--version") {
     std::puts("triplane 0.1.0");
     return 0;

@@ -10,6 +10,8 @@
 #include <caf/io/all.hpp>
 #include <spdlog/spdlog.h>
 
+#include "triplane/actors/session_host.hpp"
+#include "triplane/actors/session_types.hpp"
 #include "triplane/runtime/node.hpp"
 #include "triplane/runtime/logging.hpp"
 #include "triplane/runtime/node_config.hpp"
@@ -44,7 +46,25 @@ int run_serve(const std::vector<std::string>& args) {
   sigaddset(&shutdown_signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &shutdown_signals, nullptr);
 
-  auto node = runtime::node::start(config, *options);
+  actors::add_session_message_types(config);
+  runtime::register_supervision_types(config);
+
+  // Planes that live beside the node core; declared before the node so they outlive it (the
+  // node passivates their actors while stopping).
+  std::unique_ptr<actors::session_host> sessions;
+  auto make_planes = [&](runtime::node& n) -> expected<std::vector<runtime::node::plane>> {
+    actors::session_host_options session_options;
+    session_options.workspaces_dir = (std::filesystem::path{options->data_dir} / "workspaces").string();
+    session_options.durability = options->durability;
+    session_options.idle_timeout = options->idle_timeout;
+    auto host = actors::session_host::create(n.database(), session_options);
+    if (!host) return std::move(host.error());
+    sessions = std::move(*host);
+    runtime::node::plane session_plane;
+    session_plane.kinds.push_back(sessions->kind());
+    return std::vector<runtime::node::plane>{std::move(session_plane)};
+  };
+  auto node = runtime::node::start(config, *options, actors::session_host::column_families(), make_planes);
   if (!node) {
     spdlog::critical("node failed to start: {}", describe(node.error()));
     return 1;

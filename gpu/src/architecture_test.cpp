@@ -90,3 +90,27 @@ TEST_CASE("one KV head shared by all query heads equals copies of it per head", 
   CHECK(max_abs_diff(prompt_logits(*open_dir(mqa, tp), ids), reference) <= 1e-5f * value_range(reference));
   CHECK(max_abs_diff(prompt_logits(*open_dir(mha, tp), ids), reference) <= 1e-5f * value_range(reference));
 }
+
+TEST_CASE("a vocabulary the ranks cannot split evenly gives the single-rank logits", "[architecture]") {
+  const bool tied = GENERATE(false, true);
+  INFO("tied " << tied);
+  temp_dir dir;
+  std::vector<std::pair<std::string, std::string>> fields = {{"vocab_size", "383"}};
+  if (tied) fields.push_back({"tie_word_embeddings", "true"});
+  write_variant(dir, fields, [&](std::vector<tensor_to_write>& t) {
+    for (auto& x : t)
+      if (x.name == "model.embed_tokens.weight" || x.name == "lm_head.weight") {
+        x.shape = {383, 128};
+        x.data.resize(383 * 128 * 4);
+      }
+    if (tied)
+      t.erase(std::remove_if(t.begin(), t.end(), [](const tensor_to_write& x) { return x.name == "lm_head.weight"; }),
+              t.end());
+  });
+  const auto ids = load_expected("tiny-llama-f32")[1].ids;
+  auto reference = prompt_logits(*open_dir(dir, 1), ids);
+  REQUIRE(reference.size() == ids.size() * 383);
+  const int tp = GENERATE(2, 4);
+  INFO("tp " << tp);
+  CHECK(max_abs_diff(prompt_logits(*open_dir(dir, tp), ids), reference) <= 1e-5f * value_range(reference));
+}

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <new>
 #include <thread>
 
 #include "cpu_kernels.hpp"
@@ -46,7 +47,7 @@ struct layer_shard {
 struct rank_state {
   tp_shard shard;
   std::vector<layer_shard> layers;
-  std::vector<float> lm_head;        // [shard.vocab_size, hidden] (empty: use the shared one)
+  std::vector<float> lm_head;        // [shard.vocab_size, hidden]; empty: tied (use embed_) or unused
   std::vector<std::unique_ptr<float[]>> k_cache, v_cache;  // per layer: [slots, kv_heads, head_dim]
   std::unique_ptr<thread_pool> pool;
   std::unique_ptr<collective> comm;
@@ -110,8 +111,10 @@ public:
         append_block(get("mlp.down_proj.weight"), 0, hidden, s.mlp_begin, s.mlp_size, L.down);
         rank->layers.push_back(std::move(L));
       }
-      const bool share_head = !s.vocab_split && c.tie_word_embeddings;
-      if (!share_head) append_block(head, s.vocab_begin, s.vocab_size, 0, hidden, rank->lm_head);
+      // A split head: each rank its vocab rows. Unsplit: only rank 0 computes it, from its own
+      // copy or, when tied, from the shared embedding.
+      const bool needs_copy = s.vocab_split || (r == 0 && !c.tie_word_embeddings);
+      if (needs_copy) append_block(head, s.vocab_begin, s.vocab_size, 0, hidden, rank->lm_head);
       const size_t cache_floats = static_cast<size_t>(slots * s.kv_heads * hd);
       for (int64_t l = 0; l < c.num_layers; ++l) {
         rank->k_cache.emplace_back(new float[cache_floats]);
@@ -139,7 +142,17 @@ public:
     if (items.empty()) return std::vector<step_logits>{};
     auto step = prepare_step(config_, blocks_, items);
     if (!step) return step.error();
-    std::vector<float> logits(step->output_tokens.size() * static_cast<size_t>(config_.vocab_size));
+    // Allocate everything the step needs here, on the calling thread, so that running out of
+    // memory is an error for this step rather than an exception inside a rank thread.
+    std::vector<float> logits;
+    try {
+      logits.resize(step->output_tokens.size() * static_cast<size_t>(config_.vocab_size));
+      for (auto& rank : ranks_) reserve_scratch(*rank, static_cast<int64_t>(step->token_ids.size()));
+    } catch (const std::bad_alloc&) {
+      blocks_.rollback(step->plan);
+      return make_error(errc::overloaded, "cpu backend: out of memory for a step of " +
+                                              std::to_string(step->token_ids.size()) + " tokens");
+    }
     std::vector<caf::error> rank_errors(static_cast<size_t>(tp_));
     rank_pool_->run_on_each([&](int r) {
       rank_errors[static_cast<size_t>(r)] = run_rank(*ranks_[static_cast<size_t>(r)], *step, logits);
@@ -156,6 +169,19 @@ public:
   }
 
 private:
+  void reserve_scratch(rank_state& R, int64_t n) {
+    const auto& s = R.shard;
+    const int64_t hidden = config_.hidden_size, hd = config_.head_dim;
+    const auto size = [](int64_t v) { return static_cast<size_t>(v); };
+    R.x.resize(size(n * hidden));
+    R.h.resize(size(n * hidden));
+    R.qkv.resize(size(n * (s.q_heads + 2 * s.kv_heads) * hd));
+    R.attn.resize(size(n * s.q_heads * hd));
+    R.proj.resize(size(n * hidden));
+    R.gate_up.resize(size(n * 2 * s.mlp_size));
+    R.act.resize(size(n * s.mlp_size));
+  }
+
   // One rank's share of the step (LlamaForCausalLM.forward). Rank 0 writes `logits`. A failing
   // collective ends the rank's work: the in-process one cannot fail, so the other ranks never wait
   // on a rank that left (a device backend would abort its communicator instead).
@@ -170,15 +196,8 @@ private:
     auto sz = [](int64_t v) { return static_cast<size_t>(v); };
 
     // LlamaModel.embed_tokens
-    R.x.resize(sz(n * hidden));
     for (int64_t t = 0; t < n; ++t)
       std::memcpy(R.x.data() + t * hidden, embed_.data() + int64_t{st.token_ids[sz(t)]} * hidden, sz(hidden) * sizeof(float));
-    R.h.resize(sz(n * hidden));
-    R.qkv.resize(sz(n * qkv_dim));
-    R.attn.resize(sz(n * q_dim));
-    R.proj.resize(sz(n * hidden));
-    R.gate_up.resize(sz(n * 2 * s.mlp_size));
-    R.act.resize(sz(n * s.mlp_size));
 
     for (int64_t l = 0; l < c.num_layers; ++l) {
       const auto& L = R.layers[sz(l)];
@@ -298,9 +317,15 @@ expected<std::unique_ptr<backend>> make_cpu_backend(const checkpoint& weights, c
   if (options.kv_block_size < 1 || options.kv_block_size > 4096)
     return make_error(errc::invalid_argument, "kv_block_size must be in [1, 4096]");
   if (options.threads < 0) return make_error(errc::invalid_argument, "threads must be >= 0");
-  auto b = std::make_unique<cpu_backend>(c, options);
-  if (auto err = b->init(weights, options)) return err;
-  return std::unique_ptr<backend>(std::move(b));
+  try {
+    auto b = std::make_unique<cpu_backend>(c, options);
+    if (auto err = b->init(weights, options)) return err;
+    return std::unique_ptr<backend>(std::move(b));
+  } catch (const std::bad_alloc&) {
+    return make_error(errc::limit_exceeded, weights.directory() + ": not enough memory for the float32 weights (" +
+                                                std::to_string(weights.weight_bytes()) + " bytes stored) plus a " +
+                                                std::to_string(options.kv_cache_bytes) + "-byte KV cache");
+  }
 }
 
 } // namespace triplane::gpu

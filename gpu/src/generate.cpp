@@ -72,6 +72,7 @@ std::string generate_usage() {
          "  --stop-tokens LIST     stop after emitting one of these ids\n"
          "  --threads N            CPU threads (default: all)\n"
          "  --kv-cache-mb N        KV cache budget per rank in MiB (default 256)\n"
+         "  --prefill-chunk N      prompt tokens per engine step (default: the whole prompt)\n"
          "  --dump-logits FILE     write the prompt's logits (F32 [T, vocab], tensor 'logits')\n"
          "  --help                 this text\n"
          "Prints the generated ids, comma-separated, on one line.\n";
@@ -170,6 +171,9 @@ int run_generate_command(const std::vector<std::string>& args, std::ostream& out
     } else if (flag == "--kv-cache-mb") {
       if (!parse_int(value, 1, int64_t{1} << 20, n)) return bad_value("expected an integer in [1, 1048576]");
       options.kv_cache_bytes = n << 20;
+    } else if (flag == "--prefill-chunk") {
+      if (!parse_int(value, 1, 1 << 24, n)) return bad_value("expected an integer >= 1");
+      request.prefill_chunk = n;
     } else if (flag == "--dump-logits") {
       dump_path = value;
     } else {

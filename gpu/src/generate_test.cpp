@@ -34,8 +34,13 @@ TEST_CASE("generate prints the greedy continuation and dumps the prompt logits",
   const auto e = load_expected("tiny-llama-f32")[2];
   temp_dir dir;
   const int tp = GENERATE(1, 2);
-  auto r = run({"--model", fixture_dir("tiny-llama-f32"), "--tokens", join(e.ids), "--max-new-tokens", "12", "--tp",
-                std::to_string(tp), "--dump-logits", dir.file("logits.safetensors")});
+  const std::string chunk = GENERATE(as<std::string>{}, "0", "5");  // 0: whole prompt
+  INFO("tp " << tp << " prefill chunk " << chunk);
+  std::vector<std::string> args = {"--model", fixture_dir("tiny-llama-f32"), "--tokens", join(e.ids),
+                                   "--max-new-tokens", "12", "--tp", std::to_string(tp),
+                                   "--dump-logits", dir.file("logits.safetensors")};
+  if (chunk != "0") args.insert(args.end(), {"--prefill-chunk", chunk});
+  auto r = run(args);
   INFO(r.err);
   REQUIRE(r.code == 0);
   CHECK(r.out == join(e.greedy) + "\n");
@@ -54,11 +59,17 @@ TEST_CASE("the generate executable runs and refuses a CUDA backend it does not h
   const std::string exe = TRIPLANE_GENERATE_EXE;
   const std::string model = fixture_dir("tiny-llama-f32");
   CHECK(std::system((exe + " --model " + model + " --tokens 195 --max-new-tokens 3 > /dev/null").c_str()) == 0);
-  int status = std::system((exe + " --model " + model + " --tokens 195 --backend cuda 2> /dev/null").c_str());
-  CHECK(status != 0);
   auto r = run({"--model", model, "--tokens", "195", "--backend", "cuda"});
+  if (r.code == 0) {
+    WARN("a usable GPU is present: the CUDA backend ran, so there is no refusal to check here");
+    return;
+  }
   CHECK(r.code == 1);
-  CHECK(r.err.find("CUDA backend is not part of this build") != std::string::npos);
+  // Without CUDA in the build, or with it but no usable GPU on this machine.
+  bool explained = r.err.find("CUDA backend is not part of this build") != std::string::npos ||
+                   r.err.find("no usable GPU") != std::string::npos;
+  INFO(r.err);
+  CHECK(explained);
 }
 
 TEST_CASE("generate rejects bad flags with a usage message", "[generate]") {

@@ -2,6 +2,7 @@
 #include "json.hpp"
 
 #include <charconv>
+#include <unordered_set>
 #include <system_error>
 
 namespace triplane::gpu::json {
@@ -92,12 +93,13 @@ private:
       ++pos_;
       return true;
     }
+    std::unordered_set<std::string> keys;  // a hash set: headers may hold many thousand keys
     for (;;) {
       skip_ws();
       if (pos_ >= text_.size() || text_[pos_] != '"') return fail("expected a string key");
       std::string key;
       if (!parse_string(key)) return false;
-      if (out.find(key) != nullptr) return fail("duplicate key \"" + key + "\"");
+      if (!keys.insert(key).second) return fail("duplicate key \"" + key + "\"");
       skip_ws();
       if (pos_ >= text_.size() || text_[pos_] != ':') return fail("expected ':'");
       ++pos_;

@@ -102,3 +102,15 @@ TEST_CASE("a KV budget below one block is refused at construction", "[kv]") {
   REQUIRE(!b);
   CHECK(triplane::code_of(b.error()) == errc::invalid_argument);
 }
+
+TEST_CASE("a KV budget larger than memory is refused, not a crash", "[kv]") {
+  auto ckpt = checkpoint::open(fixture_dir("tiny-llama-f32"));
+  REQUIRE(ckpt);
+  backend_options opts;
+  opts.kv_cache_bytes = int64_t{1} << 42;  // 4 TiB: under the block-count cap, beyond any RAM
+  auto b = make_backend(**ckpt, opts);
+  REQUIRE(!b);
+  INFO(triplane::describe(b.error()));
+  CHECK(triplane::code_of(b.error()) == errc::limit_exceeded);
+  CHECK_THAT(triplane::describe(b.error()), Catch::Contains("not enough memory"));
+}

@@ -196,6 +196,7 @@ expected<std::unique_ptr<safetensors_file>> safetensors_file::open(const std::st
                                file->tensors_[cur.index].name + "' overlap");
     if (furthest == nullptr || cur.end > furthest->end) furthest = &cur;
   }
+  for (size_t i = 0; i < file->tensors_.size(); ++i) file->index_.emplace(file->tensors_[i].name, i);
   return file;
 }
 
@@ -204,9 +205,8 @@ safetensors_file::~safetensors_file() {
 }
 
 const tensor_view* safetensors_file::find(std::string_view name) const {
-  for (const auto& t : tensors_)
-    if (t.name == name) return &t;
-  return nullptr;
+  auto it = index_.find(std::string(name));
+  return it == index_.end() ? nullptr : &tensors_[it->second];
 }
 
 float bf16_to_f32(uint16_t bits) {

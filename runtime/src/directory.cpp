@@ -11,7 +11,6 @@
 // routed to it, so no message is lost or reordered across a passivation.
 #include "triplane/runtime/directory.hpp"
 
-#include <list>
 #include <unordered_map>
 
 #include <caf/all.hpp>
@@ -254,8 +253,11 @@ caf::behavior activation_host(caf::stateful_actor<host_state>* self, const kind_
 
 // -- the shard --------------------------------------------------------------------------------
 
-struct entry;
-using lru_list = std::list<entry*>;
+/// What only a passivating entry needs; allocated on demand to keep idle entries small.
+struct pending_work {
+  std::vector<std::pair<caf::response_promise, caf::message>> buffered;
+  std::vector<caf::response_promise> passivation_waiters;
+};
 
 struct entry {
   enum class phase : uint8_t { live, passivating };
@@ -264,10 +266,47 @@ struct entry {
   caf::actor host;
   phase state = phase::live;
   bool in_lru = false;
-  lru_list::iterator lru_position;
+  entry* lru_newer = nullptr;  ///< intrusive LRU links (no allocation per entry)
+  entry* lru_older = nullptr;
   clock_type::time_point last_routed;
-  std::vector<std::pair<caf::response_promise, caf::message>> buffered;
-  std::vector<caf::response_promise> passivation_waiters;
+  std::unique_ptr<pending_work> pending;
+
+  pending_work& work() {
+    if (!pending) pending = std::make_unique<pending_work>();
+    return *pending;
+  }
+};
+
+/// Live entries ordered by last use; intrusive, O(1) touch and removal.
+class lru_order {
+public:
+  size_t size() const { return size_; }
+  bool empty() const { return size_ == 0; }
+  entry* oldest() const { return oldest_; }
+
+  void push_newest(entry& e) {
+    e.lru_older = newest_;
+    e.lru_newer = nullptr;
+    if (newest_) newest_->lru_newer = &e;
+    newest_ = &e;
+    if (!oldest_) oldest_ = &e;
+    e.in_lru = true;
+    ++size_;
+  }
+
+  void remove(entry& e) {
+    if (!e.in_lru) return;
+    if (e.lru_newer) e.lru_newer->lru_older = e.lru_older; else newest_ = e.lru_older;
+    if (e.lru_older) e.lru_older->lru_newer = e.lru_newer; else oldest_ = e.lru_newer;
+    e.lru_newer = e.lru_older = nullptr;
+    e.in_lru = false;
+    --size_;
+  }
+
+private:
+  entry* newest_ = nullptr;
+  entry* oldest_ = nullptr;
+  size_t size_ = 0;
 };
 
 std::string make_key(const std::string& kind, const std::string& id) {
@@ -289,7 +328,7 @@ struct shard_state {
   std::chrono::milliseconds min_idle{0};
   std::unordered_map<std::string, entry> entries;
   std::unordered_map<caf::actor_addr, entry*> by_host;
-  lru_list lru;  ///< front = most recently used; only live entries
+  lru_order lru;  ///< only live entries
   directory_stats stats;
   bool draining = false;
   std::vector<caf::response_promise> drain_waiters;
@@ -300,20 +339,12 @@ using shard_actor = caf::stateful_actor<shard_state>;
 
 void touch(shard_state& st, entry& e) {
   e.last_routed = clock_type::now();
-  if (e.in_lru) {
-    st.lru.splice(st.lru.begin(), st.lru, e.lru_position);
-  } else {
-    st.lru.push_front(&e);
-    e.lru_position = st.lru.begin();
-    e.in_lru = true;
-  }
+  st.lru.remove(e);
+  st.lru.push_newest(e);
 }
 
 void leave_lru(shard_state& st, entry& e) {
-  if (e.in_lru) {
-    st.lru.erase(e.lru_position);
-    e.in_lru = false;
-  }
+  st.lru.remove(e);
 }
 
 void start_passivation(shard_actor* self, entry& e, bool force) {
@@ -338,7 +369,7 @@ void spawn_host(shard_actor* self, entry& e, const std::string& id) {
 void enforce_cap(shard_actor* self) {
   auto& st = self->state;
   while (st.lru.size() > st.max_live && !st.lru.empty()) {
-    entry* oldest = st.lru.back();
+    entry* oldest = st.lru.oldest();
     start_passivation(self, *oldest, false);
   }
 }
@@ -347,10 +378,10 @@ void sweep_idle(shard_actor* self) {
   auto& st = self->state;
   auto now = clock_type::now();
   std::vector<entry*> idle_entries;
-  for (auto i = st.lru.rbegin(); i != st.lru.rend(); ++i) {
-    auto idle = now - (*i)->last_routed;
-    if (idle < st.min_idle) break;  // the list is ordered by last use: the rest are younger
-    if (idle >= (*i)->kind->spec.idle_timeout) idle_entries.push_back(*i);
+  for (entry* e = st.lru.oldest(); e != nullptr; e = e->lru_newer) {
+    auto idle = now - e->last_routed;
+    if (idle < st.min_idle) break;  // ordered by last use: the rest are younger
+    if (idle >= e->kind->spec.idle_timeout) idle_entries.push_back(e);
   }
   for (entry* e : idle_entries) start_passivation(self, *e, false);
 }
@@ -401,22 +432,22 @@ caf::behavior directory_shard(shard_actor* self, std::shared_ptr<const kind_tabl
       ++st.stats.passivations;
       ++st.drained;
     }
-    for (auto& rp : e.passivation_waiters) rp.deliver(true);
-    e.passivation_waiters.clear();
+    auto pending = std::move(e.pending);
+    if (pending)
+      for (auto& rp : pending->passivation_waiters) rp.deliver(true);
     leave_lru(st, e);
-    if (!e.buffered.empty() && !st.draining) {
+    if (pending && !pending->buffered.empty() && !st.draining) {
       // Calls arrived while it passivated: activate again and hand them over in order.
       auto id = e.key->substr(e.kind->spec.name.size() + 1);
       spawn_host(self, e, id);
       touch(st, e);
-      auto pending = std::move(e.buffered);
-      e.buffered.clear();
-      for (auto& [rp, payload] : pending) rp.delegate(e.host, routed_atom::value, std::move(payload));
+      for (auto& [rp, payload] : pending->buffered) rp.delegate(e.host, routed_atom::value, std::move(payload));
       enforce_cap(self);
       return;
     }
-    for (auto& [rp, payload] : e.buffered)
-      rp.deliver(make_error(errc::unavailable, "the node is shutting down"));
+    if (pending)
+      for (auto& [rp, payload] : pending->buffered)
+        rp.deliver(make_error(errc::unavailable, "the node is shutting down"));
     auto key = *e.key;
     st.entries.erase(key);
     finish_drain_if_done(st);
@@ -442,7 +473,7 @@ caf::behavior directory_shard(shard_actor* self, std::shared_ptr<const kind_tabl
       }
       if (e.state == entry::phase::passivating) {
         auto rp = self->make_response_promise();
-        e.buffered.emplace_back(rp, std::move(payload));
+        e.work().buffered.emplace_back(rp, std::move(payload));
         return rp;
       }
       return self->delegate(e.host, routed_atom::value, std::move(payload));
@@ -452,7 +483,7 @@ caf::behavior directory_shard(shard_actor* self, std::shared_ptr<const kind_tabl
       auto found = st.entries.find(make_key(kind, id));
       if (found == st.entries.end()) return false;
       auto rp = self->make_response_promise<bool>();
-      found->second.passivation_waiters.emplace_back(rp);
+      found->second.work().passivation_waiters.emplace_back(rp);
       start_passivation(self, found->second, false);
       return rp;
     },
@@ -477,12 +508,11 @@ caf::behavior directory_shard(shard_actor* self, std::shared_ptr<const kind_tabl
         return;
       }
       e.state = entry::phase::live;
-      for (auto& rp : e.passivation_waiters) rp.deliver(false);
-      e.passivation_waiters.clear();
       touch(st, e);
-      auto pending = std::move(e.buffered);
-      e.buffered.clear();
-      for (auto& [rp, payload] : pending) rp.delegate(e.host, routed_atom::value, std::move(payload));
+      auto pending = std::move(e.pending);
+      if (!pending) return;
+      for (auto& rp : pending->passivation_waiters) rp.deliver(false);
+      for (auto& [rp, payload] : pending->buffered) rp.delegate(e.host, routed_atom::value, std::move(payload));
     },
     [self](ask_atom) {
       auto& st = self->state;

@@ -74,9 +74,10 @@ struct supervisor_state {
   uint64_t next_token = 1;
   bool shutting_down = false;
   bool pumping = false;
-  // Addresses of the children that are alive, shared with the functor that stops them should
-  // the supervisor end abruptly.
-  std::shared_ptr<std::vector<caf::actor_addr>> alive = std::make_shared<std::vector<caf::actor_addr>>();
+  // The children that are alive, shared with the functor that stops them should the supervisor
+  // end abruptly. Strong handles: CAF 0.17 terminates an unreferenced actor at once (with
+  // exit_reason::unreachable), so the functor must keep them referenced until it has told them.
+  std::shared_ptr<std::vector<caf::actor>> alive = std::make_shared<std::vector<caf::actor>>();
   static inline const char* name = "triplane.supervisor";
 };
 
@@ -119,7 +120,7 @@ void remove_child(sup_actor* self, const std::string& id) {
            cs.end());
 }
 
-// Runs the factory and links the child. The record is untouched on failure except incarnation.
+// Runs the factory and monitors the child. On failure only the incarnation has changed.
 caf::error start_child_now(sup_actor* self, child_record& rec) {
   ++rec.incarnation;
   rec.failure_pending = false;
@@ -138,8 +139,9 @@ caf::error start_child_now(sup_actor* self, child_record& rec) {
                       "child '" + rec.spec.id + "' failed to start: factory returned no actor");
   rec.handle = std::move(child);
   rec.status = child_status::running;
+  self->unlink_from(rec.handle);  // a link made by the factory would turn its exit into ours
   self->monitor(rec.handle);
-  self->state.alive->push_back(rec.handle.address());
+  self->state.alive->push_back(rec.handle);
   return caf::none;
 }
 
@@ -234,7 +236,7 @@ void advance(sup_actor* self) {
       if (timeout != infinite_shutdown)
         self->delayed_send(self, timeout, shutdown_timeout_atom::value, op.timer_token);
     }
-    return;  // continued by the child's exit_msg
+    return;  // continued by the child's down_msg
   }
   op.current.clear();
   finish_operation(self);
@@ -391,7 +393,9 @@ void on_exit_msg(sup_actor* self, caf::exit_msg& em) {
 void on_down_msg(sup_actor* self, caf::down_msg& dm) {
   auto& st = self->state;
   auto& alive = *st.alive;
-  alive.erase(std::remove(alive.begin(), alive.end(), dm.source), alive.end());
+  alive.erase(std::remove_if(alive.begin(), alive.end(),
+                             [&dm](const caf::actor& a) { return a.address() == dm.source; }),
+              alive.end());
   auto* rec = find_child(self, dm.source);
   if (rec == nullptr) return;
   rec->handle = nullptr;
@@ -452,7 +456,9 @@ struct tree_collector {
   }
 };
 
-caf::result<tree_node> tree_view(sup_actor* self) {
+// Answers within `budget`: child supervisors get three quarters of it for their own subtree, so
+// that an unresponsive grandchild is noted by its parent instead of hiding the whole subtree.
+caf::result<tree_node> tree_view(sup_actor* self, milliseconds budget) {
   auto& st = self->state;
   auto collector = std::make_shared<tree_collector>();
   auto& root = collector->root;
@@ -475,7 +481,7 @@ caf::result<tree_node> tree_view(sup_actor* self) {
   collector->promise = self->make_response_promise<tree_node>();
   for (auto& [index, handle] : asks) {
     auto i = index;
-    self->request(handle, st.flags.tree_timeout, sup::tree_atom::value)
+    self->request(handle, budget, sup::tree_atom::value, int64_t{budget.count() * 3 / 4})
       .then(
         [collector, i](tree_node& sub) {
           collector->root.children[i].children = std::move(sub.children);
@@ -505,11 +511,13 @@ caf::behavior supervisor_behavior(sup_actor* self, supervisor_spec spec) {
   st.flags = std::move(spec.flags);
   self->set_exit_handler([self](caf::exit_msg& em) { on_exit_msg(self, em); });
   self->set_down_handler([self](caf::down_msg& dm) { on_down_msg(self, dm); });
+  // Runs only if the supervisor ends with children alive (killed, or a bug). kill becomes
+  // user_shutdown so that child supervisors, which trap exits, still stop their own children.
   self->attach_functor([alive = st.alive, me = self->address()](const caf::error& reason) {
-    caf::error why = reason ? reason : caf::make_error(caf::exit_reason::user_shutdown);
-    for (auto& addr : *alive)
-      if (auto child = caf::actor_cast<caf::actor>(addr))
-        caf::anon_send(child, caf::exit_msg{me, why});
+    caf::error why = reason;
+    if (!why || why == caf::exit_reason::kill) why = caf::exit_reason::user_shutdown;
+    for (auto& child : *alive) caf::anon_send(child, caf::exit_msg{me, why});
+    alive->clear();
   });
   for (auto& c : spec.children) {
     child_record rec;
@@ -601,7 +609,11 @@ caf::behavior supervisor_behavior(sup_actor* self, supervisor_spec spec) {
       for (auto& rec : self->state.children) out.push_back(info_of(rec));
       return out;
     },
-    [self](sup::tree_atom) { return tree_view(self); },
+    [self](sup::tree_atom) { return tree_view(self, self->state.flags.tree_timeout); },
+    [self](sup::tree_atom, int64_t budget_ms) {
+      return tree_view(self, std::min(self->state.flags.tree_timeout,
+                                      milliseconds{std::max<int64_t>(budget_ms, 1)}));
+    },
     [self](shutdown_timeout_atom, uint64_t token) { on_shutdown_timeout(self, token); },
     [self](backoff_done_atom, uint64_t token) { start_restarting(self, token); },
   };

@@ -2,6 +2,7 @@
 // children, shutdown, and children that throw. Timing assertions use generous tolerances.
 #include "triplane/runtime/supervisor.hpp"
 
+#include <atomic>
 #include <condition_variable>
 #include <map>
 #include <mutex>
@@ -246,6 +247,7 @@ void check_strategy(restart_strategy strategy, const std::vector<std::string>& r
     CHECK((before[id] != after[id]) == expect_restart);
     CHECK(after[id]);
   }
+  REQUIRE(f.p->wait_stops(expected_stop_order.size()));
   CHECK(f.p->stop_order() == expected_stop_order);
   auto b = f.info(sup, "b");
   REQUIRE(b);
@@ -475,6 +477,7 @@ TEST_CASE("the tree view shows nested supervisors and renders as indented text",
   CHECK_THAT(render_tree(*fetch_tree(f.sys, root, 5s)),
              Catch::Contains("    y (worker, running, restarts 1)\n"));
   CHECK(f.stop(root) == caf::exit_reason::user_shutdown);
+  REQUIRE(f.p->wait_stops(5));  // a child's own exit hook may run just after its down_msg
   CHECK(f.p->stop_order() == std::vector<std::string>{"y", "y", "z", "x", "a"});
 }
 
@@ -488,7 +491,7 @@ TEST_CASE("children can be started, terminated, restarted and deleted at run tim
   f.self->request(sup, 5s, sup::start_child_atom::value, worker(f.p, "d"))
     .receive([&](caf::actor& x) { d = x; }, [&](caf::error& e) { FAIL(describe(e)); });
   REQUIRE(d);
-  CHECK(f.p->starts("d") == 1);
+  REQUIRE(f.p->wait_starts("d", 1));  // the child's initialisation runs after spawn returns
   CHECK(f.ping(sup, "d") == std::string{"d#1"});
   auto kids = f.which(sup);
   REQUIRE(kids.size() == 2);
@@ -518,6 +521,7 @@ TEST_CASE("children can be started, terminated, restarted and deleted at run tim
   f.self->request(sup, 5s, sup::terminate_child_atom::value, std::string{"d"})
     .receive([&](caf::ok_atom) { terminated = true; }, [&](caf::error& e) { FAIL(describe(e)); });
   CHECK(terminated);
+  REQUIRE(f.p->wait_stops(1));
   CHECK(f.p->last_exit("d") == caf::exit_reason::user_shutdown);
   auto stopped = f.info(sup, "d");
   REQUIRE(stopped);
@@ -573,6 +577,7 @@ TEST_CASE("a child that ignores user_shutdown is killed after its shutdown timeo
   INFO("shutdown took " << took << " ms");
   CHECK(took >= 250);
   CHECK(took < 3000);
+  REQUIRE(f.p->wait_stops(2));
   CHECK(f.p->last_exit("stubborn") == caf::exit_reason::kill);
   CHECK(f.p->last_exit("a") == caf::exit_reason::user_shutdown);
   CHECK(f.p->stop_order() == std::vector<std::string>{"stubborn", "a"});
@@ -585,7 +590,7 @@ TEST_CASE("user_shutdown stops the children in reverse order before the supervis
                                {worker(f.p, "a"), worker(f.p, "b"), worker(f.p, "c")}));
   for (auto id : {"a", "b", "c"}) REQUIRE(f.p->wait_starts(id, 1));
   CHECK(f.stop(sup) == caf::exit_reason::user_shutdown);
-  // The supervisor waited for each child before exiting, so all stops are already recorded.
+  REQUIRE(f.p->wait_stops(3));
   CHECK(f.p->stop_order() == std::vector<std::string>{"c", "b", "a"});
   for (auto id : {"a", "b", "c"}) CHECK(f.p->last_exit(id) == caf::exit_reason::user_shutdown);
   for (auto id : {"a", "b", "c"}) CHECK(f.p->starts(id) == 1);
@@ -604,6 +609,7 @@ TEST_CASE("a child that throws counts as an abnormal exit, is logged with its id
   REQUIRE(f.p->wait_starts("thrower", 1));
   f.crash(sup, "thrower");  // transient: restarted only because a throw is abnormal
   REQUIRE(f.p->wait_starts("thrower", 2));
+  REQUIRE(f.p->wait_stops(1));
   CHECK(code_of(f.p->last_exit("thrower")) == errc::internal);  // a foreign (CAF) error
   CHECK(f.p->last_exit("thrower") == caf::sec::runtime_error);
   REQUIRE(f.eventually([&] { return static_cast<bool>(f.ping(sup, "thrower")); }));
@@ -627,6 +633,7 @@ TEST_CASE("a supervisor whose child fails to start stops the started children an
   CHECK_THAT(describe(reason), Catch::Contains("'broken'") && Catch::Contains("no model file"));
   CHECK(f.p->starts("a") == 1);
   CHECK(f.p->starts("c") == 0);
+  REQUIRE(f.p->wait_stops(1));
   CHECK(f.p->last_exit("a") == caf::exit_reason::user_shutdown);
 }
 
@@ -656,4 +663,203 @@ TEST_CASE("an invalid supervisor spec is refused with a reason naming the mistak
     CHECK(code_of(sup.error()) == errc::invalid_argument);
     CHECK_THAT(describe(sup.error()), Catch::Contains(r.mentions));
   }
+}
+
+TEST_CASE("a child killed by someone else is restarted and the supervisor survives",
+          "[supervisor][kill]") {
+  fixture f;
+  auto sup = f.spawn(make_spec("root", restart_strategy::one_for_one,
+                               {worker(f.p, "a"), worker(f.p, "b")}));
+  REQUIRE(f.p->wait_starts("b", 1));
+  auto b = f.lookup(sup, "b");
+  REQUIRE(b);
+  caf::anon_send_exit(*b, caf::exit_reason::kill);
+  REQUIRE(f.p->wait_starts("b", 2));
+  REQUIRE(f.p->wait_stops(1));
+  CHECK(f.p->last_exit("b") == caf::exit_reason::kill);
+  REQUIRE(f.eventually([&] { return static_cast<bool>(f.ping(sup, "b")); }));
+  CHECK(f.ping(sup, "a") == std::string{"a#1"});
+  CHECK(f.stop(sup) == caf::exit_reason::user_shutdown);
+}
+
+TEST_CASE("a supervisor that is killed takes its children, and their children, down with it",
+          "[supervisor][kill]") {
+  fixture f;
+  auto inner = make_spec("inner", restart_strategy::one_for_one, {worker(f.p, "x")});
+  auto sup = f.spawn(make_spec("root", restart_strategy::one_for_one,
+                               {worker(f.p, "a"), supervisor_child("inner", inner)}));
+  REQUIRE(f.p->wait_starts("x", 1));
+  f.self->monitor(sup);
+  caf::anon_send_exit(sup, caf::exit_reason::kill);
+  REQUIRE(f.p->wait_stops(2));  // a and x, with no one left to restart them
+  INFO("a: " << f.sys.render(f.p->last_exit("a")) << ", x: " << f.sys.render(f.p->last_exit("x")));
+  // Told by the killed supervisor's guard (kill cannot be trapped, so it sends user_shutdown);
+  // inner, the child supervisor, passes the shutdown on to x.
+  CHECK(f.p->last_exit("a") == caf::exit_reason::user_shutdown);
+  CHECK(f.p->last_exit("x") == caf::exit_reason::user_shutdown);
+  std::this_thread::sleep_for(100ms);
+  CHECK(f.p->starts("a") == 1);
+  CHECK(f.p->starts("x") == 1);
+  // The fixture's actor_system destructor would hang if any of them were still alive.
+}
+
+TEST_CASE("restarts older than the intensity period no longer count", "[supervisor][intensity]") {
+  fixture f;
+  auto spec = make_spec("root", restart_strategy::one_for_one, {worker(f.p, "w")});
+  spec.flags.max_restarts = 1;
+  spec.flags.period = 300ms;
+  auto sup = f.spawn(spec);
+  REQUIRE(f.p->wait_starts("w", 1));
+  for (int n = 1; n <= 3; ++n) {
+    f.crash(sup, "w");
+    REQUIRE(f.p->wait_starts("w", n + 1));
+    REQUIRE(f.eventually([&] { return static_cast<bool>(f.lookup(sup, "w")); }));
+    std::this_thread::sleep_for(450ms);  // let the previous restart leave the window
+  }
+  CHECK(f.info(sup, "w")->restarts == 3);
+  // Two failures within the period exceed max_restarts = 1.
+  f.self->monitor(sup);
+  f.crash(sup, "w");
+  REQUIRE(f.p->wait_starts("w", 5));
+  REQUIRE(f.eventually([&] { return static_cast<bool>(f.lookup(sup, "w")); }));
+  f.crash(sup, "w");
+  caf::error reason;
+  f.self->receive([&](caf::down_msg& dm) { reason = std::move(dm.reason); },
+                  caf::after(10s) >> [] {});
+  CHECK(code_of(reason) == errc::limit_exceeded);
+}
+
+TEST_CASE("a child whose restart keeps failing escalates through the restart intensity",
+          "[supervisor][intensity][start]") {
+  fixture f;
+  auto p = f.p;
+  auto attempts = std::make_shared<std::atomic<int>>(0);
+  child_spec flaky;
+  flaky.id = "flaky";
+  flaky.start = [p, attempts](caf::local_actor* parent) -> caf::actor {
+    if (++*attempts > 1) throw std::runtime_error("disk gone");
+    return parent->spawn(test_worker, p, std::string{"flaky"});
+  };
+  auto spec = make_spec("root", restart_strategy::one_for_one, {worker(f.p, "a"), flaky});
+  spec.flags.max_restarts = 3;
+  auto sup = f.spawn(spec);
+  REQUIRE(f.p->wait_starts("flaky", 1));
+  f.self->monitor(sup);
+  f.crash(sup, "flaky");
+  caf::error reason;
+  f.self->receive([&](caf::down_msg& dm) { reason = std::move(dm.reason); },
+                  caf::after(10s) >> [] {});
+  INFO(describe(reason));
+  CHECK(code_of(reason) == errc::limit_exceeded);
+  CHECK_THAT(describe(reason), Catch::Contains("'flaky'") && Catch::Contains("disk gone"));
+  CHECK(attempts->load() == 4);  // the first start and 3 failed restarts
+  REQUIRE(f.p->wait_stops(2));    // flaky's crash, then a's stop
+  CHECK(f.p->last_exit("a") == caf::exit_reason::user_shutdown);
+}
+
+TEST_CASE("the tree view notes a child supervisor that cannot answer", "[supervisor][tree]") {
+  fixture f;
+  auto fake = worker(f.p, "fake");
+  fake.kind = child_kind::supervisor;  // a worker that does not understand tree requests
+  auto sup = f.spawn(make_spec("root", restart_strategy::one_for_one, {fake}));
+  REQUIRE(f.p->wait_starts("fake", 1));
+  auto tree = fetch_tree(f.sys, sup, 5s);
+  REQUIRE(tree);
+  REQUIRE(tree->children.size() == 1);
+  CHECK(tree->children[0].children.empty());
+  CHECK_THAT(tree->children[0].note, Catch::Contains("no subtree"));
+  CHECK_THAT(render_tree(*tree), Catch::Contains("  fake (supervisor, running) [no subtree: "));
+  CHECK(f.stop(sup) == caf::exit_reason::user_shutdown);
+}
+
+TEST_CASE("a supervision tree survives a serialization round trip", "[supervisor][tree]") {
+  caf::actor_system_config cfg;
+  register_supervision_types(two_threads(cfg));
+  caf::actor_system sys{cfg};
+  tree_node root;
+  root.name = "node";
+  root.kind = child_kind::supervisor;
+  tree_node leaf;
+  leaf.name = "w";
+  leaf.status = child_status::restarting;
+  leaf.restarts = 7;
+  leaf.note = "n";
+  root.children.push_back(leaf);
+  std::vector<char> buf;
+  caf::binary_serializer sink{sys, buf};
+  REQUIRE_FALSE(sink(root));
+  tree_node copy;
+  caf::binary_deserializer source{sys, buf};
+  REQUIRE_FALSE(source(copy));
+  CHECK(render_tree(copy) == render_tree(root));
+  REQUIRE(copy.children.size() == 1);
+  CHECK(copy.children[0].status == child_status::restarting);
+  CHECK(copy.children[0].restarts == 7);
+  CHECK(copy.children[0].note == "n");
+}
+
+TEST_CASE("two children crashing together under one_for_all cause one group restart",
+          "[supervisor][strategy]") {
+  fixture f;
+  auto spec = make_spec("root", restart_strategy::one_for_all,
+                        {worker(f.p, "a"), worker(f.p, "b"), worker(f.p, "c")});
+  spec.flags.max_restarts = 1;  // a second restart would escalate
+  auto sup = f.spawn(spec);
+  for (auto id : {"a", "b", "c"}) REQUIRE(f.p->wait_starts(id, 1));
+  auto b = f.lookup(sup, "b");
+  auto c = f.lookup(sup, "c");
+  REQUIRE((b && c));
+  caf::anon_send(*b, crash_atom::value);
+  caf::anon_send(*c, crash_atom::value);
+  for (auto id : {"a", "b", "c"}) REQUIRE(f.p->wait_starts(id, 2));
+  REQUIRE(f.eventually([&] { return f.all_running(sup); }));
+  std::this_thread::sleep_for(200ms);
+  for (auto id : {"a", "b", "c"}) {
+    INFO("child " << id);
+    CHECK(f.p->starts(id) == 2);
+    CHECK(f.info(sup, id)->restarts == 1);
+  }
+  CHECK(f.stop(sup) == caf::exit_reason::user_shutdown);
+}
+
+namespace {
+
+// Claims to be a supervisor but never answers tree requests.
+caf::behavior silent_supervisor(caf::event_based_actor* self, probe_ptr p) {
+  p->started("silent");
+  return {
+    [self](sup::tree_atom, int64_t) -> caf::response_promise {
+      return self->make_response_promise();  // never delivered
+    },
+  };
+}
+
+} // namespace
+
+TEST_CASE("an unresponsive grandchild is noted and the rest of the tree still arrives",
+          "[supervisor][tree]") {
+  fixture f;
+  child_spec silent;
+  silent.id = "silent";
+  silent.kind = child_kind::supervisor;
+  silent.shutdown_timeout = 0ms;
+  auto p = f.p;
+  silent.start = [p](caf::local_actor* parent) { return parent->spawn(silent_supervisor, p); };
+  auto inner = make_spec("inner", restart_strategy::one_for_one, {worker(f.p, "x"), silent});
+  auto spec = make_spec("root", restart_strategy::one_for_one, {supervisor_child("inner", inner)});
+  spec.flags.tree_timeout = 400ms;
+  auto root = f.spawn(spec);
+  REQUIRE(f.p->wait_starts("silent", 1));
+  auto begin = steady_clock::now();
+  auto tree = fetch_tree(f.sys, root, 5s);
+  auto took = std::chrono::duration_cast<milliseconds>(steady_clock::now() - begin).count();
+  REQUIRE(tree);
+  INFO(render_tree(*tree) << "took " << took << " ms");
+  CHECK(took < 2000);
+  REQUIRE(tree->children.size() == 1);
+  CHECK(tree->children[0].note.empty());
+  REQUIRE(tree->children[0].children.size() == 2);
+  CHECK(tree->children[0].children[0].name == "x");
+  CHECK_THAT(tree->children[0].children[1].note, Catch::Contains("request_timeout"));
+  CHECK(f.stop(root) == caf::exit_reason::user_shutdown);
 }

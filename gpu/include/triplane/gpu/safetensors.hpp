@@ -7,6 +7,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "triplane/runtime/error.hpp"
@@ -58,6 +59,7 @@ private:
   void* mapping_ = nullptr;
   size_t mapping_size_ = 0;
   std::vector<tensor_view> tensors_;
+  std::unordered_map<std::string, size_t> index_;  ///< name -> position in tensors_
 };
 
 // Scalar conversions. bf16 -> f32 is exact; f16 -> f32 is exact including subnormals, inf and nan.

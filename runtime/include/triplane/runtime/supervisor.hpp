@@ -50,7 +50,9 @@ enum class child_status : uint8_t {
 };
 
 /// Starts one child. Called by the supervisor on its own thread with itself as `parent`: spawn
-/// with `parent->spawn(...)` and return the handle (the supervisor links to it and traps its exit).
+/// with `parent->spawn(...)` and return the handle. The supervisor monitors the child (a link the
+/// factory made is removed); should the supervisor end without stopping its children (killed with
+/// exit_reason::kill), every child still alive gets an exit_msg with the supervisor's reason.
 /// Throwing or returning an invalid handle fails the start (see supervisor_spec / start_child).
 using child_factory = std::function<caf::actor(caf::local_actor* parent)>;
 
@@ -83,7 +85,7 @@ struct supervisor_flags {
   /// backoff_base 0 restarts immediately.
   std::chrono::milliseconds backoff_base{0};
   std::chrono::milliseconds backoff_cap{5000};
-  /// How long the tree view waits for a child supervisor's subtree.
+  /// The most the tree view takes to answer (see sup::tree_atom).
   std::chrono::milliseconds tree_timeout{1000};
   /// Where child exits, restarts and escalations are logged; null: spdlog's default logger.
   std::shared_ptr<spdlog::logger> logger;
@@ -155,20 +157,26 @@ using restart_child_atom = caf::atom_constant<caf::atom("sup_restrt")>;
 using delete_child_atom = caf::atom_constant<caf::atom("sup_delete")>;
 /// (which_children_atom) -> std::vector<child_info>, in order.
 using which_children_atom = caf::atom_constant<caf::atom("sup_which")>;
-/// (tree_atom) -> tree_node: the whole tree below the supervisor; child supervisors are asked
-/// recursively, each within its parent's tree_timeout.
+/// (tree_atom) -> tree_node: the whole tree below the supervisor, answered within tree_timeout.
+/// Child supervisors are asked recursively with (tree_atom, int64_t budget_ms), three quarters of
+/// the asker's budget (capped by their own tree_timeout), so a subtree that does not answer in
+/// time is marked in its parent's node (tree_node::note) and the rest of the tree still arrives.
 using tree_atom = caf::atom_constant<caf::atom("sup_tree")>;
 } // namespace sup
 
-/// The spec's own mistakes: empty or duplicate child ids, missing factories, max_restarts 0 with
-/// period 0, backoff_cap below backoff_base. errc::invalid_argument naming the culprit, or none.
+/// The spec's own mistakes: an empty name, empty or duplicate child ids, missing factories,
+/// negative shutdown timeouts, a period or tree_timeout that is not positive, backoff_cap below
+/// backoff_base. errc::invalid_argument naming the culprit, or none. (max_restarts 0 is valid:
+/// the first failure needing a restart escalates.)
 caf::error validate(const supervisor_spec& spec);
 
 /// Spawns a top-level supervisor, which starts the children in order. If a child fails to
 /// start, the supervisor stops the ones already started (reverse order) and exits with
 /// errc::unavailable naming the child. Stop it with exit_reason::user_shutdown (send_exit): it
 /// stops its children in reverse order within their shutdown timeouts, then exits with that
-/// reason. Errors: validate()'s.
+/// reason (any other non-normal exit reason sent to it does the same, with that reason). Keep the
+/// handle while it should run: CAF 0.17 ends an actor nobody references (exit_reason::unreachable).
+/// Errors: validate()'s.
 expected<caf::actor> spawn_supervisor(caf::actor_system& sys, supervisor_spec spec);
 
 /// A child spec whose child is a supervisor (kind supervisor), so trees nest. An invalid `spec`

@@ -1,0 +1,71 @@
+// Sandbox sessions as virtual actors of kind "session": the node-wide host that owns what all
+// sessions share (sandbox configuration, cgroup access, the chunk and manifest store) and makes
+// one virtual_actor per activation. Messages: session_protocol.hpp.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "triplane/actors/session_protocol.hpp"
+#include "triplane/runtime/error.hpp"
+#include "triplane/runtime/virtual_actor.hpp"
+
+namespace triplane::storage {
+class database;
+}
+
+namespace triplane::actors {
+
+struct session_host_options {
+  std::string workspaces_dir;                   ///< required; one sub-directory per live session
+  /// Node defaults under every session's settings. Out of the box: at most 1,024 tasks and
+  /// 4 GiB of memory per command, 5 min wall clock; each limit set costs a cgroup join.
+  session_settings defaults = [] {
+    session_settings s;
+    s.default_limits.max_processes = 1024;
+    s.default_limits.memory_bytes = 4ull << 30;
+    s.default_timeout_ms = 300000;
+    return s;
+  }();
+  size_t history_limit = 100;                   ///< commands kept per session
+  uint64_t max_workspace_bytes = 256ull << 20;  ///< quota for sessions that set none
+  uint64_t max_kv_bytes = 1u << 20;
+  uint64_t max_tar_bytes = 64u << 20;
+  storage::durability durability = storage::durability::process_crash;
+  std::chrono::milliseconds idle_timeout{30000};
+};
+
+/// Thread-safe after create(). Must outlive every session it made.
+class session_host {
+public:
+  /// The column families the database must be opened with (besides the runtime's own).
+  static std::vector<std::string> column_families();
+
+  /// Detects bubblewrap and cgroups and opens the store in `db` (borrowed, must outlive the
+  /// host). Errors: unavailable when bwrap is missing; invalid_argument for bad options or a
+  /// database opened without column_families().
+  static expected<std::unique_ptr<session_host>> create(storage::database& db,
+                                                        session_host_options options);
+  ~session_host();
+
+  /// The kind to register with the directory: name "session", this host's factory, the idle
+  /// timeout, persistence at passivation (each operation also stores its own changes).
+  runtime::kind_spec kind();
+
+  /// One activation of session `id` (what kind().factory returns).
+  std::unique_ptr<runtime::virtual_actor> make_session(const std::string& id);
+
+  /// How this host limits memory/processes/CPU: cgroup_v1, cgroup_v2 or rlimit.
+  limit_mechanism limits_mechanism() const;
+
+  struct impl;
+
+private:
+  explicit session_host(std::unique_ptr<impl> state);
+  std::unique_ptr<impl> impl_;
+};
+
+} // namespace triplane::actors

@@ -1,0 +1,269 @@
+// cgroup v1/v2 groups for sandboxed commands. Only plain file I/O on cgroupfs: no library.
+#include "session/cgroup_limits.hpp"
+
+#include <cerrno>
+#include <csignal>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace triplane::actors::session {
+namespace {
+
+bool write_file(const std::string& path, const std::string& value) {
+  std::ofstream out(path);
+  if (!out) return false;
+  out << value;
+  out.flush();
+  return static_cast<bool>(out);
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+uint64_t read_u64(const std::string& path) {
+  auto text = read_file(path);
+  return text.empty() ? 0 : std::strtoull(text.c_str(), nullptr, 10);
+}
+
+/// Value of `key` in a "key value\n" file (memory.oom_control, cpu.stat, memory.events).
+uint64_t read_keyed(const std::string& path, const std::string& key) {
+  std::istringstream in(read_file(path));
+  std::string k;
+  uint64_t v = 0;
+  while (in >> k >> v)
+    if (k == key) return v;
+  return 0;
+}
+
+bool is_dir(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+/// Our own group path for a v1 controller ("memory") or v2 ("") from /proc/self/cgroup.
+std::string own_group(const std::string& controller) {
+  std::istringstream in(read_file("/proc/self/cgroup"));
+  std::string line;
+  while (std::getline(in, line)) {
+    auto a = line.find(':');
+    auto b = line.find(':', a + 1);
+    if (a == std::string::npos || b == std::string::npos) continue;
+    std::string list = line.substr(a + 1, b - a - 1);
+    std::string path = line.substr(b + 1);
+    if (controller.empty()) {
+      if (list.empty() && line.compare(0, 2, "0:") == 0) return path;
+      continue;
+    }
+    std::istringstream names(list);
+    std::string name;
+    while (std::getline(names, name, ','))
+      if (name == controller) return path;
+  }
+  return {};
+}
+
+/// A writable parent directory for v1 controller `controller`, or "".
+std::string v1_parent(const std::string& controller) {
+  std::string mount = "/sys/fs/cgroup/" + controller;
+  if (!is_dir(mount) || !is_dir(mount + "/") || ::access((mount + "/cgroup.procs").c_str(), F_OK) != 0)
+    return {};
+  std::string dir = mount + own_group(controller);
+  if (!dir.empty() && dir.back() == '/') dir.pop_back();
+  // Probe: can we make (and remove) a child group here?
+  std::string probe = dir + "/tp-probe-" + std::to_string(::getpid());
+  if (::mkdir(probe.c_str(), 0755) != 0 && errno != EEXIST) return {};
+  ::rmdir(probe.c_str());
+  return dir;
+}
+
+std::string v2_parent() {
+  for (std::string mount : {"/sys/fs/cgroup", "/sys/fs/cgroup/unified"}) {
+    if (::access((mount + "/cgroup.controllers").c_str(), F_OK) != 0) continue;
+    std::string dir = mount + own_group("");
+    if (!dir.empty() && dir.back() == '/') dir.pop_back();
+    auto controllers = read_file(dir + "/cgroup.controllers");
+    if (controllers.find("memory") == std::string::npos ||
+        controllers.find("pids") == std::string::npos)
+      continue;
+    auto subtree = read_file(dir + "/cgroup.subtree_control");
+    if (subtree.find("memory") == std::string::npos || subtree.find("pids") == std::string::npos) {
+      // Enabling controllers fails (EBUSY) while our own process sits in `dir`: then we cannot
+      // use v2 without moving the node itself, which is the service manager's job.
+      if (!write_file(dir + "/cgroup.subtree_control", "+memory +pids +cpu")) continue;
+    }
+    std::string probe = dir + "/tp-probe-" + std::to_string(::getpid());
+    if (::mkdir(probe.c_str(), 0755) != 0 && errno != EEXIST) continue;
+    ::rmdir(probe.c_str());
+    return dir;
+  }
+  return {};
+}
+
+} // namespace
+
+std::unique_ptr<cgroup_host> cgroup_host::detect() {
+  auto host = std::unique_ptr<cgroup_host>(new cgroup_host);
+  if (auto dir = v2_parent(); !dir.empty()) {
+    host->v2_parent_ = dir;
+    host->mechanism_ = limit_mechanism::cgroup_v2;
+    return host;
+  }
+  host->v1_memory_ = v1_parent("memory");
+  host->v1_pids_ = v1_parent("pids");
+  host->v1_cpuacct_ = v1_parent("cpuacct");
+  if (!host->v1_memory_.empty() || !host->v1_pids_.empty() || !host->v1_cpuacct_.empty())
+    host->mechanism_ = limit_mechanism::cgroup_v1;
+  return host;
+}
+
+std::unique_ptr<exec_cgroup> cgroup_host::create(const std::string& name,
+                                                 const exec_limits& limits,
+                                                 std::string* why) const {
+  if (mechanism_ == limit_mechanism::none) {
+    if (why) *why = "no writable cgroup hierarchy";
+    return nullptr;
+  }
+  auto group = std::unique_ptr<exec_cgroup>(new exec_cgroup);
+  auto make = [&](const std::string& parent) -> std::string {
+    std::string dir = parent + "/" + name;
+    if (::mkdir(dir.c_str(), 0755) != 0) {
+      if (why) *why = "mkdir " + dir + ": " + std::strerror(errno);
+      return {};
+    }
+    group->dirs_.push_back(dir);
+    group->join_files_.push_back(dir + "/cgroup.procs");
+    return dir;
+  };
+  if (mechanism_ == limit_mechanism::cgroup_v2) {
+    group->v2_ = true;
+    auto dir = make(v2_parent_);
+    if (dir.empty()) return nullptr;
+    group->memory_dir_ = group->pids_dir_ = group->cpu_dir_ = dir;
+    if (limits.memory_bytes) {
+      if (!write_file(dir + "/memory.max", std::to_string(limits.memory_bytes))) return nullptr;
+      write_file(dir + "/memory.swap.max", "0");
+      group->memory = limit_mechanism::cgroup_v2;
+    }
+    if (limits.max_processes) {
+      if (!write_file(dir + "/pids.max", std::to_string(limits.max_processes))) return nullptr;
+      group->processes = limit_mechanism::cgroup_v2;
+    }
+    group->cpu = limit_mechanism::cgroup_v2;
+    return group;
+  }
+  // v1: one migration per hierarchy joined, each costing the kernel an RCU grace period (a few
+  // ms), so only the hierarchies whose limits are requested are joined.
+  if (!v1_memory_.empty() && limits.memory_bytes) {
+    auto dir = make(v1_memory_);
+    if (dir.empty()) return nullptr;
+    group->memory_dir_ = dir;
+    if (limits.memory_bytes) {
+      if (!write_file(dir + "/memory.limit_in_bytes", std::to_string(limits.memory_bytes))) {
+        if (why) *why = "cannot set memory.limit_in_bytes";
+        return nullptr;
+      }
+      // Without swap accounting the limit could be dodged by swapping; set it where present.
+      write_file(dir + "/memory.memsw.limit_in_bytes", std::to_string(limits.memory_bytes));
+      group->memory = limit_mechanism::cgroup_v1;
+    }
+  }
+  if (!v1_pids_.empty() && limits.max_processes) {
+    auto dir = make(v1_pids_);
+    if (dir.empty()) return nullptr;
+    group->pids_dir_ = dir;
+    if (limits.max_processes) {
+      if (!write_file(dir + "/pids.max", std::to_string(limits.max_processes))) {
+        if (why) *why = "cannot set pids.max";
+        return nullptr;
+      }
+      group->processes = limit_mechanism::cgroup_v1;
+    }
+  }
+  if (!v1_cpuacct_.empty() && limits.cpu_time_ms) {
+    auto dir = make(v1_cpuacct_);
+    if (dir.empty()) return nullptr;
+    group->cpu_dir_ = dir;
+    group->cpu = limit_mechanism::cgroup_v1;
+  }
+  if (group->dirs_.empty()) {
+    if (why) *why = "no limit requested";
+    return nullptr;
+  }
+  return group;
+}
+
+cgroup_usage exec_cgroup::usage() const {
+  cgroup_usage u;
+  if (v2_) {
+    u.cpu_user_ns = read_keyed(cpu_dir_ + "/cpu.stat", "user_usec") * 1000;
+    u.cpu_system_ns = read_keyed(cpu_dir_ + "/cpu.stat", "system_usec") * 1000;
+    u.has_cpu = true;
+    u.peak_memory_bytes = read_u64(memory_dir_ + "/memory.peak");
+    u.has_memory = u.peak_memory_bytes > 0;
+    u.oom_kills = read_keyed(memory_dir_ + "/memory.events", "oom_kill");
+    u.pids_refused = read_keyed(pids_dir_ + "/pids.events", "max");
+    return u;
+  }
+  if (!cpu_dir_.empty()) {
+    u.cpu_user_ns = read_u64(cpu_dir_ + "/cpuacct.usage_user");
+    u.cpu_system_ns = read_u64(cpu_dir_ + "/cpuacct.usage_sys");
+    u.has_cpu = true;
+  }
+  if (!memory_dir_.empty()) {
+    u.peak_memory_bytes = read_u64(memory_dir_ + "/memory.max_usage_in_bytes");
+    u.has_memory = true;
+    u.oom_kills = read_keyed(memory_dir_ + "/memory.oom_control", "oom_kill");
+  }
+  if (!pids_dir_.empty()) u.pids_refused = read_keyed(pids_dir_ + "/pids.events", "max");
+  return u;
+}
+
+std::vector<int> exec_cgroup::pids() const {
+  std::vector<int> out;
+  for (const auto& file : join_files_) {
+    std::istringstream in(read_file(file));
+    int pid = 0;
+    while (in >> pid) out.push_back(pid);
+    if (!out.empty()) break;  // v1: every controller holds the same processes
+  }
+  return out;
+}
+
+bool exec_cgroup::kill_all() {
+  if (v2_ && !dirs_.empty() && write_file(dirs_.front() + "/cgroup.kill", "1")) {
+    for (int i = 0; i < 200 && !pids().empty(); ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    return pids().empty();
+  }
+  // v1 has no cgroup.kill: a process may fork between our read and our kill, so repeat until
+  // the group stays empty (pids.max bounds how many can appear).
+  for (int round = 0; round < 500; ++round) {
+    auto list = pids();
+    if (list.empty()) return true;
+    for (int pid : list) ::kill(pid, SIGKILL);
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return pids().empty();
+}
+
+exec_cgroup::~exec_cgroup() {
+  kill_all();
+  for (auto i = dirs_.rbegin(); i != dirs_.rend(); ++i) {
+    // rmdir fails with EBUSY until the last killed process is reaped by the kernel.
+    for (int attempt = 0; attempt < 100; ++attempt) {
+      if (::rmdir(i->c_str()) == 0 || errno == ENOENT) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+  }
+}
+
+} // namespace triplane::actors::session

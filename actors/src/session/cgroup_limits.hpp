@@ -1,0 +1,75 @@
+// Per-exec control groups: memory, process-count and CPU accounting for one sandboxed command's
+// whole process tree, on cgroup v1 (this machine) or v2 (most production hosts).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "triplane/actors/session_protocol.hpp"
+#include "triplane/runtime/error.hpp"
+
+namespace triplane::actors::session {
+
+/// Resource figures of one group, read after (or while) its processes run.
+struct cgroup_usage {
+  uint64_t cpu_user_ns = 0;
+  uint64_t cpu_system_ns = 0;
+  uint64_t peak_memory_bytes = 0;
+  uint64_t oom_kills = 0;        ///< processes the kernel killed for the memory limit
+  uint64_t pids_refused = 0;     ///< forks refused by the process limit
+  bool has_cpu = false;
+  bool has_memory = false;
+};
+
+/// One command's group. Created before the command starts; the child joins it by writing its
+/// pid to every file in join_files() before it execs. Destruction kills whatever is still in
+/// the group and removes it.
+class exec_cgroup {
+public:
+  ~exec_cgroup();
+  exec_cgroup(const exec_cgroup&) = delete;
+  exec_cgroup& operator=(const exec_cgroup&) = delete;
+
+  /// The cgroup.procs files the child writes its pid into.
+  const std::vector<std::string>& join_files() const { return join_files_; }
+  cgroup_usage usage() const;
+  /// SIGKILLs every process in the group until it is empty (bounded retries). True when empty.
+  bool kill_all();
+  /// Host pids currently in the group.
+  std::vector<int> pids() const;
+
+  limit_mechanism memory = limit_mechanism::none;
+  limit_mechanism processes = limit_mechanism::none;
+  limit_mechanism cpu = limit_mechanism::none;  ///< accounting available (limit enforced by polling)
+
+private:
+  friend class cgroup_host;
+  exec_cgroup() = default;
+  bool v2_ = false;
+  std::vector<std::string> dirs_;  ///< group directories, one per v1 controller or one for v2
+  std::vector<std::string> join_files_;
+  std::string memory_dir_, pids_dir_, cpu_dir_;
+};
+
+/// What the host offers, detected once per node. Never fails: a host without writable cgroups
+/// yields a host whose create() returns nullptr (callers then fall back to rlimits).
+class cgroup_host {
+public:
+  static std::unique_ptr<cgroup_host> detect();
+  limit_mechanism mechanism() const { return mechanism_; }
+  /// A group named `name` (unique per node) with `limits` applied (0 = unlimited). On v1 only
+  /// the controllers of requested limits are used (joining each costs the child an RCU grace
+  /// period). nullptr when the host has no usable cgroups, nothing was requested (v1), or
+  /// creation failed (reason in *why).
+  std::unique_ptr<exec_cgroup> create(const std::string& name, const exec_limits& limits,
+                                      std::string* why) const;
+
+private:
+  limit_mechanism mechanism_ = limit_mechanism::none;
+  std::string v1_memory_, v1_pids_, v1_cpuacct_;  ///< parent dirs under which groups are made
+  std::string v2_parent_;
+};
+
+} // namespace triplane::actors::session

@@ -1,0 +1,106 @@
+// One command running under bubblewrap: namespaces, read-only system, the workspace as the only
+// writable path, limits through cgroups or rlimits, output capped, a wall-clock deadline that
+// kills the whole process tree. Blocking calls (pump) belong on a thread that is not a CAF
+// scheduler thread.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "session/cgroup_limits.hpp"
+#include "triplane/actors/session_protocol.hpp"
+#include "triplane/runtime/error.hpp"
+
+struct rusage;
+
+namespace triplane::actors::session {
+
+/// Node-wide sandbox settings. Built once (sandbox_config::detect) and shared read-only.
+struct sandbox_config {
+  std::string bwrap_path;                  ///< absolute path of bwrap
+  uint32_t uid = 1000, gid = 1000;         ///< identity inside the sandbox (holds no capabilities)
+  std::vector<std::string> ro_binds;       ///< host paths bound read-only at the same place
+  std::vector<std::pair<std::string, std::string>> symlinks;  ///< (target, link) e.g. usr/bin,/bin
+  std::string etc_dir;                     ///< staged copy bound read-only as /etc ("" = none)
+  uint64_t tmp_bytes = 64u << 20;          ///< size of the private /tmp tmpfs
+  const cgroup_host* cgroups = nullptr;    ///< borrowed; nullptr = rlimits only
+
+  /// Finds bwrap and the system paths to expose. Errors: unavailable when bwrap is missing.
+  /// With a non-empty `staging_dir`, the needed /etc files are copied there once (symlinks as
+  /// symlinks) and bound as /etc with a single mount instead of one mount pair per file: bwrap
+  /// spends most of its time in mount(2), so this roughly halves the cost of an exec.
+  static expected<sandbox_config> detect(const cgroup_host* cgroups,
+                                         const std::string& staging_dir = {});
+};
+
+/// Everything one launch needs, fully resolved (no defaults left).
+struct launch_spec {
+  std::string workspace;                ///< host directory bound at /workspace
+  std::vector<std::string> argv;        ///< non-empty
+  std::vector<std::string> env;         ///< "NAME=value", the complete environment
+  std::string cwd = "/workspace";       ///< inside the sandbox
+  std::string stdin_data;
+  uint64_t timeout_ms = 0;              ///< 0 = none
+  exec_limits limits;                   ///< 0 = unlimited; caps 0 = nothing kept
+  network_policy network = network_policy::none;
+  std::string group_name;               ///< unique cgroup name for this launch
+};
+
+class sandbox_process {
+public:
+  /// Called from pump() with each piece of kept (capped) output.
+  using output_sink = std::function<void(output_stream, std::string_view)>;
+
+  /// Starts the command. Errors: invalid_argument (empty argv), io_error (pipes/fork failed).
+  /// A command that cannot be executed inside the sandbox (missing, not executable) still
+  /// starts and ends with exit code 126/127 and bwrap's message on stderr.
+  static expected<std::unique_ptr<sandbox_process>> start(const sandbox_config& config,
+                                                          launch_spec spec, output_sink sink);
+  ~sandbox_process();  ///< kills the tree if still running and reaps it
+
+  /// Moves output, feeds stdin, enforces the deadline and CPU limit, for at most `wait_ms`.
+  /// Returns true once the whole tree has ended and result() is final.
+  bool pump(int wait_ms);
+  /// Runs pump() until the end.
+  const exec_result& wait();
+  /// Sends `signo` to the command's process group inside the sandbox (SIGKILL: the whole tree).
+  void signal(int signo);
+  /// Kills every process of the tree now (result gets term_signal 9).
+  void kill_tree();
+  bool finished() const { return finished_; }
+  /// Output so far; exit fields, usage and enforced limits once finished().
+  const exec_result& result() const { return result_; }
+  int host_pid() const { return bwrap_pid_; }
+
+  sandbox_process(const sandbox_process&) = delete;
+  sandbox_process& operator=(const sandbox_process&) = delete;
+
+private:
+  sandbox_process() = default;
+  void read_stream(int& fd, output_stream which);
+  void feed_stdin();
+  void read_status();
+  void finish(int wait_status, const ::rusage& usage);
+  void close_fds();
+
+  launch_spec spec_;
+  output_sink sink_;
+  std::unique_ptr<exec_cgroup> cgroup_;
+  int bwrap_pid_ = -1;
+  int pidfd_ = -1;
+  int out_fd_ = -1, err_fd_ = -1, in_fd_ = -1, status_fd_ = -1;
+  size_t stdin_written_ = 0;
+  int child_pid_ = -1;            ///< the command's host pid (from bwrap's status fd)
+  std::string status_buf_;
+  bool finished_ = false;
+  bool killed_for_timeout_ = false, killed_for_cpu_ = false;
+  std::chrono::steady_clock::time_point started_, deadline_;
+  exec_result result_;
+};
+
+} // namespace triplane::actors::session

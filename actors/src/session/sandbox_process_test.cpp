@@ -1,0 +1,284 @@
+// The sandbox itself: isolation, limits, timeouts, output caps, hostile commands.
+#include "session/sandbox_process.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <csignal>
+#include <dirent.h>
+#include <fstream>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <filesystem>
+
+using namespace triplane::actors;
+using namespace triplane::actors::session;
+
+namespace {
+
+struct fixture {
+  std::unique_ptr<cgroup_host> cgroups = cgroup_host::detect();
+  sandbox_config config;
+  std::filesystem::path workspace;
+  int counter = 0;
+
+  fixture() {
+    auto cfg = sandbox_config::detect(cgroups.get());
+    REQUIRE(cfg);
+    config = *cfg;
+    char tmpl[] = "/tmp/tp-sandbox-test-XXXXXX";
+    REQUIRE(::mkdtemp(tmpl) != nullptr);
+    workspace = tmpl;
+  }
+  ~fixture() { std::filesystem::remove_all(workspace); }
+
+  launch_spec spec(std::vector<std::string> argv) {
+    launch_spec s;
+    s.workspace = workspace.string();
+    s.argv = std::move(argv);
+    s.env = {"PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/workspace", "LANG=C.UTF-8"};
+    s.timeout_ms = 20000;
+    s.limits.stdout_cap_bytes = 1 << 20;
+    s.limits.stderr_cap_bytes = 1 << 20;
+    s.group_name = "tp-test-" + std::to_string(::getpid()) + "-" + std::to_string(counter++);
+    return s;
+  }
+  exec_result run(launch_spec s) {
+    auto p = sandbox_process::start(config, std::move(s), nullptr);
+    REQUIRE(p);
+    return (*p)->wait();
+  }
+  exec_result sh(const std::string& script, uint64_t timeout_ms = 20000) {
+    auto s = spec({"/bin/sh", "-c", script});
+    s.timeout_ms = timeout_ms;
+    return run(std::move(s));
+  }
+};
+
+/// Host pids whose command line contains `marker`.
+std::vector<int> processes_with(const std::string& marker) {
+  std::vector<int> out;
+  DIR* d = ::opendir("/proc");
+  while (auto* e = ::readdir(d)) {
+    int pid = std::atoi(e->d_name);
+    if (pid <= 0 || pid == ::getpid()) continue;
+    std::ifstream in("/proc/" + std::string(e->d_name) + "/cmdline");
+    std::string cmd((std::istreambuf_iterator<char>(in)), {});
+    if (cmd.find(marker) != std::string::npos) out.push_back(pid);
+  }
+  ::closedir(d);
+  return out;
+}
+
+} // namespace
+
+TEST_CASE("a command runs in the sandbox and reports exit code and output", "[sandbox]") {
+  fixture f;
+  auto r = f.sh("echo hello; echo oops >&2; exit 3");
+  CHECK(r.exited);
+  CHECK(r.exit_code == 3);
+  CHECK(r.stdout_data == "hello\n");
+  CHECK(r.stderr_data == "oops\n");
+  CHECK_FALSE(r.stdout_truncated);
+  CHECK(r.duration_us > 0);
+}
+
+TEST_CASE("stdin is delivered to the command", "[sandbox]") {
+  fixture f;
+  auto s = f.spec({"cat"});
+  s.stdin_data = std::string(300000, 'x') + "end";
+  auto r = f.run(std::move(s));
+  CHECK(r.exit_code == 0);
+  CHECK(r.stdout_data.size() == 300003);
+}
+
+TEST_CASE("the sandbox sees only the system read-only, the workspace and a private tmp", "[sandbox]") {
+  fixture f;
+  std::ofstream(f.workspace / "in.txt") << "data";
+  auto r = f.sh(
+      "cat in.txt; echo; echo w > out.txt && echo ws-ok;"
+      "touch /usr/x 2>/dev/null || echo usr-ro;"
+      "echo t > /tmp/t && echo tmp-ok;"
+      "for p in /root /home /work /var /etc/shadow /etc/gshadow /old_root /farm; do"
+      "  test -e $p && echo visible:$p; done;"
+      "cat /etc/shadow 2>/dev/null || echo no-shadow;"
+      "id -u; hostname; ls /proc | grep -c '^[0-9]'");
+  INFO(r.stdout_data << r.stderr_data);
+  CHECK(r.exit_code == 0);
+  CHECK(r.stdout_data.find("data\nws-ok\nusr-ro\ntmp-ok\n") == 0);
+  CHECK(r.stdout_data.find("visible:") == std::string::npos);
+  CHECK(r.stdout_data.find("no-shadow") != std::string::npos);
+  CHECK(r.stdout_data.find("1000\nsandbox\n") != std::string::npos);
+  CHECK(std::filesystem::exists(f.workspace / "out.txt"));
+}
+
+TEST_CASE("the node's data directory is not visible from the sandbox", "[sandbox][bad-input]") {
+  fixture f;
+  // The test's own temporary directories stand in for a data directory outside the workspace.
+  std::filesystem::path data = f.workspace.string() + "-data";
+  std::filesystem::create_directories(data);
+  std::ofstream(data / "CURRENT") << "secret";
+  auto r = f.sh("cat " + (data / "CURRENT").string() + " || echo unreadable");
+  std::filesystem::remove_all(data);
+  CHECK(r.stdout_data.find("secret") == std::string::npos);
+  CHECK(r.stdout_data.find("unreadable") != std::string::npos);
+}
+
+TEST_CASE("a command that outlives its timeout is killed with all its children", "[sandbox][bad-input]") {
+  fixture f;
+  std::string marker = "31415.926" + std::to_string(::getpid());
+  auto r = f.sh("sleep " + marker + " & (setsid sleep " + marker + " &) ; sleep " + marker, 500);
+  CHECK(r.timed_out);
+  CHECK_FALSE(r.exited);
+  CHECK(r.term_signal == 9);
+  CHECK(r.duration_us < 5000000);
+  CHECK(processes_with(marker).empty());
+}
+
+TEST_CASE("a process that ignores SIGTERM is still killed at the timeout", "[sandbox][bad-input]") {
+  fixture f;
+  auto r = f.sh("trap '' TERM; while true; do :; done", 400);
+  CHECK(r.timed_out);
+  CHECK(r.term_signal == 9);
+}
+
+TEST_CASE("yes flooding stdout is capped and flagged truncated", "[sandbox][bad-input]") {
+  fixture f;
+  auto s = f.spec({"yes"});
+  s.limits.stdout_cap_bytes = 4096;
+  s.timeout_ms = 500;
+  auto r = f.run(std::move(s));
+  CHECK(r.stdout_data.size() == 4096);
+  CHECK(r.stdout_truncated);
+  CHECK(r.timed_out);
+}
+
+TEST_CASE("a fork bomb is contained by the process limit and cleaned up", "[sandbox][bad-input]") {
+  fixture f;
+  auto s = f.spec({"/bin/sh", "-c", "b() { b | b & }; b; sleep 2"});
+  s.limits.max_processes = 64;
+  s.timeout_ms = 1500;
+  auto start = std::chrono::steady_clock::now();
+  auto p = sandbox_process::start(f.config, std::move(s), nullptr);
+  REQUIRE(p);
+  auto r = (*p)->wait();
+  INFO(r.message);
+  CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(10));
+  if (f.cgroups->mechanism() != limit_mechanism::none)
+    CHECK(r.enforced.processes != limit_mechanism::none);
+  // The host is still able to run things afterwards.
+  auto after = f.sh("echo alive");
+  CHECK(after.stdout_data == "alive\n");
+}
+
+TEST_CASE("allocating past the memory limit is stopped", "[sandbox][bad-input]") {
+  fixture f;
+  auto s = f.spec({"python3", "-c", "x = bytearray(400 * 1024 * 1024); print('allocated')"});
+  s.limits.memory_bytes = 64 << 20;
+  auto r = f.run(std::move(s));
+  INFO(r.stdout_data << r.stderr_data << r.message);
+  CHECK(r.enforced.memory != limit_mechanism::none);
+  CHECK(r.stdout_data.find("allocated") == std::string::npos);
+  CHECK(r.exit_code != 0);
+  if (r.enforced.memory == limit_mechanism::cgroup_v1 || r.enforced.memory == limit_mechanism::cgroup_v2) {
+    CHECK(r.memory_exceeded);
+    CHECK(r.peak_memory_bytes <= (64u << 20));
+    CHECK(r.message.find("memory limit") != std::string::npos);
+  }
+}
+
+TEST_CASE("the CPU time limit kills a busy loop", "[sandbox][bad-input]") {
+  fixture f;
+  auto s = f.spec({"/bin/sh", "-c", "while true; do :; done"});
+  s.limits.cpu_time_ms = 300;
+  s.timeout_ms = 10000;
+  auto r = f.run(std::move(s));
+  CHECK(r.cpu_time_exceeded);
+  CHECK_FALSE(r.timed_out);
+  CHECK(r.enforced.cpu_time != limit_mechanism::none);
+}
+
+TEST_CASE("writing a file past the file size limit fails", "[sandbox][bad-input]") {
+  fixture f;
+  auto s = f.spec({"/bin/sh", "-c", "head -c 2000000 /dev/zero > big; echo rc=$?"});
+  s.limits.max_file_bytes = 100000;
+  auto r = f.run(std::move(s));
+  CHECK(std::filesystem::file_size(f.workspace / "big") <= 100000);
+  CHECK(r.enforced.file_size == limit_mechanism::rlimit);
+}
+
+TEST_CASE("opening a network connection fails when the network is off", "[sandbox][bad-input]") {
+  fixture f;
+  std::string probe =
+      "import socket\n"
+      "try:\n"
+      "  s = socket.socket(); s.settimeout(1); s.connect(('1.1.1.1', 80)); print('connected')\n"
+      "except OSError as e:\n"
+      "  print('refused', e.errno)\n"
+      "try:\n"
+      "  srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen()\n"
+      "  c = socket.create_connection(srv.getsockname(), 1); print('loopback-ok')\n"
+      "except OSError as e:\n"
+      "  print('loopback-refused', e.errno)\n";
+  SECTION("policy none: no socket at all") {
+    auto r = f.run(f.spec({"python3", "-c", probe}));
+    INFO(r.stdout_data << r.stderr_data);
+    CHECK(r.stdout_data.find("connected") == std::string::npos);
+    CHECK(r.stdout_data.find("refused") != std::string::npos);
+    CHECK(r.stdout_data.find("loopback-refused") != std::string::npos);
+  }
+  SECTION("policy loopback: only the sandbox's own lo") {
+    auto s = f.spec({"python3", "-c", probe});
+    s.network = network_policy::loopback;
+    auto r = f.run(std::move(s));
+    INFO(r.stdout_data << r.stderr_data);
+    CHECK(r.stdout_data.find("connected") == std::string::npos);
+    CHECK(r.stdout_data.find("loopback-ok") != std::string::npos);
+  }
+}
+
+TEST_CASE("a binary that is not executable or missing fails with 126 or 127", "[sandbox][bad-input]") {
+  fixture f;
+  std::ofstream(f.workspace / "notexec") << "#!/bin/sh\necho hi\n";
+  auto r = f.run(f.spec({"/workspace/notexec"}));
+  CHECK(r.exit_code != 0);
+  CHECK_FALSE(r.stderr_data.empty());
+  auto m = f.run(f.spec({"no-such-binary-xyz"}));
+  CHECK(m.exit_code != 0);
+  CHECK_FALSE(m.stderr_data.empty());
+}
+
+TEST_CASE("an empty command is refused before anything runs", "[sandbox][bad-input]") {
+  fixture f;
+  auto p = sandbox_process::start(f.config, f.spec({}), nullptr);
+  REQUIRE_FALSE(p);
+  CHECK(triplane::code_of(p.error()) == triplane::errc::invalid_argument);
+  auto q = sandbox_process::start(f.config, f.spec({""}), nullptr);
+  REQUIRE_FALSE(q);
+}
+
+TEST_CASE("output chunks reach the sink in order while the command runs", "[sandbox]") {
+  fixture f;
+  std::string streamed;
+  auto s = f.spec({"/bin/sh", "-c", "for i in 1 2 3; do echo $i; sleep 0.05; done"});
+  auto p = sandbox_process::start(f.config, std::move(s),
+                                  [&](output_stream which, std::string_view data) {
+                                    if (which == output_stream::out) streamed.append(data);
+                                  });
+  REQUIRE(p);
+  auto r = (*p)->wait();
+  CHECK(streamed == "1\n2\n3\n");
+  CHECK(r.stdout_data == streamed);
+}
+
+TEST_CASE("a signal reaches the command's process group", "[sandbox]") {
+  fixture f;
+  auto p = sandbox_process::start(f.config, f.spec({"sleep", "30"}), nullptr);
+  REQUIRE(p);
+  (*p)->pump(200);
+  (*p)->signal(SIGTERM);
+  auto r = (*p)->wait();
+  CHECK_FALSE(r.exited);
+  CHECK(r.term_signal == SIGTERM);
+  CHECK(r.duration_us < 10000000);
+}

@@ -1,0 +1,298 @@
+// The session virtual actor. Its handlers run on a CAF scheduler thread and only forward: every
+// operation runs on the session's worker, a detached actor (its own thread), because exec and
+// disk work block. The session stays pinned while an operation or background process runs, so
+// the directory never passivates it mid-operation.
+#include "triplane/actors/session_host.hpp"
+
+#include <caf/all.hpp>
+
+#include "session/cgroup_limits.hpp"
+#include "session/sandbox_process.hpp"
+#include "session/session_core.hpp"
+#include "session/session_store.hpp"
+
+namespace triplane::actors {
+
+using bg_done_atom = caf::atom_constant<caf::atom("ss_bgdone")>;
+
+struct session_host::impl {
+  std::unique_ptr<session::cgroup_host> cgroups;
+  session::sandbox_config sandbox;
+  std::unique_ptr<session::session_store> store;
+  session::node_resources node;
+  session_host_options options;
+};
+
+namespace {
+
+using core_ptr = std::shared_ptr<session::session_core>;
+
+template <class T>
+caf::result<T> to_result(expected<T>&& x) {
+  if (x) return std::move(*x);
+  return std::move(x.error());
+}
+
+struct worker_state {
+  core_ptr core;
+  caf::actor_addr session;  ///< weak: background threads notify it when a process ends
+  static inline const char* name = "session_worker";
+};
+
+caf::behavior session_worker(caf::stateful_actor<worker_state>* self, core_ptr core,
+                             caf::actor_addr session) {
+  self->state.core = std::move(core);
+  self->state.session = std::move(session);
+  auto& c = *self->state.core;
+  return {
+    [&c](exec_atom, const exec_request& req) { return to_result(c.exec(req)); },
+    [self, &c](exec_stream_atom, const exec_request& req, const caf::actor& sink) {
+      uint64_t seq = 0;
+      auto r = c.exec(req, [&](output_stream which, std::string_view data) {
+        self->send(sink, exec_chunk_atom::value, exec_chunk{seq++, which, std::string(data)});
+      });
+      return to_result(std::move(r));
+    },
+    [self, &c](bg_start_atom, const exec_request& req) {
+      auto addr = self->state.session;
+      return to_result(c.bg_start(req, [addr](uint64_t id) {
+        if (auto s = caf::actor_cast<caf::actor>(addr)) caf::anon_send(s, bg_done_atom::value, id);
+      }));
+    },
+    [&c](bg_poll_atom, uint64_t id) { return to_result(c.bg_poll(id)); },
+    [&c](bg_wait_atom, uint64_t id, uint64_t timeout_ms) { return to_result(c.bg_wait(id, timeout_ms)); },
+    [&c](bg_signal_atom, uint64_t id, int32_t sig) { return to_result(c.bg_signal(id, sig)); },
+    [&c](bg_list_atom) { return c.bg_list(); },
+    [&c](file_write_atom, const file_write_request& r) { return to_result(c.write_file(r)); },
+    [&c](file_read_atom, const file_read_request& r) { return to_result(c.read_file(r)); },
+    [&c](file_list_atom, const file_list_request& r) { return to_result(c.list_files(r)); },
+    [&c](file_stat_atom, const std::string& p) { return to_result(c.stat_file(p)); },
+    [&c](mkdir_atom, const mkdir_request& r) { return to_result(c.make_directory(r)); },
+    [&c](remove_atom, const remove_request& r) { return to_result(c.remove_file(r)); },
+    [&c](move_atom, const move_request& r) { return to_result(c.move_file(r)); },
+    [&c](tar_out_atom, const std::string& dir) { return to_result(c.tar_out(dir)); },
+    [&c](tar_in_atom, const tar_in_request& r) { return to_result(c.tar_in(r)); },
+    [&c](kv_get_atom, const std::string& k) { return c.kv_get(k); },
+    [&c](kv_put_atom, const std::string& k, const std::string& v) -> caf::result<bool> {
+      auto r = c.kv_put(k, v);
+      if (!r) return std::move(r.error());
+      if (auto err = c.persist()) return err;
+      return *r;
+    },
+    [&c](kv_delete_atom, const std::string& k) -> caf::result<bool> {
+      bool existed = c.kv_delete(k);
+      if (auto err = c.persist()) return err;
+      return existed;
+    },
+    [&c](kv_list_atom, const std::string& prefix) { return c.kv_list(prefix); },
+    [&c](env_set_atom, const std::map<std::string, std::string>& set,
+         const std::vector<std::string>& unset) -> caf::result<session_info> {
+      auto r = c.set_env(set, unset);
+      if (!r) return std::move(r.error());
+      if (auto err = c.persist()) return err;
+      return std::move(*r);
+    },
+    [&c](cwd_set_atom, const std::string& dir) -> caf::result<session_info> {
+      auto r = c.set_cwd(dir);
+      if (!r) return std::move(r.error());
+      if (auto err = c.persist()) return err;
+      return std::move(*r);
+    },
+    [&c](configure_atom, const session_settings& s) -> caf::result<session_info> {
+      auto r = c.configure(s);
+      if (!r) return std::move(r.error());
+      if (auto err = c.persist()) return err;
+      return std::move(*r);
+    },
+    [&c](fork_atom, const std::string& new_id) { return to_result(c.fork(new_id)); },
+    [&c](destroy_atom) -> caf::result<bool> {
+      if (auto err = c.destroy()) return err;
+      return true;
+    },
+    [&c](info_atom) { return c.info(); },
+  };
+}
+
+class session_actor final : public runtime::virtual_actor {
+public:
+  session_actor(session_host::impl& host, std::string id) : host_(host), id_(std::move(id)) {}
+
+  ~session_actor() override {
+    if (worker_) caf::anon_send_exit(worker_, caf::exit_reason::user_shutdown);
+  }
+
+  caf::error restore(runtime::activation_context& ctx,
+                     const std::optional<storage::stored_state>&) override {
+    // The record lives in the sandbox column families (so manifest and chunk reference counts
+    // change in one batch); the runtime's own record only marks that the session exists.
+    auto core = session::session_core::activate(host_.node, id_);
+    if (!core) return core.error();
+    core_ = core_ptr(std::move(*core));
+    worker_ = ctx.self()->spawn<caf::detached>(session_worker, core_, ctx.self()->address());
+    return {};
+  }
+
+  caf::behavior make_behavior(runtime::activation_context& ctx) override {
+    auto* self = ctx.self();
+    auto* c = &ctx;
+    auto worker = worker_;
+    // Forwards one request to the worker, pinning the session until the reply.
+    auto forward = [self, c, worker](auto tag, auto&&... xs) {
+      using reply = typename decltype(tag)::type;
+      auto rp = self->make_response_promise<reply>();
+      c->pin();
+      self->request(worker, caf::infinite, std::forward<decltype(xs)>(xs)...)
+        .then(
+          [c, rp](reply& r) mutable {
+            c->release_pin();
+            rp.deliver(std::move(r));
+          },
+          [c, rp](caf::error& e) mutable {
+            c->release_pin();
+            rp.deliver(std::move(e));
+          });
+      return rp;
+    };
+    return {
+      [=](exec_atom a, const exec_request& r) { return forward(tag<exec_result>{}, a, r); },
+      [=](exec_stream_atom a, const exec_request& r, const caf::actor& sink) {
+        return forward(tag<exec_result>{}, a, r, sink);
+      },
+      [=](bg_start_atom a, const exec_request& r) {
+        auto rp = self->make_response_promise<bg_status>();
+        c->pin();  // for the request
+        c->pin();  // for the process: released by its bg_done, which is sent even when it
+                   // ends before this reply arrives
+        self->request(worker, caf::infinite, a, r)
+          .then(
+            [c, rp](bg_status& s) mutable {
+              c->release_pin();
+              rp.deliver(std::move(s));
+            },
+            [c, rp](caf::error& e) mutable {
+              c->release_pin();
+              c->release_pin();  // no process was started
+              rp.deliver(std::move(e));
+            });
+        return rp;
+      },
+      [=](bg_done_atom, uint64_t) { c->release_pin(); },
+      // Answered here, not by the worker: the worker is the thread blocked in the exec.
+      [core = core_](exec_cancel_atom) { return core->cancel_exec(); },
+      [=](bg_poll_atom a, uint64_t id) { return forward(tag<bg_status>{}, a, id); },
+      [=](bg_wait_atom a, uint64_t id, uint64_t t) { return forward(tag<bg_status>{}, a, id, t); },
+      [=](bg_signal_atom a, uint64_t id, int32_t s) { return forward(tag<bg_status>{}, a, id, s); },
+      [=](bg_list_atom a) { return forward(tag<std::vector<bg_status>>{}, a); },
+      [=](file_write_atom a, const file_write_request& r) { return forward(tag<file_entry>{}, a, r); },
+      [=](file_read_atom a, const file_read_request& r) { return forward(tag<file_data>{}, a, r); },
+      [=](file_list_atom a, const file_list_request& r) { return forward(tag<std::vector<file_entry>>{}, a, r); },
+      [=](file_stat_atom a, const std::string& p) { return forward(tag<file_entry>{}, a, p); },
+      [=](mkdir_atom a, const mkdir_request& r) { return forward(tag<file_entry>{}, a, r); },
+      [=](remove_atom a, const remove_request& r) { return forward(tag<uint64_t>{}, a, r); },
+      [=](move_atom a, const move_request& r) { return forward(tag<file_entry>{}, a, r); },
+      [=](tar_out_atom a, const std::string& d) { return forward(tag<std::string>{}, a, d); },
+      [=](tar_in_atom a, const tar_in_request& r) { return forward(tag<uint64_t>{}, a, r); },
+      [=](kv_get_atom a, const std::string& k) { return forward(tag<kv_value>{}, a, k); },
+      [=](kv_put_atom a, const std::string& k, const std::string& v) { return forward(tag<bool>{}, a, k, v); },
+      [=](kv_delete_atom a, const std::string& k) { return forward(tag<bool>{}, a, k); },
+      [=](kv_list_atom a, const std::string& p) { return forward(tag<std::vector<kv_entry>>{}, a, p); },
+      [=](env_set_atom a, const std::map<std::string, std::string>& s, const std::vector<std::string>& u) {
+        return forward(tag<session_info>{}, a, s, u);
+      },
+      [=](cwd_set_atom a, const std::string& d) { return forward(tag<session_info>{}, a, d); },
+      [=](configure_atom a, const session_settings& s) { return forward(tag<session_info>{}, a, s); },
+      [=](fork_atom a, const std::string& id) { return forward(tag<session_info>{}, a, id); },
+      [=](destroy_atom a) { return forward(tag<bool>{}, a); },
+      [=](info_atom a) { return forward(tag<session_info>{}, a); },
+    };
+  }
+
+  expected<std::string> snapshot() override {
+    // Only called at passivation. Idle passivation never meets a running operation (they pin);
+    // shutdown passivates pinned sessions too: cancel a running exec, then wait for the
+    // worker's operation to end (persist takes the core's operation lock).
+    core_->cancel_exec();
+    // Cheap when idle: every operation already stored its own changes.
+    if (auto err = core_->persist()) return err;
+    return std::string("triplane.session.v1");
+  }
+
+  uint32_t schema_version() const override { return 1; }
+
+  void on_passivate() override {
+    if (auto err = core_->passivate())
+      (void)err;  // a running background process: the runtime does not passivate pinned actors
+    if (worker_) caf::anon_send_exit(worker_, caf::exit_reason::user_shutdown);
+    worker_ = nullptr;
+  }
+
+private:
+  template <class T>
+  struct tag {
+    using type = T;
+  };
+
+  session_host::impl& host_;
+  std::string id_;
+  core_ptr core_;
+  caf::actor worker_;
+};
+
+} // namespace
+
+std::vector<std::string> session_host::column_families() {
+  return session::session_store::column_families();
+}
+
+session_host::session_host(std::unique_ptr<impl> state) : impl_(std::move(state)) {}
+session_host::~session_host() = default;
+
+expected<std::unique_ptr<session_host>> session_host::create(storage::database& db,
+                                                             session_host_options options) {
+  if (options.workspaces_dir.empty())
+    return make_error(errc::invalid_argument, "session host needs a workspaces directory");
+  auto state = std::make_unique<impl>();
+  state->cgroups = session::cgroup_host::detect();
+  // A dot-name cannot collide with the hex-named workspaces.
+  auto sandbox = session::sandbox_config::detect(state->cgroups.get(), options.workspaces_dir + "/.sandbox-etc");
+  if (!sandbox) return sandbox.error();
+  state->sandbox = std::move(*sandbox);
+  auto store = session::session_store::open(db, options.durability);
+  if (!store) return store.error();
+  state->store = std::move(*store);
+  auto& n = state->node;
+  n.store = state->store.get();
+  n.sandbox = &state->sandbox;
+  n.workspaces_dir = options.workspaces_dir;
+  n.defaults = options.defaults;
+  n.history_limit = options.history_limit;
+  n.max_workspace_bytes = options.max_workspace_bytes;
+  n.max_kv_bytes = options.max_kv_bytes;
+  n.max_tar_bytes = options.max_tar_bytes;
+  state->options = std::move(options);
+  return std::unique_ptr<session_host>(new session_host(std::move(state)));
+}
+
+runtime::kind_spec session_host::kind() {
+  runtime::kind_spec spec;
+  spec.name = "session";
+  auto* state = impl_.get();
+  spec.factory = [state](const std::string& id) -> std::unique_ptr<runtime::virtual_actor> {
+    return std::make_unique<session_actor>(*state, id);
+  };
+  spec.idle_timeout = impl_->options.idle_timeout;
+  spec.when = runtime::persistence::at_passivation;
+  spec.durability = impl_->options.durability;
+  return spec;
+}
+
+std::unique_ptr<runtime::virtual_actor> session_host::make_session(const std::string& id) {
+  return std::make_unique<session_actor>(*impl_, id);
+}
+
+limit_mechanism session_host::limits_mechanism() const {
+  auto m = impl_->cgroups->mechanism();
+  return m == limit_mechanism::none ? limit_mechanism::rlimit : m;
+}
+
+} // namespace triplane::actors

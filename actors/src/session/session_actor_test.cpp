@@ -1,0 +1,272 @@
+// The session virtual actor under CAF, hosted by a hand-made activation context (the directory
+// drives it the same way): forwarding, streaming, pins, responsiveness while commands block.
+#include <caf/all.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <atomic>
+#include <filesystem>
+
+#include <unistd.h>
+
+#include "triplane/actors/session_host.hpp"
+#include "triplane/actors/session_types.hpp"
+#include "triplane/storage/database.hpp"
+
+using namespace triplane;
+using namespace triplane::actors;
+using namespace std::chrono_literals;
+
+namespace {
+
+struct test_context final : runtime::activation_context {
+  std::string kind_ = "session", id_;
+  caf::event_based_actor* self_ = nullptr;
+  std::atomic<int> pins{0};
+  const std::string& kind() const override { return kind_; }
+  const std::string& id() const override { return id_; }
+  uint64_t epoch() const override { return 1; }
+  caf::event_based_actor* self() override { return self_; }
+  void mark_changed() override {}
+  void pin() override { ++pins; }
+  void release_pin() override { --pins; }
+  caf::error persist_now() override { return {}; }
+};
+
+struct activation {
+  std::shared_ptr<runtime::virtual_actor> va;
+  std::shared_ptr<test_context> ctx;
+  caf::actor handle;
+};
+
+caf::behavior host(caf::event_based_actor* self, std::shared_ptr<runtime::virtual_actor> va,
+                   std::shared_ptr<test_context> ctx) {
+  ctx->self_ = self;
+  if (auto err = va->restore(*ctx, std::nullopt)) {
+    self->quit(err);
+    return {};
+  }
+  return va->make_behavior(*ctx);
+}
+
+struct config : caf::actor_system_config {
+  config() {
+    add_session_message_types(*this);
+    set("scheduler.max-threads", 2);
+  }
+};
+
+struct fixture {
+  std::filesystem::path base;
+  std::unique_ptr<storage::database> db;
+  std::unique_ptr<session_host> sessions;
+  config cfg;
+  std::unique_ptr<caf::actor_system> sys;
+
+  fixture() {
+    char tmpl[] = "/tmp/tp-session-actor-test-XXXXXX";
+    REQUIRE(::mkdtemp(tmpl));
+    base = tmpl;
+    storage::database_options opts;
+    opts.path = (base / "db").string();
+    opts.column_families = session_host::column_families();
+    auto d = storage::database::open(opts);
+    REQUIRE(d);
+    db = std::move(*d);
+    session_host_options so;
+    so.workspaces_dir = (base / "ws").string();
+    auto h = session_host::create(*db, so);
+    REQUIRE(h);
+    sessions = std::move(*h);
+    sys = std::make_unique<caf::actor_system>(cfg);
+  }
+  ~fixture() {
+    sys.reset();
+    sessions.reset();
+    db.reset();
+    std::filesystem::remove_all(base);
+  }
+  activation activate(const std::string& id) {
+    activation a;
+    a.va = std::shared_ptr<runtime::virtual_actor>(sessions->make_session(id));
+    a.ctx = std::make_shared<test_context>();
+    a.ctx->id_ = id;
+    a.handle = sys->spawn(host, a.va, a.ctx);
+    return a;
+  }
+  /// What the directory does at passivation: snapshot, stop the actor, on_passivate.
+  void passivate(activation& a) {
+    REQUIRE(a.va->snapshot());
+    caf::anon_send_exit(a.handle, caf::exit_reason::user_shutdown);
+    a.va->on_passivate();
+  }
+};
+
+template <class T, class... Ts>
+T call(caf::actor_system& sys, const caf::actor& dest, Ts&&... xs) {
+  caf::scoped_actor self{sys};
+  T out{};
+  self->request(dest, 30s, std::forward<Ts>(xs)...)
+    .receive([&](T& r) { out = std::move(r); },
+             [&](caf::error& e) { FAIL("unexpected error: " << describe(e)); });
+  return out;
+}
+
+caf::error call_error(caf::actor_system& sys, const caf::actor& dest, caf::message msg) {
+  caf::scoped_actor self{sys};
+  caf::error out;
+  self->request(dest, 30s, std::move(msg)).receive([](caf::message&) {}, [&](caf::error& e) { out = e; });
+  return out;
+}
+
+exec_request shell(const std::string& s) {
+  exec_request r;
+  r.shell = s;
+  return r;
+}
+
+} // namespace
+
+TEST_CASE("the session actor runs commands and file operations through its worker", "[session][actor]") {
+  fixture f;
+  auto a = f.activate("s1");
+  file_write_request w{"hello.txt", "hi there", 0644, false, false};
+  auto e = call<file_entry>(*f.sys, a.handle, file_write_atom::value, w);
+  CHECK(e.size == 8);
+  auto r = call<exec_result>(*f.sys, a.handle, exec_atom::value, shell("cat hello.txt; exit 4"));
+  CHECK(r.stdout_data == "hi there");
+  CHECK(r.exit_code == 4);
+  CHECK(call<bool>(*f.sys, a.handle, kv_put_atom::value, std::string("k"), std::string("v")));
+  auto v = call<kv_value>(*f.sys, a.handle, kv_get_atom::value, std::string("k"));
+  CHECK(v.found);
+  CHECK(v.value == "v");
+  CHECK_FALSE(call<kv_value>(*f.sys, a.handle, kv_get_atom::value, std::string("nope")).found);
+  auto err = call_error(*f.sys, a.handle,
+                        caf::make_message(file_read_atom::value, file_read_request{"../etc/passwd", 0, 0}));
+  CHECK(code_of(err) == errc::invalid_argument);
+  auto empty = call_error(*f.sys, a.handle, caf::make_message(exec_atom::value, exec_request{}));
+  CHECK(code_of(empty) == errc::invalid_argument);
+  CHECK(a.ctx->pins == 0);
+  f.passivate(a);
+}
+
+TEST_CASE("streaming exec delivers chunks to the sink before the result", "[session][actor]") {
+  fixture f;
+  auto a = f.activate("stream");
+  caf::scoped_actor self{*f.sys};
+  self->send(a.handle, exec_stream_atom::value,
+             shell("for i in 1 2 3 4; do echo line$i; sleep 0.05; done"), caf::actor{self});
+  std::string streamed;
+  uint64_t expected_seq = 0;
+  bool done = false;
+  exec_result result;
+  while (!done) {
+    self->receive(
+      [&](exec_chunk_atom, const exec_chunk& c) {
+        CHECK(c.seq == expected_seq++);
+        streamed += c.data;
+      },
+      [&](exec_result& r) {
+        result = std::move(r);
+        done = true;
+      },
+      caf::after(10s) >> [&] { FAIL("no result"); });
+  }
+  CHECK(streamed == "line1\nline2\nline3\nline4\n");
+  CHECK(result.stdout_data == streamed);
+  CHECK(expected_seq >= 2);
+  f.passivate(a);
+}
+
+TEST_CASE("the node answers other actors while sessions run blocking commands", "[session][actor]") {
+  fixture f;
+  std::vector<activation> busy;
+  for (int i = 0; i < 3; ++i) busy.push_back(f.activate("busy" + std::to_string(i)));
+  auto pong = f.sys->spawn([]() -> caf::behavior { return {[](int x) { return x; }}; });
+  caf::scoped_actor self{*f.sys};
+  for (auto& b : busy) self->send(b.handle, exec_atom::value, shell("sleep 1"));
+  std::this_thread::sleep_for(200ms);
+  auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < 10; ++i)
+    self->request(pong, 5s, i).receive([](int) {}, [](caf::error&) { FAIL("ping failed"); });
+  auto took = std::chrono::steady_clock::now() - start;
+  CHECK(took < 200ms);
+  for (size_t i = 0; i < busy.size(); ++i)
+    self->receive([](exec_result& r) { CHECK(r.exit_code == 0); }, caf::after(10s) >> [] { FAIL("no reply"); });
+  for (auto& b : busy) CHECK(b.ctx->pins == 0);
+  self->send_exit(pong, caf::exit_reason::user_shutdown);
+  for (auto& b : busy) f.passivate(b);
+}
+
+TEST_CASE("a running background process pins the session until it ends", "[session][actor]") {
+  fixture f;
+  auto a = f.activate("bg");
+  auto st = call<bg_status>(*f.sys, a.handle, bg_start_atom::value, shell("sleep 0.3; echo end"));
+  CHECK(st.running);
+  CHECK(a.ctx->pins == 1);
+  auto done = call<bg_status>(*f.sys, a.handle, bg_wait_atom::value, st.bg_id, uint64_t{5000});
+  CHECK_FALSE(done.running);
+  CHECK(done.result.stdout_data == "end\n");
+  for (int i = 0; i < 100 && a.ctx->pins != 0; ++i) std::this_thread::sleep_for(10ms);
+  CHECK(a.ctx->pins == 0);
+  f.passivate(a);
+}
+
+TEST_CASE("fork and passivation through the actor keep the files", "[session][actor]") {
+  fixture f;
+  auto a = f.activate("orig");
+  call<file_entry>(*f.sys, a.handle, file_write_atom::value, file_write_request{"d/x.txt", "x", 0644, true, false});
+  auto info = call<session_info>(*f.sys, a.handle, fork_atom::value, std::string("copy"));
+  CHECK(info.id == "copy");
+  f.passivate(a);
+  auto b = f.activate("copy");
+  auto d = call<file_data>(*f.sys, b.handle, file_read_atom::value, file_read_request{"d/x.txt", 0, 0});
+  CHECK(d.data == "x");
+  CHECK(call<bool>(*f.sys, b.handle, destroy_atom::value));
+  f.passivate(b);
+  auto again = f.activate("orig");
+  auto still = call<file_data>(*f.sys, again.handle, file_read_atom::value, file_read_request{"d/x.txt", 0, 0});
+  CHECK(still.data == "x");
+  f.passivate(again);
+}
+
+TEST_CASE("a running exec can be cancelled while it blocks", "[session][actor]") {
+  fixture f;
+  auto a = f.activate("cancel");
+  caf::scoped_actor self{*f.sys};
+  CHECK_FALSE(call<bool>(*f.sys, a.handle, exec_cancel_atom::value));
+  auto start = std::chrono::steady_clock::now();
+  self->send(a.handle, exec_atom::value, shell("sleep 30"));
+  bool cancelled = false;
+  for (int i = 0; i < 100 && !cancelled; ++i) {
+    std::this_thread::sleep_for(20ms);
+    cancelled = call<bool>(*f.sys, a.handle, exec_cancel_atom::value);
+  }
+  CHECK(cancelled);
+  self->receive(
+    [&](exec_result& r) {
+      CHECK(r.term_signal == 9);
+      CHECK(r.message.find("cancelled") != std::string::npos);
+    },
+    caf::after(10s) >> [] { FAIL("no reply"); });
+  CHECK(std::chrono::steady_clock::now() - start < 10s);
+  auto info = call<session_info>(*f.sys, a.handle, info_atom::value);
+  CHECK(info.stored);
+  f.passivate(a);
+}
+
+TEST_CASE("passivation at shutdown cancels a running exec instead of racing it", "[session][actor]") {
+  fixture f;
+  auto a = f.activate("shutdown");
+  call<file_entry>(*f.sys, a.handle, file_write_atom::value, file_write_request{"keep.txt", "k", 0644, false, false});
+  caf::scoped_actor self{*f.sys};
+  self->send(a.handle, exec_atom::value, shell("echo partial > p.txt; sleep 30"));
+  std::this_thread::sleep_for(300ms);
+  auto start = std::chrono::steady_clock::now();
+  f.passivate(a);  // what the directory does for pinned sessions at shutdown
+  CHECK(std::chrono::steady_clock::now() - start < 10s);
+  auto b = f.activate("shutdown");
+  auto d = call<file_data>(*f.sys, b.handle, file_read_atom::value, file_read_request{"keep.txt", 0, 0});
+  CHECK(d.data == "k");
+  f.passivate(b);
+}

@@ -1,0 +1,651 @@
+// Session behaviour: exec through the sandbox, files through the workspace, persistence through
+// the session store.
+#include "session/session_core.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <filesystem>
+
+#include <unistd.h>
+
+#include "session/workspace_sync.hpp"
+
+namespace triplane::actors::session {
+namespace {
+
+uint64_t now_ms() {
+  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                   std::chrono::system_clock::now().time_since_epoch())
+                                   .count());
+}
+
+uint64_t pick(uint64_t request, uint64_t session, uint64_t node) {
+  return request ? request : session ? session : node;
+}
+
+caf::error validate_env_name(const std::string& name) {
+  if (name.empty() || name.find('=') != std::string::npos || name.find('\0') != std::string::npos)
+    return make_error(errc::invalid_argument, "invalid environment variable name '" + name + "'");
+  return {};
+}
+
+/// Bytes held by regular files under `root` (stat only, symlinks not followed).
+uint64_t workspace_usage(const std::string& root) {
+  uint64_t total = 0;
+  std::error_code ec;
+  for (auto i = std::filesystem::recursive_directory_iterator(
+           root, std::filesystem::directory_options::skip_permission_denied, ec);
+       !ec && i != std::filesystem::recursive_directory_iterator(); i.increment(ec)) {
+    std::error_code fec;
+    if (i->is_regular_file(fec) && !i->is_symlink(fec)) total += i->file_size(fec);
+  }
+  return total;
+}
+
+constexpr uint64_t default_output_cap = 1u << 20;
+constexpr uint64_t default_timeout_ms = 60000;
+constexpr size_t max_id_bytes = 1024;
+constexpr size_t max_kv_key_bytes = 1024;
+
+} // namespace
+
+struct session_core::background {
+  uint64_t id = 0;
+  std::vector<std::string> argv;
+  uint64_t started_ms = 0;
+  std::unique_ptr<sandbox_process> proc;
+  std::thread thread;
+  std::mutex mutex;
+  std::condition_variable ended;
+  bool done = false;
+  exec_result snapshot;
+  // Requests to the pumping thread, the only one that touches `proc` after start.
+  std::atomic<int> pending_signal{0};
+  std::atomic<bool> kill_requested{false};
+};
+
+expected<std::unique_ptr<session_core>> session_core::activate(const node_resources& node,
+                                                               const std::string& id) {
+  if (id.empty() || id.size() > max_id_bytes || id.find('\0') != std::string::npos)
+    return make_error(errc::invalid_argument, "session id must be 1.." + std::to_string(max_id_bytes) +
+                                                  " bytes without NUL");
+  auto core = std::unique_ptr<session_core>(new session_core(node));
+  auto stored = node.store->load(id);
+  if (!stored) return stored.error();
+  if (*stored) {
+    core->record_ = std::move(**stored);
+    core->stored_files_ = core->record_.files;
+    core->stored_ = true;
+  } else {
+    core->record_.id = id;
+    core->record_.created_unix_ms = now_ms();
+    core->record_.last_used_unix_ms = core->record_.created_unix_ms;
+  }
+  core->workspace_dir_ = node.workspaces_dir + "/" + to_hex(sha256(id));
+  // A workspace left from an earlier activation (crash) is only a cache: RocksDB is the truth.
+  if (auto err = remove_tree(core->workspace_dir_)) return err;
+  return core;
+}
+
+session_core::session_core(const node_resources& node) : node_(node) {}
+
+session_core::~session_core() {
+  for (auto& [id, bg] : background_) {
+    bg->kill_requested = true;
+    if (bg->thread.joinable()) bg->thread.join();
+  }
+}
+
+uint64_t session_core::quota() const {
+  return record_.settings.workspace_quota_bytes ? record_.settings.workspace_quota_bytes
+                                                : node_.max_workspace_bytes;
+}
+
+caf::error session_core::ensure_materialized() {
+  if (workspace_) return {};
+  auto start = std::chrono::steady_clock::now();
+  if (auto err = remove_tree(workspace_dir_)) return err;
+  if (auto err = materialize(workspace_dir_, record_.files, *node_.store)) return err;
+  auto ws = workspace::open(workspace_dir_, node_.use_openat2);
+  if (!ws) return ws.error();
+  workspace_ = std::move(*ws);
+  stats_.materialized = true;
+  stats_.materialize_us = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(
+                                                    std::chrono::steady_clock::now() - start)
+                                                    .count());
+  return {};
+}
+
+caf::error session_core::sync_and_save(bool* quota_exceeded, std::string* quota_message) {
+  if (workspace_) {
+    auto outcome = sync_manifest(workspace_dir_, record_.files, quota());
+    if (!outcome && code_of(outcome.error()) == errc::limit_exceeded) {
+      // Over quota: the workspace goes back to its last stored state (what the command or
+      // write added is discarded), and the caller is told.
+      if (quota_exceeded) *quota_exceeded = true;
+      if (quota_message) *quota_message = describe(outcome.error()) + "; changes discarded";
+      workspace_.reset();
+      record_.files = stored_files_;
+      if (auto err = ensure_materialized()) return err;
+    } else if (!outcome) {
+      return outcome.error();
+    } else {
+      if (running_background() == 0) scan_needed_ = false;
+      stats_.files_read = outcome->files_read;
+      stats_.chunks_written = outcome->new_chunks.size();
+      if (outcome->changed || dirty_) {
+        record_.last_used_unix_ms = now_ms();
+        if (auto err = node_.store->save(record_, stored_ ? &stored_files_ : nullptr,
+                                         outcome->new_chunks))
+          return err;
+        stored_files_ = record_.files;
+        stored_ = true;
+        dirty_ = false;
+      }
+      return {};
+    }
+  }
+  if (dirty_) {
+    record_.last_used_unix_ms = now_ms();
+    if (auto err = node_.store->save(record_, stored_ ? &stored_files_ : nullptr, {})) return err;
+    stored_files_ = record_.files;
+    stored_ = true;
+    dirty_ = false;
+  }
+  return {};
+}
+
+expected<launch_spec> session_core::resolve(const exec_request& req) {
+  bool has_argv = !req.argv.empty();
+  bool has_shell = !req.shell.empty();
+  if (!has_argv && !has_shell) return make_error(errc::invalid_argument, "empty command: give argv or shell");
+  if (has_argv && has_shell) return make_error(errc::invalid_argument, "give either argv or shell, not both");
+  if (has_argv && req.argv.front().empty()) return make_error(errc::invalid_argument, "empty command: argv[0] is empty");
+  launch_spec spec;
+  spec.argv = has_argv ? req.argv : std::vector<std::string>{"/bin/sh", "-c", req.shell};
+  for (const auto& a : spec.argv)
+    if (a.find('\0') != std::string::npos)
+      return make_error(errc::invalid_argument, "a command argument contains a NUL byte");
+  std::map<std::string, std::string> env{{"PATH", "/usr/local/bin:/usr/bin:/bin"},
+                                         {"HOME", "/workspace"},
+                                         {"LANG", "C.UTF-8"},
+                                         {"TMPDIR", "/tmp"}};
+  for (const auto& [k, v] : record_.env) env[k] = v;
+  for (const auto& [k, v] : req.env) {
+    if (auto err = validate_env_name(k)) return err;
+    if (v.find('\0') != std::string::npos)
+      return make_error(errc::invalid_argument, "environment value of '" + k + "' contains a NUL byte");
+    env[k] = v;
+  }
+  for (const auto& k : req.env_unset) env.erase(k);
+  for (const auto& [k, v] : env) spec.env.push_back(k + "=" + v);
+  const std::string& cwd = req.cwd.empty() ? record_.cwd : req.cwd;
+  auto names = split_path(cwd, true);
+  if (!names) return names.error();
+  if (!names->empty()) {
+    auto st = workspace_->stat(cwd);
+    if (!st) return st.error();
+    if (st->type != file_type::directory)
+      return make_error(errc::invalid_argument, "cwd '" + cwd + "' is not a directory");
+  }
+  spec.cwd = "/workspace";
+  for (const auto& n : *names) spec.cwd += "/" + n;
+  const auto& s = record_.settings;
+  const auto& d = node_.defaults;
+  spec.timeout_ms = std::min(pick(req.timeout_ms, s.default_timeout_ms,
+                                  d.default_timeout_ms ? d.default_timeout_ms : default_timeout_ms),
+                             node_.max_timeout_ms);
+  auto& l = spec.limits;
+  l.memory_bytes = pick(req.limits.memory_bytes, s.default_limits.memory_bytes, d.default_limits.memory_bytes);
+  l.max_processes = static_cast<uint32_t>(pick(req.limits.max_processes, s.default_limits.max_processes,
+                                               d.default_limits.max_processes));
+  l.cpu_time_ms = pick(req.limits.cpu_time_ms, s.default_limits.cpu_time_ms, d.default_limits.cpu_time_ms);
+  l.max_file_bytes = pick(req.limits.max_file_bytes, s.default_limits.max_file_bytes,
+                          d.default_limits.max_file_bytes ? d.default_limits.max_file_bytes : quota());
+  l.stdout_cap_bytes = pick(req.limits.stdout_cap_bytes, s.default_limits.stdout_cap_bytes,
+                            d.default_limits.stdout_cap_bytes ? d.default_limits.stdout_cap_bytes : default_output_cap);
+  l.stderr_cap_bytes = pick(req.limits.stderr_cap_bytes, s.default_limits.stderr_cap_bytes,
+                            d.default_limits.stderr_cap_bytes ? d.default_limits.stderr_cap_bytes : default_output_cap);
+  spec.stdin_data = req.stdin_data;
+  spec.network = s.network;
+  spec.workspace = workspace_dir_;
+  spec.group_name = "tp-" + to_hex(sha256(record_.id)).substr(0, 16) + "-" +
+                    std::to_string(::getpid()) + "-" + std::to_string(++launches_);
+  return spec;
+}
+
+void session_core::record_history(const std::vector<std::string>& argv, const exec_result& r,
+                                  uint64_t started) {
+  command_record c;
+  c.argv = argv;
+  c.exited = r.exited;
+  c.exit_code = r.exit_code;
+  c.term_signal = r.term_signal;
+  c.timed_out = r.timed_out;
+  c.duration_us = r.duration_us;
+  c.started_unix_ms = started;
+  record_.history.push_back(std::move(c));
+  while (record_.history.size() > node_.history_limit) record_.history.pop_front();
+  dirty_ = true;
+}
+
+expected<exec_result> session_core::exec(const exec_request& req, sandbox_process::output_sink sink) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  if (auto err = ensure_materialized()) return err;
+  auto spec = resolve(req);
+  if (!spec) return spec.error();
+  auto argv = spec->argv;
+  uint64_t started = now_ms();
+  auto proc = sandbox_process::start(*node_.sandbox, std::move(*spec), std::move(sink));
+  if (!proc) return proc.error();
+  // Pump, and about once a second check the workspace's size with a stat walk: a command that
+  // writes many files is stopped near the quota instead of filling the host's disk first.
+  const uint64_t limit = quota();
+  bool over_quota = false;
+  bool cancelled = false;
+  cancel_requested_ = false;
+  exec_running_ = true;
+  auto next_check = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+  while (!(*proc)->pump(50)) {
+    if (cancel_requested_.exchange(false) && !cancelled) {
+      cancelled = true;
+      (*proc)->kill_tree();
+    }
+    if (std::chrono::steady_clock::now() < next_check) continue;
+    next_check = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+    if (workspace_usage(workspace_dir_) > limit) {
+      over_quota = true;
+      (*proc)->kill_tree();
+    }
+  }
+  exec_running_ = false;
+  exec_result result = (*proc)->result();
+  proc->reset();
+  if (cancelled) result.message += std::string(result.message.empty() ? "" : "; ") + "cancelled";
+  if (over_quota) result.message += std::string(result.message.empty() ? "" : "; ") +
+                                    "killed: workspace grew past its quota while running";
+  result.enforced.workspace_quota = limit_mechanism::supervisor;
+  record_history(argv, result, started);
+  bool over = false;
+  std::string why;
+  if (auto err = sync_and_save(&over, &why)) return err;
+  if (over) {
+    result.quota_exceeded = true;
+    result.message += (result.message.empty() ? "" : "; ") + why;
+    if (auto err = sync_and_save(nullptr, nullptr)) return err;  // store the history entry
+  }
+  return result;
+}
+
+bool session_core::cancel_exec() {
+  if (!exec_running_) return false;
+  cancel_requested_ = true;
+  return true;
+}
+
+bg_status session_core::status_of(background& bg) {
+  std::lock_guard<std::mutex> lock(bg.mutex);
+  bg_status s;
+  s.bg_id = bg.id;
+  s.argv = bg.argv;
+  s.running = !bg.done;
+  s.result = bg.snapshot;
+  s.started_unix_ms = bg.started_ms;
+  return s;
+}
+
+expected<bg_status> session_core::bg_start(const exec_request& req, std::function<void(uint64_t)> on_end) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  if (auto err = ensure_materialized()) return err;
+  auto spec = resolve(req);
+  if (!spec) return spec.error();
+  auto bg = std::make_unique<background>();
+  bg->id = record_.next_bg_id++;
+  dirty_ = true;
+  scan_needed_ = true;
+  bg->argv = spec->argv;
+  bg->started_ms = now_ms();
+  auto proc = sandbox_process::start(*node_.sandbox, std::move(*spec), nullptr);
+  if (!proc) return proc.error();
+  bg->proc = std::move(*proc);
+  auto* raw = bg.get();
+  raw->thread = std::thread([raw, on_end = std::move(on_end)] {
+    for (;;) {
+      if (raw->kill_requested) raw->proc->kill_tree();
+      if (int sig = raw->pending_signal.exchange(0)) raw->proc->signal(sig);
+      bool finished = raw->proc->pump(20);
+      std::unique_lock<std::mutex> lock(raw->mutex);
+      raw->snapshot = raw->proc->result();
+      if (finished) {
+        // on_end first: whoever sees `done` may rely on the end having been announced.
+        lock.unlock();
+        if (on_end) on_end(raw->id);
+        lock.lock();
+        raw->done = true;
+        lock.unlock();
+        raw->ended.notify_all();
+        return;
+      }
+    }
+  });
+  auto id = raw->id;
+  background_.emplace(id, std::move(bg));
+  return status_of(*raw);
+}
+
+expected<bg_status> session_core::bg_poll(uint64_t bg_id) {
+  auto i = background_.find(bg_id);
+  if (i == background_.end())
+    return make_error(errc::not_found, "no background process " + std::to_string(bg_id));
+  return status_of(*i->second);
+}
+
+expected<bg_status> session_core::bg_wait(uint64_t bg_id, uint64_t timeout_ms) {
+  auto i = background_.find(bg_id);
+  if (i == background_.end())
+    return make_error(errc::not_found, "no background process " + std::to_string(bg_id));
+  auto& bg = *i->second;
+  {
+    std::unique_lock<std::mutex> lock(bg.mutex);
+    bg.ended.wait_for(lock, std::chrono::milliseconds(timeout_ms), [&] { return bg.done; });
+  }
+  return status_of(bg);
+}
+
+expected<bg_status> session_core::bg_signal(uint64_t bg_id, int32_t signo) {
+  if (signo <= 0 || signo >= NSIG)
+    return make_error(errc::invalid_argument, "signal " + std::to_string(signo) + " is out of range");
+  auto i = background_.find(bg_id);
+  if (i == background_.end())
+    return make_error(errc::not_found, "no background process " + std::to_string(bg_id));
+  i->second->pending_signal = signo;
+  return status_of(*i->second);
+}
+
+std::vector<bg_status> session_core::bg_list() {
+  std::vector<bg_status> out;
+  for (auto& [id, bg] : background_) out.push_back(status_of(*bg));
+  return out;
+}
+
+size_t session_core::running_background() const {
+  size_t n = 0;
+  for (const auto& [id, bg] : background_) {
+    std::lock_guard<std::mutex> lock(bg->mutex);
+    if (!bg->done) ++n;
+  }
+  return n;
+}
+
+expected<file_entry> session_core::write_file(const file_write_request& req) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  if (auto err = ensure_materialized()) return err;
+  if (req.data.size() > quota())
+    return make_error(errc::limit_exceeded, "write of " + std::to_string(req.data.size()) +
+                                                " bytes exceeds the workspace quota of " + std::to_string(quota()));
+  auto e = workspace_->write(req);
+  if (!e) return e;
+  bool over = false;
+  std::string why;
+  if (auto err = sync_and_save(&over, &why)) return err;
+  if (over) return make_error(errc::limit_exceeded, why);
+  return e;
+}
+
+expected<file_data> session_core::read_file(const file_read_request& req) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  if (auto err = ensure_materialized()) return err;
+  return workspace_->read(req);
+}
+
+expected<std::vector<file_entry>> session_core::list_files(const file_list_request& req) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  if (auto err = ensure_materialized()) return err;
+  return workspace_->list(req);
+}
+
+expected<file_entry> session_core::stat_file(const std::string& path) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  if (auto err = ensure_materialized()) return err;
+  return workspace_->stat(path);
+}
+
+expected<file_entry> session_core::make_directory(const mkdir_request& req) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  if (auto err = ensure_materialized()) return err;
+  auto e = workspace_->make_directory(req);
+  if (!e) return e;
+  if (auto err = sync_and_save(nullptr, nullptr)) return err;
+  return e;
+}
+
+expected<uint64_t> session_core::remove_file(const remove_request& req) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  if (auto err = ensure_materialized()) return err;
+  auto n = workspace_->remove(req);
+  if (!n) return n;
+  if (auto err = sync_and_save(nullptr, nullptr)) return err;
+  return n;
+}
+
+expected<file_entry> session_core::move_file(const move_request& req) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  if (auto err = ensure_materialized()) return err;
+  auto e = workspace_->move(req);
+  if (!e) return e;
+  if (auto err = sync_and_save(nullptr, nullptr)) return err;
+  return e;
+}
+
+expected<std::string> session_core::tar_out(const std::string& dir) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  if (auto err = ensure_materialized()) return err;
+  auto st = workspace_->stat(dir);
+  if (!st) return st.error();
+  if (st->type != file_type::directory)
+    return make_error(errc::invalid_argument, "'" + dir + "' is not a directory");
+  uint64_t cap = record_.settings.max_tar_bytes ? record_.settings.max_tar_bytes : node_.max_tar_bytes;
+  // tar runs inside the sandbox: whatever the tree holds, it can only read the workspace.
+  exec_request req;
+  req.argv = {"tar", "-cf", "-", "-C", "/workspace/" + st->path, "."};
+  req.limits.stdout_cap_bytes = cap;
+  auto r = exec(req);
+  if (!r) return r.error();
+  if (r->stdout_truncated)
+    return make_error(errc::limit_exceeded, "archive exceeds the maximum of " + std::to_string(cap) + " bytes");
+  if (!r->exited || r->exit_code != 0)
+    return make_error(errc::io_error, "tar failed: " + r->stderr_data);
+  return std::move(r->stdout_data);
+}
+
+expected<uint64_t> session_core::tar_in(const tar_in_request& req) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  if (auto err = ensure_materialized()) return err;
+  auto names = split_path(req.dir, true);
+  if (!names) return names.error();
+  if (!names->empty()) {
+    auto d = workspace_->make_directory({req.dir, true, 0755});
+    if (!d) return d.error();
+  }
+  std::string dir = "/workspace";
+  for (const auto& n : *names) dir += "/" + n;
+  // GNU tar inside the sandbox: it strips leading '/' and skips members with '..' (exit 2),
+  // cannot create devices (no capabilities) and can only write the workspace anyway.
+  exec_request x;
+  x.argv = {"tar", "-xvf", "-", "-C", dir, "--no-same-owner", "--no-overwrite-dir"};
+  x.stdin_data = req.archive;
+  auto r = exec(x);
+  if (!r) return r.error();
+  if (r->quota_exceeded) return make_error(errc::limit_exceeded, r->message);
+  if (!r->exited || r->exit_code != 0)
+    return make_error(errc::invalid_argument, "tar refused the archive: " + r->stderr_data);
+  return static_cast<uint64_t>(std::count(r->stdout_data.begin(), r->stdout_data.end(), '\n'));
+}
+
+kv_value session_core::kv_get(const std::string& key) const {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  auto i = record_.kv.find(key);
+  if (i == record_.kv.end()) return {};
+  return {true, i->second};
+}
+
+expected<bool> session_core::kv_put(const std::string& key, std::string value) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  if (key.empty() || key.size() > max_kv_key_bytes)
+    return make_error(errc::invalid_argument, "kv key must be 1.." + std::to_string(max_kv_key_bytes) + " bytes");
+  uint64_t limit = record_.settings.max_kv_bytes ? record_.settings.max_kv_bytes : node_.max_kv_bytes;
+  uint64_t total = 0;
+  for (const auto& [k, v] : record_.kv)
+    if (k != key) total += k.size() + v.size();
+  if (total + key.size() + value.size() > limit)
+    return make_error(errc::limit_exceeded, "kv memory would exceed its limit of " + std::to_string(limit) + " bytes");
+  bool fresh = record_.kv.find(key) == record_.kv.end();
+  record_.kv[key] = std::move(value);
+  dirty_ = true;
+  return fresh;
+}
+
+bool session_core::kv_delete(const std::string& key) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  bool existed = record_.kv.erase(key) > 0;
+  if (existed) dirty_ = true;
+  return existed;
+}
+
+std::vector<kv_entry> session_core::kv_list(const std::string& prefix) const {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  std::vector<kv_entry> out;
+  for (auto i = record_.kv.lower_bound(prefix); i != record_.kv.end(); ++i) {
+    if (i->first.compare(0, prefix.size(), prefix) != 0) break;
+    out.push_back({i->first, i->second});
+  }
+  return out;
+}
+
+expected<session_info> session_core::set_env(const std::map<std::string, std::string>& set,
+                                             const std::vector<std::string>& unset) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  for (const auto& [k, v] : set) {
+    if (auto err = validate_env_name(k)) return err;
+    if (v.find('\0') != std::string::npos)
+      return make_error(errc::invalid_argument, "environment value of '" + k + "' contains a NUL byte");
+  }
+  for (const auto& k : unset) record_.env.erase(k);
+  for (const auto& [k, v] : set) record_.env[k] = v;
+  dirty_ = true;
+  return info();
+}
+
+expected<session_info> session_core::set_cwd(const std::string& dir) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  if (auto err = ensure_materialized()) return err;
+  auto names = split_path(dir, true);
+  if (!names) return names.error();
+  if (!names->empty()) {
+    auto st = workspace_->stat(dir);
+    if (!st) return st.error();
+    if (st->type != file_type::directory)
+      return make_error(errc::invalid_argument, "'" + dir + "' is not a directory");
+  }
+  std::string cwd;
+  for (const auto& n : *names) cwd += (cwd.empty() ? "" : "/") + n;
+  record_.cwd = cwd;
+  dirty_ = true;
+  return info();
+}
+
+expected<session_info> session_core::configure(const session_settings& settings) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  if (settings.network != network_policy::none && settings.network != network_policy::loopback)
+    return make_error(errc::invalid_argument, "unknown network policy");
+  record_.settings = settings;
+  dirty_ = true;
+  return info();
+}
+
+session_info session_core::info() const {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  session_info i;
+  i.id = record_.id;
+  i.created_unix_ms = record_.created_unix_ms;
+  i.last_used_unix_ms = record_.last_used_unix_ms;
+  i.settings = record_.settings;
+  i.env = record_.env;
+  i.cwd = record_.cwd;
+  for (const auto& [path, e] : record_.files)
+    if (e.type == file_type::regular) {
+      ++i.file_count;
+      i.workspace_bytes += e.size;
+    }
+  i.running_background = running_background();
+  i.history.assign(record_.history.begin(), record_.history.end());
+  i.forked_from = record_.forked_from;
+  i.stored = stored_;
+  return i;
+}
+
+caf::error session_core::persist() {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  // Every exec and file operation already synced and stored its changes; only background
+  // processes (and kv/env/settings changes) leave something to do here.
+  if (stored_ && !dirty_ && !scan_needed_) return {};
+  return sync_and_save(nullptr, nullptr);
+}
+
+caf::error session_core::passivate() {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  if (running_background() > 0)
+    return make_error(errc::unavailable, "session '" + record_.id +
+                                             "' has running background processes and stays live");
+  if (auto err = persist()) return err;
+  workspace_.reset();
+  stats_.materialized = false;
+  return remove_tree(workspace_dir_);
+}
+
+expected<session_info> session_core::fork(const std::string& new_id) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  if (new_id.empty() || new_id.size() > max_id_bytes || new_id.find('\0') != std::string::npos)
+    return make_error(errc::invalid_argument, "new session id must be 1.." + std::to_string(max_id_bytes) +
+                                                  " bytes without NUL");
+  if (new_id == record_.id) return make_error(errc::already_exists, "cannot fork a session onto itself");
+  if (auto err = persist()) return err;
+  auto now = now_ms();
+  if (auto err = node_.store->fork(record_, new_id, now)) return err;
+  session_info i = info();
+  i.id = new_id;
+  i.forked_from = record_.id;
+  i.created_unix_ms = i.last_used_unix_ms = now;
+  i.history.clear();
+  i.running_background = 0;
+  return i;
+}
+
+caf::error session_core::destroy() {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  for (auto& [id, bg] : background_) {
+    bg->kill_requested = true;
+    if (bg->thread.joinable()) bg->thread.join();
+  }
+  background_.clear();
+  workspace_.reset();
+  if (auto err = remove_tree(workspace_dir_)) return err;
+  bool was_stored = stored_;
+  // From here on the object is a fresh, empty session with the same id (the id is free to be
+  // used again); nothing is stored for it until something changes.
+  session_record fresh;
+  fresh.id = record_.id;
+  fresh.created_unix_ms = fresh.last_used_unix_ms = now_ms();
+  record_ = std::move(fresh);
+  stored_files_.clear();
+  stored_ = false;
+  dirty_ = false;
+  scan_needed_ = false;
+  stats_ = {};
+  if (was_stored) return node_.store->destroy(record_.id);
+  return {};
+}
+
+} // namespace triplane::actors::session

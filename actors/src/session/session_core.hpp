@@ -1,0 +1,135 @@
+// One sandbox session's behaviour as a plain C++ object: exec, files, kv, env, history,
+// persistence (sync, passivate, rehydrate), fork and destroy. Operations on the state serialise
+// on an internal mutex; bg_poll/bg_wait/bg_signal/bg_list are for the worker thread only;
+// cancel_exec() and running_background() may be called from anywhere. Calls may block (exec,
+// disk): never call it on a CAF scheduler thread except at passivation.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "session/sandbox_process.hpp"
+#include "session/session_store.hpp"
+#include "session/workspace.hpp"
+#include "triplane/actors/session_protocol.hpp"
+
+namespace triplane::actors::session {
+
+/// What every session of a node shares. All pointers borrowed; they outlive every session.
+struct node_resources {
+  session_store* store = nullptr;
+  const sandbox_config* sandbox = nullptr;
+  std::string workspaces_dir;         ///< each session's workspace is workspaces_dir/<hex id>
+  session_settings defaults;          ///< where a session's own settings leave 0
+  size_t history_limit = 100;         ///< commands kept in the history
+  bool use_openat2 = true;
+  uint64_t max_workspace_bytes = 256ull << 20;  ///< quota when the session sets none
+  uint64_t max_kv_bytes = 1u << 20;
+  uint64_t max_tar_bytes = 64u << 20;
+  uint64_t max_timeout_ms = 3600000;
+};
+
+/// Statistics of the last rehydration / sync, for tests and benchmarks.
+struct persistence_stats {
+  uint64_t materialize_us = 0;   ///< last workspace materialization
+  uint64_t files_read = 0;       ///< files hashed by the last sync
+  uint64_t chunks_written = 0;   ///< chunks supplied to the store by the last sync
+  bool materialized = false;
+};
+
+class session_core {
+public:
+  /// Loads the session's record (or starts a fresh one). Cheap: the workspace is only
+  /// materialized on first use (lazy). corrupted when the stored record is unreadable.
+  static expected<std::unique_ptr<session_core>> activate(const node_resources& node,
+                                                          const std::string& id);
+  ~session_core();  ///< kills background processes; leaves the workspace (see passivate)
+
+  const std::string& id() const { return record_.id; }
+
+  expected<exec_result> exec(const exec_request& req, sandbox_process::output_sink sink = nullptr);
+  /// Kills the exec running now, if any. Thread-safe: may be called while exec() blocks.
+  bool cancel_exec();
+
+  /// Background processes. `on_end(bg_id)` runs on the process's own thread when it ends.
+  expected<bg_status> bg_start(const exec_request& req, std::function<void(uint64_t)> on_end);
+  expected<bg_status> bg_poll(uint64_t bg_id);
+  expected<bg_status> bg_wait(uint64_t bg_id, uint64_t timeout_ms);
+  expected<bg_status> bg_signal(uint64_t bg_id, int32_t signo);
+  std::vector<bg_status> bg_list();
+  /// Background processes still running (thread-safe).
+  size_t running_background() const;
+
+  expected<file_entry> write_file(const file_write_request& req);
+  expected<file_data> read_file(const file_read_request& req);
+  expected<std::vector<file_entry>> list_files(const file_list_request& req);
+  expected<file_entry> stat_file(const std::string& path);
+  expected<file_entry> make_directory(const mkdir_request& req);
+  expected<uint64_t> remove_file(const remove_request& req);
+  expected<file_entry> move_file(const move_request& req);
+  expected<std::string> tar_out(const std::string& dir);
+  expected<uint64_t> tar_in(const tar_in_request& req);
+
+  kv_value kv_get(const std::string& key) const;
+  expected<bool> kv_put(const std::string& key, std::string value);
+  bool kv_delete(const std::string& key);
+  std::vector<kv_entry> kv_list(const std::string& prefix) const;
+
+  expected<session_info> set_env(const std::map<std::string, std::string>& set,
+                                 const std::vector<std::string>& unset);
+  expected<session_info> set_cwd(const std::string& dir);
+  expected<session_info> configure(const session_settings& settings);
+  session_info info() const;
+
+  /// Writes what changed (files since the last sync, settings, kv, ...) in one atomic batch.
+  caf::error persist();
+  /// persist(), then removes the workspace. Refused (unavailable) while background processes run.
+  caf::error passivate();
+  /// Stores a copy under new_id sharing all chunks. Persists this session first.
+  expected<session_info> fork(const std::string& new_id);
+  /// Kills processes, removes the workspace and the stored record; chunks only this session
+  /// referenced are reclaimed. Afterwards the object is a fresh, empty session with the same id,
+  /// stored only once something changes.
+  caf::error destroy();
+
+  const persistence_stats& stats() const { return stats_; }
+  /// The workspace directory on the host (materialized or not).
+  const std::string& workspace_dir() const { return workspace_dir_; }
+
+private:
+  struct background;
+  explicit session_core(const node_resources& node);
+  caf::error ensure_materialized();
+  expected<launch_spec> resolve(const exec_request& req);
+  caf::error sync_and_save(bool* quota_exceeded, std::string* quota_message);
+  void record_history(const std::vector<std::string>& argv, const exec_result& r, uint64_t started);
+  bg_status status_of(background& bg);
+  uint64_t quota() const;
+
+  const node_resources& node_;
+  session_record record_;
+  manifest stored_files_;        ///< the manifest as last stored (for refcount deltas)
+  bool stored_ = false;          ///< a record exists in the store
+  bool dirty_ = false;           ///< non-file state changed since the last save
+  std::string workspace_dir_;
+  std::unique_ptr<workspace> workspace_;
+  persistence_stats stats_;
+  uint64_t launches_ = 0;
+  std::map<uint64_t, std::unique_ptr<background>> background_;
+  bool scan_needed_ = false;
+  std::atomic<bool> exec_running_{false};
+  /// Held by every operation on the session's state, so the runtime's thread (snapshot and
+  /// on_passivate at shutdown) never overlaps the worker's. Recursive: operations nest.
+  mutable std::recursive_mutex op_mutex_;
+  std::atomic<bool> cancel_requested_{false};    ///< a background process may have changed files since the last scan
+};
+
+} // namespace triplane::actors::session

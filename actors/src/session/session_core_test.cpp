@@ -1,0 +1,338 @@
+// A session end to end without actors: persistence, rehydration, dedup, fork, destroy, quotas,
+// background processes, tar, and the real workload.
+#include "session/testing/session_fixture.hpp"
+
+#include <csignal>
+#include <fstream>
+
+using namespace triplane;
+using namespace triplane::actors;
+using namespace triplane::actors::session;
+using namespace triplane::actors::session::testing;
+
+namespace {
+
+file_write_request file(std::string path, std::string data, uint32_t mode = 0644) {
+  return {std::move(path), std::move(data), mode, true, false};
+}
+
+std::string read_all(session_core& s, const std::string& path) {
+  auto d = s.read_file({path, 0, 0});
+  REQUIRE(d);
+  return d->data;
+}
+
+} // namespace
+
+TEST_CASE("a session's files, kv, env, cwd and history survive passivation", "[session]") {
+  node_fixture f;
+  {
+    auto s = f.activate("alpha");
+    REQUIRE(s->write_file(file("dir/a.txt", "hello")));
+    REQUIRE(s->write_file(file("run.sh", "#!/bin/sh\necho run:$GREETING\n", 0755)));
+    REQUIRE(s->kv_put("note/1", "remember"));
+    REQUIRE(s->set_env({{"GREETING", "hi"}}, {}));
+    REQUIRE(s->set_cwd("dir"));
+    auto r = s->exec(shell("ln -s a.txt link; mkdir -p empty/deeper; pwd; echo more > b.txt"));
+    REQUIRE(r);
+    CHECK(r->stdout_data == "/workspace/dir\n");
+    REQUIRE_FALSE(s->passivate());
+    CHECK_FALSE(std::filesystem::exists(s->workspace_dir()));
+  }
+  f.open_db();  // a fresh database handle: nothing survives in memory
+  auto s = f.activate("alpha");
+  CHECK_FALSE(s->stats().materialized);
+  CHECK(read_all(*s, "dir/a.txt") == "hello");
+  CHECK(read_all(*s, "dir/b.txt") == "more\n");
+  auto link = s->stat_file("dir/link");
+  REQUIRE(link);
+  CHECK(link->type == file_type::symlink);
+  CHECK(link->link_target == "a.txt");
+  CHECK(s->stat_file("dir/empty/deeper"));
+  CHECK(s->stat_file("run.sh")->mode == 0755);
+  CHECK(s->kv_get("note/1").value == "remember");
+  auto info = s->info();
+  CHECK(info.cwd == "dir");
+  CHECK(info.env.at("GREETING") == "hi");
+  REQUIRE(info.history.size() == 1);
+  CHECK(info.history[0].exit_code == 0);
+  auto r = s->exec(shell("../run.sh"));
+  REQUIRE(r);
+  CHECK(r->stdout_data == "run:hi\n");
+}
+
+TEST_CASE("after an exec only the changed files are read and stored", "[session]") {
+  node_fixture f;
+  auto s = f.activate("sync");
+  REQUIRE(s->exec(shell("for i in $(seq 1 50); do echo file $i > f$i.txt; done")));
+  CHECK(s->stats().files_read == 50);
+  auto r = s->exec(shell("echo changed >> f7.txt; cat f1.txt"));
+  REQUIRE(r);
+  CHECK(s->stats().files_read == 1);
+  CHECK(s->stats().chunks_written == 1);
+  REQUIRE(s->exec(shell("true")));
+  CHECK(s->stats().files_read == 0);
+}
+
+TEST_CASE("identical content is stored once and reclaimed when its last session is destroyed", "[session]") {
+  node_fixture f;
+  std::string big(3 * chunk_bytes + 123, 'x');
+  for (size_t i = 0; i < big.size(); i += 4096) big[i] = static_cast<char>('a' + (i / 4096) % 26);
+  auto a = f.activate("a");
+  auto b = f.activate("b");
+  REQUIRE(a->write_file(file("big.bin", big)));
+  REQUIRE(b->write_file(file("copy/big.bin", big)));
+  auto stats = f.store->stats();
+  REQUIRE(stats);
+  CHECK(stats->chunks == 4);
+  CHECK(stats->chunk_bytes == big.size());
+  auto first = sha256(big.substr(0, chunk_bytes));
+  CHECK(*f.store->refcount(first) == 2);
+  REQUIRE_FALSE(a->destroy());
+  CHECK(*f.store->refcount(first) == 1);
+  CHECK(f.store->stats()->chunks == 4);
+  REQUIRE_FALSE(b->destroy());
+  CHECK(*f.store->refcount(first) == 0);
+  CHECK(f.store->stats()->chunks == 0);
+  CHECK(f.store->stats()->sessions == 0);
+  CHECK_FALSE(*f.store->exists("a"));
+}
+
+TEST_CASE("fork copies a session without copying file contents", "[session]") {
+  node_fixture f;
+  auto parent = f.activate("parent");
+  REQUIRE(parent->write_file(file("src/main.c", "int main(){return 0;}\n")));
+  REQUIRE(parent->write_file(file("data.bin", std::string(100000, 'd'))));
+  REQUIRE(parent->kv_put("k", "v"));
+  auto before = f.store->stats();
+  auto child_info = parent->fork("child");
+  REQUIRE(child_info);
+  CHECK(child_info->forked_from == "parent");
+  CHECK(child_info->file_count == 2);
+  auto after = f.store->stats();
+  CHECK(after->chunks == before->chunks);
+  CHECK(after->chunk_bytes == before->chunk_bytes);
+  CHECK(*f.store->refcount(sha256(std::string(100000, 'd'))) == 2);
+  CHECK(code_of(parent->fork("child").error()) == errc::already_exists);
+
+  auto child = f.activate("child");
+  CHECK(read_all(*child, "src/main.c") == "int main(){return 0;}\n");
+  CHECK(child->kv_get("k").value == "v");
+  REQUIRE(child->write_file(file("src/main.c", "int main(){return 1;}\n")));
+  CHECK(read_all(*parent, "src/main.c") == "int main(){return 0;}\n");
+  REQUIRE_FALSE(parent->destroy());
+  CHECK(read_all(*child, "data.bin").size() == 100000);
+  CHECK(*f.store->refcount(sha256(std::string(100000, 'd'))) == 1);
+}
+
+TEST_CASE("destroy removes the workspace, the record and the session's chunks", "[session]") {
+  node_fixture f;
+  auto s = f.activate("doomed");
+  REQUIRE(s->exec(shell("head -c 300000 /dev/urandom > r.bin")));
+  auto dir = s->workspace_dir();
+  CHECK(std::filesystem::exists(dir));
+  REQUIRE_FALSE(s->destroy());
+  CHECK_FALSE(std::filesystem::exists(dir));
+  CHECK(f.store->stats()->chunks == 0);
+  CHECK_FALSE(*f.store->exists("doomed"));
+  CHECK(s->info().file_count == 0);
+  CHECK_FALSE(s->persist());
+  CHECK_FALSE(*f.store->exists("doomed"));  // nothing changed since: nothing stored
+  auto again = f.activate("doomed");
+  CHECK(again->info().file_count == 0);
+}
+
+TEST_CASE("filling the disk past the quota is refused and the workspace restored", "[session][bad-input]") {
+  node_fixture f;
+  auto s = f.activate("quota");
+  session_settings settings;
+  settings.workspace_quota_bytes = 1 << 20;
+  REQUIRE(s->configure(settings));
+  REQUIRE(s->write_file(file("keep.txt", "keep")));
+  SECTION("a command that writes many files") {
+    auto r = s->exec(shell("for i in $(seq 1 20); do head -c 100000 /dev/zero > f$i; done; echo done"));
+    REQUIRE(r);
+    CHECK(r->quota_exceeded);
+    CHECK(r->message.find("quota") != std::string::npos);
+    CHECK(code_of(s->stat_file("f1").error()) == errc::not_found);
+  }
+  SECTION("a command that keeps writing is stopped while it runs") {
+    auto r = s->exec(shell("i=0; while true; do i=$((i+1)); head -c 200000 /dev/zero > f$i; done"));
+    REQUIRE(r);
+    CHECK(r->quota_exceeded);
+    CHECK_FALSE(r->timed_out);
+    CHECK(r->message.find("while running") != std::string::npos);
+    CHECK(code_of(s->stat_file("f1").error()) == errc::not_found);
+  }
+  SECTION("one file past the size limit") {
+    auto r = s->exec(shell("head -c 5000000 /dev/zero > big; echo rc=$?"));
+    REQUIRE(r);
+    CHECK(r->enforced.file_size == limit_mechanism::rlimit);
+    auto st = s->stat_file("big");
+    if (st) CHECK(st->size <= (1u << 20));
+  }
+  SECTION("a write through the files API") {
+    auto w = s->write_file(file("huge", std::string(2 << 20, 'h')));
+    REQUIRE_FALSE(w);
+    CHECK(code_of(w.error()) == errc::limit_exceeded);
+    REQUIRE(s->write_file(file("half1", std::string(600000, 'h'))));
+    auto w2 = s->write_file(file("half2", std::string(600000, 'h')));
+    REQUIRE_FALSE(w2);
+    CHECK(code_of(w2.error()) == errc::limit_exceeded);
+    CHECK(code_of(s->stat_file("half2").error()) == errc::not_found);
+  }
+  CHECK(read_all(*s, "keep.txt") == "keep");
+  // Healthy afterwards.
+  auto ok = s->exec(shell("echo fine"));
+  REQUIRE(ok);
+  CHECK(ok->stdout_data == "fine\n");
+}
+
+TEST_CASE("bad exec requests get clear errors and the session stays usable", "[session][bad-input]") {
+  node_fixture f;
+  auto s = f.activate("bad");
+  exec_request empty;
+  CHECK(code_of(s->exec(empty).error()) == errc::invalid_argument);
+  exec_request both;
+  both.argv = {"true"};
+  both.shell = "true";
+  CHECK(code_of(s->exec(both).error()) == errc::invalid_argument);
+  exec_request escape = shell("pwd");
+  escape.cwd = "../..";
+  CHECK(code_of(s->exec(escape).error()) == errc::invalid_argument);
+  exec_request bad_env = shell("true");
+  bad_env.env["A=B"] = "x";
+  CHECK(code_of(s->exec(bad_env).error()) == errc::invalid_argument);
+  REQUIRE(s->write_file(file("script.sh", "echo hi\n", 0644)));
+  exec_request noexec;
+  noexec.argv = {"./script.sh"};
+  auto r = s->exec(noexec);
+  REQUIRE(r);
+  CHECK(r->exit_code != 0);
+  CHECK(r->stderr_data.find("ermission denied") != std::string::npos);
+  auto shadow = s->exec(shell("cat /etc/shadow"));
+  REQUIRE(shadow);
+  CHECK(shadow->exit_code != 0);
+  CHECK(shadow->stdout_data.empty());
+  CHECK(s->exec(shell("echo ok"))->stdout_data == "ok\n");
+}
+
+TEST_CASE("a background process keeps the session live until it ends", "[session]") {
+  node_fixture f;
+  auto s = f.activate("bg");
+  std::atomic<int> ended{0};
+  auto st = s->bg_start(shell("echo started; sleep 30"), [&](uint64_t) { ++ended; });
+  REQUIRE(st);
+  CHECK(st->running);
+  CHECK(s->running_background() == 1);
+  auto refused = s->passivate();
+  CHECK(code_of(refused) == errc::unavailable);
+  auto polled = s->bg_wait(st->bg_id, 300);
+  REQUIRE(polled);
+  CHECK(polled->running);
+  CHECK(polled->result.stdout_data == "started\n");
+  REQUIRE(s->bg_signal(st->bg_id, SIGTERM));
+  auto done = s->bg_wait(st->bg_id, 10000);
+  REQUIRE(done);
+  CHECK_FALSE(done->running);
+  CHECK(done->result.term_signal == SIGTERM);
+  CHECK(ended == 1);
+  CHECK(s->bg_list().size() == 1);
+  CHECK(code_of(s->bg_poll(99).error()) == errc::not_found);
+  CHECK(code_of(s->bg_signal(st->bg_id, 1000).error()) == errc::invalid_argument);
+  CHECK_FALSE(s->passivate());
+}
+
+TEST_CASE("a directory goes out and back in as a tar archive", "[session]") {
+  node_fixture f;
+  auto s = f.activate("tar");
+  REQUIRE(s->write_file(file("proj/a.txt", "A")));
+  REQUIRE(s->write_file(file("proj/sub/b.txt", "B")));
+  auto archive = s->tar_out("proj");
+  REQUIRE(archive);
+  CHECK(archive->size() >= 1024);
+  auto n = s->tar_in({"copy", *archive});
+  REQUIRE(n);
+  CHECK(*n >= 3);
+  CHECK(read_all(*s, "copy/sub/b.txt") == "B");
+  CHECK_FALSE(s->tar_in({"bad", "this is not a tar archive at all"}));
+  // An archive whose members climb out with '..' or are absolute: tar (inside the sandbox)
+  // refuses them, and nothing appears outside the workspace.
+  auto made = s->exec(shell(
+      "python3 -c \"import tarfile, io\n"
+      "with tarfile.open('evil.tar', 'w') as t:\n"
+      "  for name in ('../../escaped.txt', '/abs.txt', 'fine.txt'):\n"
+      "    data = b'x'; info = tarfile.TarInfo(name); info.size = 1; t.addfile(info, io.BytesIO(data))\n\""));
+  REQUIRE(made);
+  REQUIRE(made->exit_code == 0);
+  auto evil = s->read_file({"evil.tar", 0, 0});
+  REQUIRE(evil);
+  auto r = s->tar_in({"unpack", evil->data});
+  REQUIRE_FALSE(r);
+  CHECK(code_of(r.error()) == errc::invalid_argument);
+  auto ws = std::filesystem::path(s->workspace_dir());
+  CHECK_FALSE(std::filesystem::exists(ws.parent_path() / "escaped.txt"));
+  CHECK_FALSE(std::filesystem::exists(ws / "escaped.txt"));
+  CHECK_FALSE(std::filesystem::exists("/abs.txt"));
+  CHECK(code_of(s->tar_out("../x").error()) == errc::invalid_argument);
+}
+
+TEST_CASE("a Python project and a C program survive passivation and see a one-file change", "[session][workload]") {
+  node_fixture f;
+  std::map<std::string, std::string> files = {
+      {"py/calc.py", "def add(a, b):\n    return a + b\n\ndef mul(a, b):\n    return a * b\n"},
+      {"py/test_calc.py",
+       "import unittest\nfrom calc import add, mul\n\nclass T(unittest.TestCase):\n"
+       "    def test_add(self):\n        self.assertEqual(add(2, 3), 5)\n"
+       "    def test_mul(self):\n        self.assertEqual(mul(2, 3), 6)\n\n"
+       "if __name__ == '__main__':\n    unittest.main()\n"},
+      {"c/Makefile", "hello: hello.c greet.h\n\tcc -O1 -o hello hello.c\n\nclean:\n\trm -f hello\n"},
+      {"c/greet.h", "#define GREETING \"hello from c\"\n"},
+      {"c/hello.c", "#include <stdio.h>\n#include \"greet.h\"\nint main(void){puts(GREETING);return 0;}\n"},
+  };
+  {
+    auto s = f.activate("work");
+    for (const auto& [path, data] : files) REQUIRE(s->write_file(file(path, data)));
+    auto t = s->exec(shell("cd py && python3 -m unittest -v 2>&1"));
+    REQUIRE(t);
+    INFO(t->stdout_data);
+    CHECK(t->exit_code == 0);
+    CHECK(t->stdout_data.find("Ran 2 tests") != std::string::npos);
+    auto b = s->exec(shell("cd c && make && ./hello"));
+    REQUIRE(b);
+    INFO(b->stdout_data << b->stderr_data);
+    CHECK(b->exit_code == 0);
+    CHECK(b->stdout_data.find("hello from c") != std::string::npos);
+    REQUIRE_FALSE(s->passivate());
+  }
+  f.open_db();
+  auto s = f.activate("work");
+  // Untouched files come back byte-identical, the built binary included.
+  for (const auto& [path, data] : files) CHECK(read_all(*s, path) == data);
+  auto binary = read_all(*s, "c/hello");
+  CHECK(s->stat_file("c/hello")->mode & 0100);
+  // Change one file in each project.
+  // (A different size as well: Python's .pyc check is source mtime in whole seconds + size,
+  // and this test runs within one second of the first write.)
+  REQUIRE(s->write_file(file("py/calc.py", "def add(a, b):\n    return a - b  # bug\n\ndef mul(a, b):\n    return a * b\n")));
+  REQUIRE(s->write_file(file("c/greet.h", "#define GREETING \"changed greeting\"\n")));
+  auto t = s->exec(shell("cd py && python3 -m unittest 2>&1"));
+  REQUIRE(t);
+  CHECK(t->exit_code != 0);
+  CHECK(t->stdout_data.find("FAILED (failures=1)") != std::string::npos);
+  auto b = s->exec(shell("cd c && make && ./hello"));
+  REQUIRE(b);
+  INFO(b->stdout_data << b->stderr_data);
+  CHECK(b->stdout_data.find("cc -O1") != std::string::npos);  // make saw the change
+  CHECK(b->stdout_data.find("changed greeting") != std::string::npos);
+  CHECK(read_all(*s, "py/test_calc.py") == files["py/test_calc.py"]);
+  CHECK(read_all(*s, "c/hello.c") == files["c/hello.c"]);
+  CHECK(read_all(*s, "c/Makefile") == files["c/Makefile"]);
+  CHECK(read_all(*s, "c/hello") != binary);
+  // Nothing to rebuild on an unchanged tree: mtimes were restored too.
+  REQUIRE_FALSE(s->passivate());
+  auto s2 = f.activate("work");
+  auto again = s2->exec(shell("cd c && make"));
+  REQUIRE(again);
+  CHECK(again->stdout_data.find("up to date") != std::string::npos);
+}

@@ -1,0 +1,244 @@
+// Workspace <-> manifest.
+#include "session/workspace_sync.hpp"
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <functional>
+#include <vector>
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace triplane::actors::session {
+namespace {
+
+int64_t ns_of(const timespec& t) {
+  return static_cast<int64_t>(t.tv_sec) * 1000000000 + t.tv_nsec;
+}
+
+timespec ts_of(int64_t ns) {
+  timespec t{};
+  t.tv_sec = static_cast<time_t>(ns / 1000000000);
+  t.tv_nsec = static_cast<long>(ns % 1000000000);
+  return t;
+}
+
+struct scanned {
+  std::string path;
+  struct stat st;
+  std::string link_target;
+};
+
+caf::error scan(int dirfd, const std::string& prefix, std::vector<scanned>& out) {
+  int copy = ::fcntl(dirfd, F_DUPFD_CLOEXEC, 0);
+  DIR* d = ::fdopendir(copy);
+  if (!d) {
+    ::close(copy);
+    return make_error(errc::io_error, "cannot list workspace directory '" + prefix + "'");
+  }
+  std::vector<std::string> subdirs;
+  while (auto* ent = ::readdir(d)) {
+    std::string name = ent->d_name;
+    if (name == "." || name == "..") continue;
+    scanned s;
+    s.path = prefix.empty() ? name : prefix + "/" + name;
+    if (::fstatat(dirfd, name.c_str(), &s.st, AT_SYMLINK_NOFOLLOW) != 0) continue;
+    if (S_ISLNK(s.st.st_mode)) {
+      char buf[4097];
+      auto n = ::readlinkat(dirfd, name.c_str(), buf, sizeof buf - 1);
+      if (n < 0) continue;
+      s.link_target.assign(buf, static_cast<size_t>(n));
+    } else if (S_ISDIR(s.st.st_mode)) {
+      subdirs.push_back(name);
+    } else if (!S_ISREG(s.st.st_mode)) {
+      continue;
+    }
+    out.push_back(std::move(s));
+  }
+  ::closedir(d);
+  for (const auto& sub : subdirs) {
+    int fd = ::openat(dirfd, sub.c_str(), O_DIRECTORY | O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) continue;
+    auto err = scan(fd, prefix.empty() ? sub : prefix + "/" + sub, out);
+    ::close(fd);
+    if (err) return err;
+  }
+  return {};
+}
+
+caf::error read_chunks(int rootfd, const std::string& path, manifest_entry& e,
+                       std::map<std::string, std::string>& new_chunks) {
+  int fd = ::openat(rootfd, path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return make_error(errc::io_error, "cannot read '" + path + "': " + std::strerror(errno));
+  e.chunks.clear();
+  std::string buf;
+  uint64_t total = 0;
+  for (;;) {
+    buf.resize(chunk_bytes);
+    size_t got = 0;
+    while (got < chunk_bytes) {
+      auto n = ::read(fd, buf.data() + got, chunk_bytes - got);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) break;
+      got += static_cast<size_t>(n);
+    }
+    if (got == 0) break;
+    buf.resize(got);
+    total += got;
+    auto hash = sha256(buf);
+    e.chunks.push_back(hash);
+    new_chunks.emplace(std::move(hash), buf);
+    if (got < chunk_bytes) break;
+  }
+  ::close(fd);
+  e.size = total;  // what was actually read (the file may have changed meanwhile)
+  return {};
+}
+
+} // namespace
+
+expected<sync_outcome> sync_manifest(const std::string& root, manifest& m, uint64_t quota_bytes) {
+  int rootfd = ::open(root.c_str(), O_DIRECTORY | O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+  if (rootfd < 0) return make_error(errc::io_error, "cannot open workspace '" + root + "'");
+  std::vector<scanned> found;
+  auto err = scan(rootfd, "", found);
+  if (err) {
+    ::close(rootfd);
+    return err;
+  }
+  sync_outcome out;
+  for (const auto& s : found)
+    if (S_ISREG(s.st.st_mode)) {
+      out.total_bytes += static_cast<uint64_t>(s.st.st_size);
+      ++out.files;
+    }
+  if (quota_bytes && out.total_bytes > quota_bytes) {
+    ::close(rootfd);
+    return make_error(errc::limit_exceeded,
+                      "workspace holds " + std::to_string(out.total_bytes) +
+                          " bytes, over its quota of " + std::to_string(quota_bytes));
+  }
+  manifest next;
+  for (auto& s : found) {
+    manifest_entry e;
+    e.mode = s.st.st_mode & 07777;
+    e.mtime_ns = ns_of(s.st.st_mtim);
+    e.ino = s.st.st_ino;
+    e.ctime_ns = ns_of(s.st.st_ctim);
+    auto old = m.find(s.path);
+    if (S_ISDIR(s.st.st_mode)) {
+      e.type = file_type::directory;
+    } else if (S_ISLNK(s.st.st_mode)) {
+      e.type = file_type::symlink;
+      e.link_target = s.link_target;
+      e.size = s.link_target.size();
+    } else {
+      e.type = file_type::regular;
+      e.size = static_cast<uint64_t>(s.st.st_size);
+      bool untouched = old != m.end() && old->second.type == file_type::regular &&
+                       old->second.size == e.size && old->second.mtime_ns == e.mtime_ns &&
+                       old->second.ino == e.ino && old->second.ctime_ns == e.ctime_ns;
+      if (untouched) {
+        e.chunks = old->second.chunks;
+      } else {
+        if (auto rerr = read_chunks(rootfd, s.path, e, out.new_chunks)) {
+          ::close(rootfd);
+          return rerr;
+        }
+        ++out.files_read;
+      }
+    }
+    if (old == m.end() || old->second.type != e.type || old->second.mode != e.mode ||
+        old->second.size != e.size || old->second.chunks != e.chunks ||
+        old->second.link_target != e.link_target ||
+        (e.type == file_type::regular && old->second.mtime_ns != e.mtime_ns))
+      out.changed = true;
+    next.emplace(std::move(s.path), std::move(e));
+  }
+  if (next.size() != m.size()) out.changed = true;
+  ::close(rootfd);
+  m = std::move(next);
+  return out;
+}
+
+caf::error materialize(const std::string& root, manifest& m, const session_store& store) {
+  std::error_code ec;
+  std::filesystem::create_directories(root, ec);
+  if (ec) return make_error(errc::io_error, "cannot create workspace '" + root + "': " + ec.message());
+  std::vector<std::pair<std::string, manifest_entry*>> dirs;
+  for (auto& [path, e] : m) {
+    std::string full = root + "/" + path;
+    switch (e.type) {
+      case file_type::directory:
+        if (::mkdir(full.c_str(), 0700) != 0 && errno != EEXIST)
+          return make_error(errc::io_error, "cannot create '" + path + "': " + std::strerror(errno));
+        dirs.emplace_back(full, &e);
+        break;
+      case file_type::symlink:
+        if (::symlink(e.link_target.c_str(), full.c_str()) != 0)
+          return make_error(errc::io_error, "cannot create symlink '" + path + "': " + std::strerror(errno));
+        {
+          struct stat st {};
+          if (::lstat(full.c_str(), &st) == 0) {
+            e.ino = st.st_ino;
+            e.ctime_ns = ns_of(st.st_ctim);
+          }
+        }
+        break;
+      case file_type::regular: {
+        int fd = ::open(full.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+        if (fd < 0)
+          return make_error(errc::io_error, "cannot create '" + path + "': " + std::strerror(errno));
+        caf::error write_error;
+        for (const auto& hash : e.chunks) {
+          auto err = store.with_chunk(hash, [&](std::string_view bytes) {
+            size_t done = 0;
+            while (done < bytes.size()) {
+              auto n = ::write(fd, bytes.data() + done, bytes.size() - done);
+              if (n < 0 && errno == EINTR) continue;
+              if (n < 0) {
+                write_error = make_error(errc::io_error, "cannot write '" + path + "': " + std::strerror(errno));
+                return;
+              }
+              done += static_cast<size_t>(n);
+            }
+          });
+          if (!err) err = std::move(write_error);
+          if (err) {
+            ::close(fd);
+            return err;
+          }
+        }
+        ::fchmod(fd, e.mode);
+        timespec times[2] = {ts_of(e.mtime_ns), ts_of(e.mtime_ns)};
+        ::futimens(fd, times);
+        struct stat st {};
+        if (::fstat(fd, &st) == 0) {
+          e.ino = st.st_ino;
+          e.ctime_ns = ns_of(st.st_ctim);
+        }
+        ::close(fd);
+        break;
+      }
+      default:
+        break;
+    }
+  }
+  // Directories last, deepest first: creating their children changed their mtimes.
+  for (auto i = dirs.rbegin(); i != dirs.rend(); ++i) {
+    ::chmod(i->first.c_str(), i->second->mode);
+    timespec times[2] = {ts_of(i->second->mtime_ns), ts_of(i->second->mtime_ns)};
+    ::utimensat(AT_FDCWD, i->first.c_str(), times, AT_SYMLINK_NOFOLLOW);
+    struct stat st {};
+    if (::lstat(i->first.c_str(), &st) == 0) {
+      i->second->ino = st.st_ino;
+      i->second->ctime_ns = ns_of(st.st_ctim);
+    }
+  }
+  return {};
+}
+
+} // namespace triplane::actors::session

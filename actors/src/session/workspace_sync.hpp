@@ -1,0 +1,31 @@
+// Between a workspace directory and its manifest: sync (what changed on disk since the manifest,
+// without re-reading untouched files) and materialize (recreate the directory from the manifest).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+
+#include "session/session_store.hpp"
+
+namespace triplane::actors::session {
+
+struct sync_outcome {
+  bool changed = false;
+  uint64_t total_bytes = 0;       ///< sum of regular file sizes after the sync
+  uint64_t files = 0;             ///< regular files
+  uint64_t files_read = 0;        ///< files whose contents were read and hashed (changed ones)
+  std::map<std::string, std::string> new_chunks;  ///< hash -> bytes of chunks of changed files
+};
+
+/// Brings `m` up to date with the directory `root` (symlinks recorded, never followed; sockets,
+/// fifos and devices skipped). A regular file whose size, mtime, inode and ctime match its
+/// entry keeps its chunk list unread. Fails with limit_exceeded, leaving `m` unchanged, when the
+/// files add up to more than `quota_bytes` (0 = no quota); the check uses stat only.
+expected<sync_outcome> sync_manifest(const std::string& root, manifest& m, uint64_t quota_bytes);
+
+/// Creates `root` (which must not hold anything else) with every entry of `m`, contents from
+/// `store`, modes and mtimes as recorded, and refreshes the entries' stat caches.
+caf::error materialize(const std::string& root, manifest& m, const session_store& store);
+
+} // namespace triplane::actors::session

@@ -1,0 +1,190 @@
+// The files API: path validation and symlink tricks, for both the openat2 and the fallback walk.
+#include "session/workspace.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include <unistd.h>
+
+using namespace triplane;
+using namespace triplane::actors;
+using namespace triplane::actors::session;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct temp_tree {
+  fs::path base;
+  temp_tree() {
+    char tmpl[] = "/tmp/tp-ws-test-XXXXXX";
+    REQUIRE(::mkdtemp(tmpl));
+    base = tmpl;
+    fs::create_directories(base / "ws");
+    fs::create_directories(base / "outside");
+    std::ofstream(base / "outside" / "secret") << "secret";
+  }
+  ~temp_tree() { fs::remove_all(base); }
+  fs::path ws() const { return base / "ws"; }
+  fs::path outside() const { return base / "outside"; }
+};
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p);
+  return std::string((std::istreambuf_iterator<char>(in)), {});
+}
+
+} // namespace
+
+TEST_CASE("bad paths are refused with invalid_argument and a message naming the problem", "[workspace][bad-input]") {
+  temp_tree t;
+  bool use_openat2 = GENERATE(true, false);
+  auto ws = workspace::open(t.ws().string(), use_openat2);
+  REQUIRE(ws);
+  struct bad { std::string path; std::string says; };
+  auto c = GENERATE(values<bad>({
+      {"../outside/secret", ".."},
+      {"a/../../outside/secret", ".."},
+      {"..", ".."},
+      {"/etc/passwd", "absolute"},
+      {std::string("a\0b", 3), "NUL"},
+      {std::string(5000, 'a'), "more than 4096"},
+      {std::string(256, 'n'), "more than 255"},
+      {"", "root"},
+  }));
+  INFO("openat2=" << use_openat2 << " case: " << c.says);
+  file_write_request w;
+  w.path = c.path;
+  w.data = "x";
+  w.create_parents = true;
+  auto r = (*ws)->write(w);
+  REQUIRE_FALSE(r);
+  CHECK(code_of(r.error()) == errc::invalid_argument);
+  CHECK(describe(r.error()).find(c.says) != std::string::npos);
+  auto rd = (*ws)->read({c.path, 0, 0});
+  REQUIRE_FALSE(rd);
+  CHECK(code_of(rd.error()) == errc::invalid_argument);
+  CHECK(slurp(t.outside() / "secret") == "secret");
+}
+
+TEST_CASE("files are written, read by range, listed, moved and removed", "[workspace]") {
+  temp_tree t;
+  bool use_openat2 = GENERATE(true, false);
+  auto ws = workspace::open(t.ws().string(), use_openat2);
+  REQUIRE(ws);
+  auto& w = **ws;
+  file_write_request req{"src/pkg/mod.py", "print('hi')\n", 0755, true, false};
+  auto e = w.write(req);
+  REQUIRE(e);
+  CHECK(e->size == 12);
+  CHECK(e->mode == 0755);
+  CHECK_FALSE(w.write({"nope/x", "x", 0644, false, false}));
+  auto part = w.read({"src/pkg/mod.py", 6, 4});
+  REQUIRE(part);
+  CHECK(part->data == "'hi'");
+  CHECK_FALSE(part->eof);
+  auto all = w.list({"", true});
+  REQUIRE(all);
+  REQUIRE(all->size() == 3);
+  CHECK((*all)[0].path == "src");
+  CHECK((*all)[2].path == "src/pkg/mod.py");
+  CHECK(w.make_directory({"a/b/c", true, 0755}));
+  CHECK(w.move({"src/pkg/mod.py", "a/b/c/mod.py", false}));
+  CHECK(slurp(t.ws() / "a/b/c/mod.py") == "print('hi')\n");
+  CHECK(code_of(w.remove({"a", false}).error()) == errc::invalid_argument);
+  auto removed = w.remove({"a", true});
+  REQUIRE(removed);
+  CHECK(*removed == 4);
+  CHECK_FALSE(fs::exists(t.ws() / "a"));
+  CHECK(code_of(w.stat("a").error()) == errc::not_found);
+}
+
+TEST_CASE("symlink tricks never reach outside the workspace", "[workspace][bad-input]") {
+  temp_tree t;
+  bool use_openat2 = GENERATE(true, false);
+  INFO("openat2=" << use_openat2);
+  auto ws = workspace::open(t.ws().string(), use_openat2);
+  REQUIRE(ws);
+  auto& w = **ws;
+  fs::create_symlink(t.outside() / "secret", t.ws() / "link_out");
+  fs::create_symlink(t.outside(), t.ws() / "dir_out");
+  fs::create_symlink(t.ws() / "missing", t.ws() / "dangling");
+  fs::create_symlink("../outside", t.ws() / "rel_out");
+
+  SECTION("writing through a symlink that points outside") {
+    CHECK_FALSE(w.write({"link_out", "pwned", 0644, false, false}));
+    CHECK(slurp(t.outside() / "secret") == "secret");
+  }
+  SECTION("reading through a symlink that points outside") {
+    auto r = w.read({"link_out", 0, 0});
+    REQUIRE_FALSE(r);
+    CHECK(code_of(r.error()) == errc::permission_denied);
+  }
+  SECTION("a dangling symlink") {
+    CHECK_FALSE(w.write({"dangling", "x", 0644, false, false}));
+    CHECK_FALSE(fs::exists(t.ws() / "missing"));
+    auto s = w.stat("dangling");
+    REQUIRE(s);
+    CHECK(s->type == file_type::symlink);
+  }
+  SECTION("a symlinked directory, absolute and relative") {
+    for (auto dir : {"dir_out", "rel_out"}) {
+      auto r = w.write({std::string(dir) + "/planted", "x", 0644, false, false});
+      REQUIRE_FALSE(r);
+      CHECK(code_of(r.error()) == errc::permission_denied);
+      CHECK_FALSE(w.read({std::string(dir) + "/secret", 0, 0}));
+      CHECK_FALSE(w.list({dir, true}));
+      CHECK_FALSE(w.make_directory({std::string(dir) + "/x/y", true, 0755}));
+      CHECK_FALSE(w.move({"link_out", std::string(dir) + "/moved", false}));
+    }
+    CHECK_FALSE(fs::exists(t.outside() / "planted"));
+    CHECK_FALSE(fs::exists(t.outside() / "x"));
+    CHECK_FALSE(fs::exists(t.outside() / "moved"));
+  }
+  SECTION("removing a symlink removes the link, not its target") {
+    CHECK(w.remove({"dir_out", true}));
+    CHECK(fs::exists(t.outside() / "secret"));
+  }
+  SECTION("a recursive listing does not descend through symlinks") {
+    auto l = w.list({"", true});
+    REQUIRE(l);
+    for (const auto& e : *l) CHECK(e.path.find("secret") == std::string::npos);
+  }
+}
+
+TEST_CASE("a symlink swapped in between check and use never redirects a write outside", "[workspace][bad-input]") {
+  temp_tree t;
+  bool use_openat2 = GENERATE(true, false);
+  INFO("openat2=" << use_openat2);
+  auto ws = workspace::open(t.ws().string(), use_openat2);
+  REQUIRE(ws);
+  std::atomic<bool> stop{false};
+  // A hostile command flips "d" between a real directory and a symlink to outside.
+  std::thread flipper([&] {
+    auto d = t.ws() / "d";
+    auto tmp_dir = t.ws() / "d.dir";
+    auto tmp_link = t.ws() / "d.link";
+    std::error_code ec;
+    while (!stop) {
+      fs::create_directory(tmp_dir, ec);
+      fs::rename(tmp_dir, d, ec);
+      fs::remove_all(tmp_link, ec);
+      fs::create_directory_symlink(t.outside(), tmp_link, ec);
+      fs::remove_all(d, ec);
+      fs::rename(tmp_link, d, ec);
+      fs::remove(d, ec);
+    }
+  });
+  int ok = 0;
+  for (int i = 0; i < 3000; ++i) {
+    auto r = (*ws)->write({"d/f" + std::to_string(i % 10), "x", 0644, false, false});
+    if (r) ++ok;
+  }
+  stop = true;
+  flipper.join();
+  INFO("writes that succeeded inside: " << ok);
+  for (auto& e : fs::directory_iterator(t.outside())) CHECK(e.path().filename() == "secret");
+}

@@ -1,0 +1,297 @@
+// triplane-cli: a command-line client for a Triplane node (uses triplane::client).
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <unistd.h>
+
+#include "triplane/rpc/client.hpp"
+#include "triplane/rpc/tokens.hpp"
+
+namespace {
+
+const char* usage_text = R"(usage: triplane-cli [--endpoint HOST:PORT] [--token TOKEN] COMMAND ...
+
+The endpoint and token default to $TRIPLANE_ENDPOINT (else 127.0.0.1:7400) and
+$TRIPLANE_TOKEN.
+
+Session commands (add --create to create the session when it does not exist):
+  session exec ID [--create] [--timeout-ms N] [--cwd DIR] [--env NAME=VALUE]...
+                  (-- PROGRAM ARGS... | --shell 'COMMAND LINE')
+        runs a command; output streams live; exits with the command's exit code
+        (128+N when killed by signal N)
+  session ls ID [PATH] [--recursive]    list files
+  session cat ID PATH                   print a file
+  session put ID PATH [LOCAL_FILE]      upload LOCAL_FILE (default: stdin) to PATH
+  session get ID PATH [LOCAL_FILE]      download PATH to LOCAL_FILE (default: stdout)
+  session kv ID get KEY | put KEY VALUE | del KEY | ls [PREFIX]
+  session fork ID NEW_ID                copy a session
+  session rm ID                         destroy a session
+  session info ID
+Other commands:
+  generate --model MODEL [--max-tokens N] PROMPT    stream generated text
+  stats                                 node stats and RPC metrics (admin token)
+  hash-token TENANT tenant|admin [TOKEN]
+        prints a tokens-file line for TOKEN (a fresh random token when omitted, shown on
+        stderr)
+
+Exit status: the command's for `session exec`; 0 on success; 1 when the node answered with an
+error (printed as "error: <code>: <message>"); 2 on a usage error.
+)";
+
+int usage(const std::string& why) {
+  std::cerr << "triplane-cli: " << why << "\n\n" << usage_text;
+  return 2;
+}
+
+int fail(const caf::error& err) {
+  auto code = triplane::code_of(err);
+  std::cerr << "error: " << triplane::describe(err);
+  if (code == triplane::errc::not_found) std::cerr << " (use --create to create a session)";
+  if (code == triplane::errc::unavailable) std::cerr << " (is the node running and reachable?)";
+  if (code == triplane::errc::permission_denied) std::cerr << " (check TRIPLANE_TOKEN / --token)";
+  std::cerr << "\n";
+  return 1;
+}
+
+struct args_view {
+  std::vector<std::string> rest;
+  size_t i = 0;
+  bool empty() const { return i >= rest.size(); }
+  std::string next() { return i < rest.size() ? rest[i++] : std::string{}; }
+  const std::string& peek() const { return rest[i]; }
+};
+
+std::string read_all(std::istream& in) {
+  std::ostringstream buf;
+  buf << in.rdbuf();
+  return buf.str();
+}
+
+int run_session(triplane::client::connection& conn, args_view& a) {
+  auto verb = a.next();
+  auto id = a.next();
+  if (verb.empty() || id.empty()) return usage("session needs a verb and an id");
+  // Options shared by the verbs; positional arguments are collected in order.
+  bool create = false, recursive = false;
+  triplane::client::exec_options exec;
+  std::vector<std::string> pos;
+  while (!a.empty()) {
+    auto x = a.next();
+    if (x == "--create") create = true;
+    else if (x == "--recursive" || x == "-r") recursive = true;
+    else if (x == "--timeout-ms") exec.timeout_ms = static_cast<uint32_t>(std::stoul(a.next()));
+    else if (x == "--cwd") exec.cwd = a.next();
+    else if (x == "--shell") exec.shell = a.next();
+    else if (x == "--env") {
+      auto kv = a.next();
+      auto eq = kv.find('=');
+      if (eq == std::string::npos || eq == 0) return usage("--env wants NAME=VALUE");
+      exec.env.emplace_back(kv.substr(0, eq), kv.substr(eq + 1));
+    } else if (x == "--") {
+      while (!a.empty()) exec.argv.push_back(a.next());
+    } else pos.push_back(x);
+  }
+  auto s = conn.open_session(id, create);
+  if (!s) return fail(s.error());
+
+  if (verb == "exec") {
+    if (exec.argv.empty() && exec.shell.empty())
+      return usage("session exec needs -- PROGRAM ARGS... or --shell 'COMMAND'");
+    auto r = s->exec(exec, [](triplane::client::output_stream st, std::string_view chunk) {
+      auto* f = st == triplane::client::output_stream::out ? stdout : stderr;
+      fwrite(chunk.data(), 1, chunk.size(), f);
+      fflush(f);
+    });
+    if (!r) return fail(r.error());
+    if (r->truncated) std::cerr << "triplane-cli: output was truncated by the session's cap\n";
+    if (r->signal != 0) return 128 + r->signal;
+    return r->exit_code;
+  }
+  if (verb == "ls") {
+    auto files = s->list_files(pos.empty() ? "" : pos[0], recursive);
+    if (!files) return fail(files.error());
+    for (const auto& f : *files)
+      std::printf("%06o %10llu %s\n", f.mode, static_cast<unsigned long long>(f.size),
+                  f.path.c_str());
+    return 0;
+  }
+  if (verb == "cat" || verb == "get") {
+    if (pos.empty()) return usage("session " + verb + " needs a PATH");
+    auto data = s->read_file(pos[0]);
+    if (!data) return fail(data.error());
+    if (verb == "get" && pos.size() > 1) {
+      std::ofstream out{pos[1], std::ios::binary};
+      if (!out) return usage("cannot write '" + pos[1] + "'");
+      out << *data;
+    } else {
+      fwrite(data->data(), 1, data->size(), stdout);
+    }
+    return 0;
+  }
+  if (verb == "put") {
+    if (pos.empty()) return usage("session put needs a PATH");
+    std::string data;
+    if (pos.size() > 1 && pos[1] != "-") {
+      std::ifstream in{pos[1], std::ios::binary};
+      if (!in) return usage("cannot read '" + pos[1] + "'");
+      data = read_all(in);
+    } else {
+      data = read_all(std::cin);
+    }
+    auto r = s->write_file(pos[0], data, true);
+    return r ? 0 : fail(r.error());
+  }
+  if (verb == "kv") {
+    if (pos.empty()) return usage("session kv needs get|put|del|ls");
+    auto op = pos[0];
+    if (op == "get" && pos.size() == 2) {
+      auto v = s->kv_get(pos[1]);
+      if (!v) return fail(v.error());
+      if (!*v) {
+        std::cerr << "error: not_found: no key '" << pos[1] << "'\n";
+        return 1;
+      }
+      std::cout << **v << "\n";
+      return 0;
+    }
+    if (op == "put" && pos.size() == 3) {
+      auto r = s->kv_put(pos[1], pos[2]);
+      return r ? 0 : fail(r.error());
+    }
+    if (op == "del" && pos.size() == 2) {
+      auto r = s->kv_delete(pos[1]);
+      return r ? 0 : fail(r.error());
+    }
+    if (op == "ls") {
+      auto keys = s->kv_list(pos.size() > 1 ? pos[1] : "");
+      if (!keys) return fail(keys.error());
+      for (const auto& k : *keys) std::cout << k << "\n";
+      return 0;
+    }
+    return usage("session kv: get KEY | put KEY VALUE | del KEY | ls [PREFIX]");
+  }
+  if (verb == "fork") {
+    if (pos.empty()) return usage("session fork needs NEW_ID");
+    auto f = s->fork(pos[0]);
+    return f ? 0 : fail(f.error());
+  }
+  if (verb == "rm") {
+    auto r = s->destroy();
+    return r ? 0 : fail(r.error());
+  }
+  if (verb == "info") {
+    auto i = s->info();
+    if (!i) return fail(i.error());
+    std::cout << "id " << i->id << "\ncreated_unix_ms " << i->created_unix_ms
+              << "\nlast_used_unix_ms " << i->last_used_unix_ms << "\nfiles " << i->file_count
+              << "\nkv " << i->kv_count << "\nexecs " << i->exec_count << "\n";
+    return 0;
+  }
+  return usage("unknown session verb '" + verb + "'");
+}
+
+int run_stats(triplane::client::connection& conn) {
+  auto st = conn.stats();
+  if (!st) return fail(st.error());
+  std::cout << "live actors        " << st->live_actors << "\n"
+            << "activations total  " << st->activations_total << "\n"
+            << "passivations total " << st->passivated_total << "\n"
+            << "failures total     " << st->failures_total << "\n"
+            << "open connections   " << st->open_connections << "\n"
+            << "draining           " << (st->draining ? "yes" : "no") << "\n";
+  auto m = conn.metrics();
+  if (!m) return fail(m.error());
+  std::printf("\n%-24s %10s %8s %9s %9s %9s %9s\n", "method", "calls", "errors", "p50 us",
+              "p90 us", "p99 us", "max us");
+  for (const auto& x : m->methods)
+    std::printf("%-24s %10llu %8llu %9llu %9llu %9llu %9llu\n", x.method.c_str(),
+                static_cast<unsigned long long>(x.calls),
+                static_cast<unsigned long long>(x.errors),
+                static_cast<unsigned long long>(x.p50_us),
+                static_cast<unsigned long long>(x.p90_us),
+                static_cast<unsigned long long>(x.p99_us),
+                static_cast<unsigned long long>(x.max_us));
+  std::cout << "\nerrors:";
+  for (const auto& [code, n] : m->errors) std::cout << " " << code << "=" << n;
+  std::cout << "\nconnections total " << m->connections_total << ", auth failures "
+            << m->auth_failures << "\n";
+  return 0;
+}
+
+int run(int argc, char** argv) {
+  const char* env_endpoint = std::getenv("TRIPLANE_ENDPOINT");
+  const char* env_token = std::getenv("TRIPLANE_TOKEN");
+  std::string endpoint = env_endpoint ? env_endpoint : "127.0.0.1:7400";
+  std::string token = env_token ? env_token : "";
+  args_view a;
+  for (int i = 1; i < argc; ++i) a.rest.emplace_back(argv[i]);
+  while (!a.empty() && a.peek().rfind("--", 0) == 0) {
+    auto x = a.next();
+    if (x == "--endpoint") endpoint = a.next();
+    else if (x == "--token") token = a.next();
+    else if (x == "--help") {
+      std::cout << usage_text;
+      return 0;
+    } else return usage("unknown option " + x);
+  }
+  if (a.empty()) return usage("no command");
+  auto cmd = a.next();
+
+  if (cmd == "hash-token") {
+    auto tenant = a.next();
+    auto role_name = a.next();
+    auto clear = a.next();
+    if (tenant.empty() || (role_name != "tenant" && role_name != "admin"))
+      return usage("hash-token TENANT tenant|admin [TOKEN]");
+    if (clear.empty()) {
+      clear = triplane::rpc::generate_token();
+      std::cerr << "token: " << clear << "\n";
+    }
+    auto rec = triplane::rpc::make_token_record(
+      tenant, role_name == "admin" ? triplane::rpc::role::admin : triplane::rpc::role::tenant,
+      clear);
+    if (!rec) return fail(rec.error());
+    std::cout << triplane::rpc::format_token_line(*rec) << "\n";
+    return 0;
+  }
+
+  if (token.empty()) return usage("no token: pass --token or set TRIPLANE_TOKEN");
+  auto conn = triplane::client::connection::connect(endpoint, token);
+  if (!conn) return fail(conn.error());
+
+  if (cmd == "session") return run_session(**conn, a);
+  if (cmd == "stats") return run_stats(**conn);
+  if (cmd == "generate") {
+    triplane::client::generate_options g;
+    while (!a.empty()) {
+      auto x = a.next();
+      if (x == "--model") g.model = a.next();
+      else if (x == "--max-tokens") g.max_tokens = static_cast<uint32_t>(std::stoul(a.next()));
+      else g.prompt += (g.prompt.empty() ? "" : " ") + x;
+    }
+    if (g.prompt.empty()) return usage("generate needs a PROMPT");
+    auto r = (*conn)->generate(g, [](std::string_view text) {
+      fwrite(text.data(), 1, text.size(), stdout);
+      fflush(stdout);
+    });
+    if (!r) return fail(r.error());
+    std::cout << "\n";
+    return 0;
+  }
+  return usage("unknown command '" + cmd + "'");
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {  // e.g. a number option that is not a number
+    return usage(std::string("bad arguments: ") + e.what());
+  }
+}

@@ -1,0 +1,161 @@
+// triplane::client: a synchronous C++ client for a Triplane node's RPC API (schemas/api.capnp).
+// Every call blocks the calling thread until the answer arrives and returns a
+// triplane::expected: on failure the caf::error carries the server's triplane::errc code
+// (not_found, permission_denied, limit_exceeded, overloaded, timeout, ...) and its message;
+// a lost connection is `unavailable`.
+//
+// Threading: a connection runs on the Cap'n Proto event loop of the thread that created it
+// (connections made on one thread share that thread's loop); use it and its session handles
+// only on that thread. Session handles must not outlive their connection. Do not fork() a
+// process that holds a connection and use the client library in the child.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "triplane/runtime/error.hpp"
+
+namespace triplane::client {
+
+enum class output_stream { out, err };
+
+/// Receives exec output as it is produced (called on the connection's thread).
+using output_callback = std::function<void(output_stream, std::string_view)>;
+
+struct exec_options {
+  std::vector<std::string> argv;  ///< program and arguments; or
+  std::string shell;              ///< a shell command line (when argv is empty)
+  std::string stdin_data;
+  std::vector<std::pair<std::string, std::string>> env;
+  std::string cwd;
+  uint32_t timeout_ms = 0;  ///< 0 = the server's default
+};
+
+struct exec_result {
+  int32_t exit_code = 0;   ///< -1 when killed by a signal
+  int32_t signal = 0;
+  bool truncated = false;
+  uint64_t duration_us = 0, cpu_us = 0, peak_memory_bytes = 0;
+  std::string stdout_data, stderr_data;  ///< filled only when exec ran without a callback
+};
+
+struct file_entry {
+  std::string path;
+  uint64_t size = 0;
+  uint32_t mode = 0;
+};
+
+struct session_info {
+  std::string id;
+  uint64_t created_unix_ms = 0, last_used_unix_ms = 0;
+  uint64_t file_count = 0, kv_count = 0, exec_count = 0;
+};
+
+struct generate_options {
+  std::string model, prompt;
+  uint32_t max_tokens = 128;
+  float temperature = 0, top_p = 1;
+  uint64_t seed = 0;
+};
+
+struct method_metrics {
+  std::string method;
+  uint64_t calls = 0, errors = 0, p50_us = 0, p90_us = 0, p99_us = 0, max_us = 0;
+};
+
+struct node_stats {
+  uint64_t live_actors = 0, passivated_total = 0, activations_total = 0, failures_total = 0;
+  uint64_t open_connections = 0;
+  bool draining = false;
+};
+
+struct rpc_metrics {
+  std::vector<method_metrics> methods;
+  std::vector<std::pair<std::string, uint64_t>> errors;  ///< (code, count)
+  uint64_t open_connections = 0, connections_total = 0, auth_failures = 0;
+};
+
+class connection;
+
+/// A handle on one session of the connection's tenant. Cheap to copy.
+class session {
+public:
+  const std::string& id() const { return id_; }
+
+  /// Runs a command. With `on_output`, output is delivered to it live and the result carries
+  /// none; without, stdout/stderr come in the result.
+  expected<exec_result> exec(const exec_options& opts, output_callback on_output = {});
+  expected<std::string> read_file(const std::string& path, uint64_t offset = 0,
+                                  uint64_t length = 0);
+  expected<void> write_file(const std::string& path, std::string_view data,
+                            bool make_parents = false, bool executable = false);
+  expected<std::vector<file_entry>> list_files(const std::string& path, bool recursive = false);
+  expected<void> remove_file(const std::string& path, bool recursive = false);
+  /// std::nullopt when the key is absent.
+  expected<std::optional<std::string>> kv_get(const std::string& key);
+  expected<void> kv_put(const std::string& key, std::string_view value);
+  /// Whether the key existed.
+  expected<bool> kv_delete(const std::string& key);
+  expected<std::vector<std::string>> kv_list(const std::string& prefix);
+  /// A copy of this session under `new_id` (same tenant).
+  expected<session> fork(const std::string& new_id);
+  expected<void> destroy();
+  expected<session_info> info();
+
+  struct state;  // implementation detail
+
+private:
+  friend class connection;
+  session(std::shared_ptr<state> s, std::string id) : state_(std::move(s)), id_(std::move(id)) {}
+  std::shared_ptr<state> state_;
+  std::string id_;
+};
+
+class connection {
+public:
+  /// Connects to `endpoint` ("host:port") and authenticates with `token`. Errors:
+  /// unavailable (cannot connect), permission_denied (bad token), timeout.
+  static expected<std::unique_ptr<connection>> connect(
+    const std::string& endpoint, const std::string& token,
+    std::chrono::milliseconds timeout = std::chrono::milliseconds(10000));
+
+  ~connection();
+  connection(const connection&) = delete;
+  connection& operator=(const connection&) = delete;
+
+  const std::string& tenant() const;
+  bool is_admin() const;
+
+  /// Opens a session; `create` makes it when absent (else not_found).
+  expected<session> open_session(const std::string& id, bool create);
+
+  /// Generates text; tokens go to `on_text` as they come when given.
+  expected<std::string> generate(const generate_options& opts,
+                                 std::function<void(std::string_view)> on_text = {});
+  expected<std::vector<std::string>> list_models();
+
+  // Admin tokens only (else permission_denied).
+  expected<node_stats> stats();
+  expected<rpc_metrics> metrics();
+  expected<std::string> supervision_tree();
+  /// Number of calls the node cancelled at the deadline.
+  expected<uint32_t> drain(std::chrono::milliseconds deadline);
+
+  /// Per-call timeout on the client side (exec adds its own command timeout to it).
+  void set_call_timeout(std::chrono::milliseconds t);
+
+  struct impl;  // implementation detail
+
+private:
+  explicit connection(std::unique_ptr<impl> i);
+  std::unique_ptr<impl> impl_;
+};
+
+} // namespace triplane::client

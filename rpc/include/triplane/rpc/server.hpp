@@ -1,0 +1,78 @@
+// The Cap'n Proto RPC front door of a node: accepts client connections, authenticates tenants and
+// forwards their calls to CAF actors (the virtual-actor directory). Owns one thread running the
+// kj event loop; nothing on that thread blocks.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <caf/actor.hpp>
+#include <caf/fwd.hpp>
+
+#include "triplane/rpc/tokens.hpp"
+#include "triplane/runtime/error.hpp"
+
+namespace triplane::rpc {
+
+struct limits {
+  uint32_t max_concurrent_calls_per_tenant = 512;  ///< beyond: `overloaded`
+  uint32_t max_open_sessions_per_tenant = 1024;    ///< Session capabilities held: `limit_exceeded`
+  uint32_t max_connections = 4096;                 ///< beyond: new connections are closed at once
+  std::chrono::milliseconds call_deadline{10000};  ///< per call, except exec and generate
+  std::chrono::milliseconds exec_default_timeout{60000};  ///< exec without a timeout
+  std::chrono::milliseconds exec_max_timeout{600000};     ///< a longer request is clamped
+  uint64_t exec_output_watermark = 1u << 20;  ///< output queued for the client above which the
+                                              ///< session's producer waits (credit withheld)
+  uint64_t max_exec_output_buffer = 8u << 20;  ///< hard cap for a producer that ignores credit:
+                                               ///< beyond it the exec is killed, `limit_exceeded`
+  uint64_t max_unstreamed_output = 16u << 20;  ///< output returned in the result (no sink)
+  uint32_t auth_failures_before_close = 5;     ///< per connection
+  std::chrono::milliseconds auth_failure_delay{200};  ///< doubled per failure on a connection
+  std::chrono::milliseconds unauthenticated_idle{30000};  ///< close if not authenticated by then
+};
+
+struct reader_limits {
+  uint64_t traversal_limit_words = 8u << 20;  ///< 64 MiB per message
+  int nesting_limit = 32;
+};
+
+struct server_options {
+  std::string host = "127.0.0.1";
+  uint16_t port = 7400;  ///< 0 = any free port (see rpc_server::port())
+  std::vector<token_record> tokens;
+  struct limits limits;
+  reader_limits reader;
+  int socket_send_buffer = 1 << 20;  ///< SO_SNDBUF of accepted sockets = the stream window
+  /// The supervision tree as text for Admin.supervisionTree; called on the RPC thread, must not
+  /// block. Unset: that call answers `unavailable`.
+  std::function<std::string()> describe_supervision;
+  /// Receives `(caf::atom("tp_infer"), ...)` requests when inference exists; unset (invalid):
+  /// Inference calls answer `unavailable`.
+  caf::actor inference;
+};
+
+/// Not copyable or movable; destroying a running server calls stop() with a zero deadline.
+class rpc_server {
+public:
+  /// Binds host:port and starts serving on a new thread. `directory` answers
+  /// `(call_atom, kind, id, caf::message)` (runtime/directory.hpp); the server never spawns the
+  /// node's actors itself. Errors: invalid_argument (bad options/tokens), io_error (bind failed).
+  static expected<std::unique_ptr<rpc_server>> start(server_options opts, caf::actor_system& sys,
+                                                     caf::actor directory);
+
+  virtual ~rpc_server() = default;
+
+  /// The bound TCP port.
+  virtual uint16_t port() const = 0;
+
+  /// Stops accepting connections and new calls, lets in-flight calls finish until `deadline`,
+  /// cancels the rest (running execs are killed), closes every connection and joins the thread.
+  /// Idempotent; returns the number of calls cancelled.
+  virtual size_t stop(std::chrono::milliseconds deadline) = 0;
+};
+
+} // namespace triplane::rpc

@@ -1,0 +1,231 @@
+// rpc_server: the RPC thread, its listener and its connections.
+#include "triplane/rpc/server.hpp"
+
+#include <future>
+#include <mutex>
+#include <thread>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+
+#include <capnp/rpc-twoparty.h>
+#include <kj/async-io.h>
+#include <spdlog/spdlog.h>
+
+#include "server_core.hpp"
+
+namespace triplane::rpc {
+namespace {
+
+using detail::connection_state;
+using detail::server_core;
+
+std::string peer_name(kj::AsyncIoStream& s) {
+  sockaddr_storage addr{};
+  uint len = sizeof addr;
+  try {
+    s.getpeername(reinterpret_cast<sockaddr*>(&addr), &len);
+  } catch (...) {
+    return "unknown peer";
+  }
+  char host[INET6_ADDRSTRLEN] = "?";
+  uint16_t port = 0;
+  if (addr.ss_family == AF_INET) {
+    auto* a = reinterpret_cast<sockaddr_in*>(&addr);
+    inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+    port = ntohs(a->sin_port);
+  } else if (addr.ss_family == AF_INET6) {
+    auto* a = reinterpret_cast<sockaddr_in6*>(&addr);
+    inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+    port = ntohs(a->sin6_port);
+  }
+  return std::string(host) + ":" + std::to_string(port);
+}
+
+capnp::ReaderOptions reader_options(const reader_limits& r) {
+  capnp::ReaderOptions o;
+  o.traversalLimitInWords = r.traversal_limit_words;
+  o.nestingLimit = r.nesting_limit;
+  return o;
+}
+
+/// One client: its socket, the two-party network over it and the RPC system serving it.
+/// TwoPartyServer is not used because it accepts no ReaderOptions and shares one bootstrap
+/// capability among all connections; we need both per connection.
+class connection {
+public:
+  connection(server_core& core, kj::Own<kj::AsyncIoStream> stream,
+             std::shared_ptr<connection_state> state)
+    : core_(core), stream_(kj::mv(stream)),
+      network_(*stream_, capnp::rpc::twoparty::Side::SERVER, reader_options(core.opts.reader)),
+      rpc_(capnp::makeRpcServer(network_, core.make_bootstrap(state))), state_(std::move(state)) {
+    ++core_.metrics.open_connections;
+    ++core_.metrics.connections_total;
+  }
+  ~connection() { --core_.metrics.open_connections; }
+
+  kj::Promise<void> on_disconnect() { return network_.onDisconnect(); }
+
+private:
+  server_core& core_;
+  kj::Own<kj::AsyncIoStream> stream_;
+  capnp::TwoPartyVatNetwork network_;
+  capnp::RpcSystem<capnp::rpc::twoparty::VatId> rpc_;
+  std::shared_ptr<connection_state> state_;
+};
+
+class log_task_errors final : public kj::TaskSet::ErrorHandler {
+public:
+  void taskFailed(kj::Exception&& e) override {
+    spdlog::debug("rpc: connection ended: {}", e.getDescription().cStr());
+  }
+};
+
+class server_impl final : public rpc_server {
+public:
+  server_impl(server_options opts, caf::actor_system& sys, caf::actor directory)
+    : opts_(std::move(opts)), sys_(sys), directory_(std::move(directory)) {}
+
+  ~server_impl() override { stop(std::chrono::milliseconds(0)); }
+
+  expected<uint16_t> launch() {
+    std::promise<expected<uint16_t>> started;
+    auto fut = started.get_future();
+    thread_ = std::thread([this, p = std::move(started)]() mutable { run(std::move(p)); });
+    auto result = fut.get();
+    if (!result) {
+      thread_.join();
+      return result;
+    }
+    port_ = *result;
+    return result;
+  }
+
+  uint16_t port() const override { return port_; }
+
+  size_t stop(std::chrono::milliseconds deadline) override {
+    std::lock_guard<std::mutex> lock{stop_mu_};
+    if (!thread_.joinable()) return cancelled_;
+    stop_->fulfiller->fulfill(static_cast<uint64_t>(deadline.count()));
+    thread_.join();
+    return cancelled_;
+  }
+
+private:
+  kj::Promise<void> accept_loop(server_core& core, kj::ConnectionReceiver& listener,
+                                kj::TaskSet& connections) {
+    return listener.accept()
+      .then(
+        [this, &core, &connections](kj::Own<kj::AsyncIoStream>&& s) -> kj::Promise<void> {
+          on_accept(core, kj::mv(s), connections);
+          return kj::READY_NOW;
+        },
+        [&core](kj::Exception&& e) -> kj::Promise<void> {
+          // E.g. EMFILE: keep serving the connections we have and try again shortly.
+          spdlog::error("rpc: accept failed: {}", e.getDescription().cStr());
+          return core.timer.afterDelay(100 * kj::MILLISECONDS);
+        })
+      .then([this, &core, &listener, &connections]() {
+        return accept_loop(core, listener, connections);
+      });
+  }
+
+  void on_accept(server_core& core, kj::Own<kj::AsyncIoStream> stream, kj::TaskSet& connections) {
+    if (core.metrics.open_connections >= core.opts.limits.max_connections) {
+      spdlog::warn("rpc: refusing a connection: {} open (limit)", core.metrics.open_connections);
+      return;  // dropping the stream closes it
+    }
+    try {
+      int buf = core.opts.socket_send_buffer;
+      stream->setsockopt(SOL_SOCKET, SO_SNDBUF, &buf, sizeof buf);
+      int one = 1;
+      stream->setsockopt(IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    } catch (kj::Exception& e) {
+      spdlog::debug("rpc: setsockopt: {}", e.getDescription().cStr());
+    }
+    auto state = std::make_shared<connection_state>();
+    state->peer = peer_name(*stream);
+    auto closed = kj::newPromiseAndFulfiller<void>();
+    state->close = kj::mv(closed.fulfiller);
+    auto conn = kj::heap<connection>(core, kj::mv(stream), state);
+    auto idle_ms = static_cast<int64_t>(core.opts.limits.unauthenticated_idle.count());
+    auto unauthenticated = core.timer.afterDelay(idle_ms * kj::MILLISECONDS)
+                             .then([state]() -> kj::Promise<void> {
+                               if (state->authenticated) return kj::NEVER_DONE;
+                               spdlog::info("rpc: closing {}: not authenticated in time",
+                                            state->peer);
+                               return kj::READY_NOW;
+                             });
+    connections.add(conn->on_disconnect()
+                      .exclusiveJoin(kj::mv(closed.promise))
+                      .exclusiveJoin(kj::mv(unauthenticated))
+                      .attach(kj::mv(conn)));
+  }
+
+  void run(std::promise<expected<uint16_t>> started) {
+    bool reported = false;
+    try {
+      auto io = kj::setupAsyncIo();
+      server_core core(opts_, sys_, directory_, io.provider->getTimer());
+      auto addr = io.provider->getNetwork()
+                    .parseAddress(opts_.host.c_str(), opts_.port)
+                    .wait(io.waitScope);
+      auto listener = addr->listen();
+      auto stop = kj::newPromiseAndCrossThreadFulfiller<uint64_t>();
+      stop_ = std::make_unique<stop_signal>(stop_signal{kj::mv(stop.fulfiller)});
+      log_task_errors on_error;
+      {
+        kj::TaskSet connections(on_error);
+        kj::Promise<void> accepting = accept_loop(core, *listener, connections);
+        spdlog::info("rpc: listening on {}:{}", opts_.host, listener->getPort());
+        started.set_value(static_cast<uint16_t>(listener->getPort()));
+        reported = true;
+
+        auto deadline_ms = stop.promise.wait(io.waitScope);
+        accepting = nullptr;
+        listener = nullptr;
+        cancelled_ = core.drain(std::chrono::milliseconds(deadline_ms)).wait(io.waitScope);
+        // Give the cancellation answers a moment to reach the clients, then hang up.
+        core.timer.afterDelay(20 * kj::MILLISECONDS).wait(io.waitScope);
+      }
+      spdlog::info("rpc: stopped ({} calls cancelled)", cancelled_);
+    } catch (kj::Exception& e) {
+      auto msg = std::string("rpc server: ") + e.getDescription().cStr();
+      spdlog::error("{}", msg);
+      if (!reported) started.set_value(make_error(errc::io_error, msg));
+    }
+  }
+
+  server_options opts_;
+  caf::actor_system& sys_;
+  caf::actor directory_;
+  std::thread thread_;
+  uint16_t port_ = 0;
+  // Held through unique_ptr: kj::Own's destructor may throw, ours must not.
+  struct stop_signal {
+    kj::Own<kj::CrossThreadPromiseFulfiller<uint64_t>> fulfiller;
+  };
+  std::unique_ptr<stop_signal> stop_;
+  std::mutex stop_mu_;
+  size_t cancelled_ = 0;
+};
+
+} // namespace
+
+expected<std::unique_ptr<rpc_server>> rpc_server::start(server_options opts,
+                                                        caf::actor_system& sys,
+                                                        caf::actor directory) {
+  if (!directory) return make_error(errc::invalid_argument, "rpc server: no directory actor");
+  for (const auto& t : opts.tokens)
+    if (auto err = validate(t)) return err;
+  if (opts.reader.traversal_limit_words == 0 || opts.reader.nesting_limit <= 0)
+    return make_error(errc::invalid_argument, "rpc server: reader limits must be positive");
+  auto server = std::make_unique<server_impl>(std::move(opts), sys, std::move(directory));
+  auto port = server->launch();
+  if (!port) return port.error();
+  return std::unique_ptr<rpc_server>{std::move(server)};
+}
+
+} // namespace triplane::rpc

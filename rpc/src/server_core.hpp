@@ -1,0 +1,162 @@
+// State of one RPC server shared by its connections and capabilities. Lives on the RPC thread
+// and is touched only there (no locking); CAF threads reach it only through cross-thread
+// fulfillers.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <capnp/capability.h>
+#include <kj/async.h>
+#include <kj/timer.h>
+
+#include "caf_bridge.hpp"
+#include "metrics.hpp"
+#include "triplane/rpc/server.hpp"
+#include "triplane/runtime/directory.hpp"
+
+namespace triplane::rpc::detail {
+
+/// Shared by every capability and call of one tenant, across connections.
+struct tenant_state {
+  std::string name;
+  role who = role::tenant;
+  uint32_t in_flight = 0;
+  uint32_t open_sessions = 0;
+};
+
+/// One client connection's own bookkeeping.
+struct connection_state {
+  std::string peer;
+  uint32_t auth_failures = 0;
+  bool authenticated = false;
+  kj::Own<kj::PromiseFulfiller<void>> close;  ///< fulfilling it closes the connection
+};
+
+class server_core;
+
+/// One admitted call: counts it in flight, records its latency and outcome when done.
+class call_slot {
+public:
+  call_slot(server_core& core, const char* method, std::shared_ptr<tenant_state> tenant,
+            bool counted);
+  ~call_slot();
+  void finish(errc outcome);
+
+private:
+  server_core& core_;
+  const char* method_;
+  std::shared_ptr<tenant_state> tenant_;
+  bool counted_;
+  bool finished_ = false;
+  std::chrono::steady_clock::time_point start_;
+};
+
+class server_core {
+public:
+  server_core(server_options opts, caf::actor_system& sys, caf::actor directory, kj::Timer& timer);
+
+  /// Runs `body` (() -> kj::Promise<void>) as one call of `method`: refuses it when draining
+  /// (unavailable) or when the tenant is at its concurrency limit (overloaded); bounds it by
+  /// `deadline` (timeout); counts it; makes it cancellable by drain(). Admin calls
+  /// (`tenant == nullptr` or `admin_call`) are neither limited nor cancelled by drain.
+  ///
+  /// A failure that is not a triplane error (a call the schema cannot decode: wrong parameter
+  /// struct, nesting or size limits) closes the caller's connection `conn`.
+  template <class Body>
+  kj::Promise<void> run(const char* method, std::shared_ptr<tenant_state> tenant,
+                        std::chrono::milliseconds deadline, Body&& body, bool admin_call = false,
+                        std::shared_ptr<connection_state> conn = nullptr);
+
+  /// Resolves once no counted call is in flight, or after `deadline`; then cancels what is
+  /// left and answers how many calls were cancelled. Leaves the server draining.
+  kj::Promise<size_t> drain(std::chrono::milliseconds deadline);
+
+  /// The tenant state for an authenticated token (created on first use).
+  std::shared_ptr<tenant_state> tenant_for(const token_record& rec);
+
+  /// The bootstrap capability of a new connection.
+  capnp::Capability::Client make_bootstrap(std::shared_ptr<connection_state> conn);
+
+  /// Sends `inner` to the session `full_id` through the directory.
+  template <class Reply>
+  kj::Promise<Reply> ask_session(const std::string& full_id, caf::message inner,
+                                 std::chrono::milliseconds timeout);
+
+  const server_options opts;
+  caf::actor directory;
+  caf_bridge bridge;
+  kj::Timer& timer;
+  rpc_metrics metrics;
+  bool draining = false;
+  uint64_t in_flight = 0;  ///< counted (non-admin) calls
+  uint64_t next_call_id = 1;
+
+private:
+  friend class call_slot;
+  void call_done(bool counted);
+
+  kj::Canceler canceler_;
+  std::unordered_map<std::string, std::shared_ptr<tenant_state>> tenants_;
+  std::vector<kj::Own<kj::PromiseFulfiller<void>>> idle_waiters_;
+};
+
+/// Closes `conn` when `e` is a decoding failure of the client's message.
+void close_on_malformed(const std::shared_ptr<connection_state>& conn, const kj::Exception& e);
+
+template <class Body>
+kj::Promise<void> server_core::run(const char* method, std::shared_ptr<tenant_state> tenant,
+                                   std::chrono::milliseconds deadline, Body&& body,
+                                   bool admin_call, std::shared_ptr<connection_state> conn) {
+  bool counted = tenant && !admin_call;
+  if (counted && draining) {
+    metrics.record(method, 0, errc::unavailable);
+    wire::fail(errc::unavailable, "the node is draining; retry on another node");
+  }
+  if (counted && tenant->in_flight >= opts.limits.max_concurrent_calls_per_tenant) {
+    metrics.record(method, 0, errc::overloaded);
+    wire::fail(errc::overloaded,
+               "tenant '" + tenant->name + "' has " + std::to_string(tenant->in_flight)
+                 + " calls in flight (limit "
+                 + std::to_string(opts.limits.max_concurrent_calls_per_tenant) + "); retry later");
+  }
+  auto slot = kj::heap<call_slot>(*this, method, tenant, counted);
+  auto* s = slot.get();
+  kj::Promise<void> work = kj::evalNow(kj::fwd<Body>(body));
+  auto ms = static_cast<int64_t>(deadline.count());
+  work = work.exclusiveJoin(timer.afterDelay(ms * kj::MILLISECONDS).then([method, ms]() {
+    return kj::Promise<void>(wire::make_exception(
+      errc::timeout, std::string(method) + " did not finish within " + std::to_string(ms) + " ms"));
+  }));
+  if (counted) work = canceler_.wrap(kj::mv(work));
+  return work
+    .then([s]() { s->finish(errc::ok); },
+          [s, conn](kj::Exception&& e) {
+            close_on_malformed(conn, e);
+            s->finish(wire::code_of(e));
+            kj::throwFatalException(kj::mv(e));
+          })
+    .attach(kj::mv(slot));
+}
+
+/// Removes the server's tenant scoping ("<tenant>/") from an error text: clients never see it.
+kj::Exception unscoped(const kj::Exception& e, const std::string& scope_prefix);
+
+template <class Reply>
+kj::Promise<Reply> server_core::ask_session(const std::string& full_id, caf::message inner,
+                                            std::chrono::milliseconds timeout) {
+  auto prefix = full_id.substr(0, full_id.find('/') + 1);
+  return bridge
+    .ask<Reply>(directory,
+                caf::make_message(runtime::call_atom::value, std::string("session"), full_id,
+                                  std::move(inner)),
+                timeout)
+    .catch_([prefix](kj::Exception&& e) -> Reply {
+      kj::throwFatalException(unscoped(e, prefix));
+    });
+}
+
+} // namespace triplane::rpc::detail

@@ -1,0 +1,222 @@
+# Triplane's client API: object-capability style. A client reaches nothing but what the bootstrap
+# interface hands out after authentication; every object a tenant can name hangs off its Tenant.
+#
+# COMPATIBILITY RULE (read before editing):
+#   - Ordinals (@N) are never reused and never renumbered, in structs, interfaces, enums, unions.
+#   - A field or method is never removed: it is deprecated by a comment and the server keeps
+#     answering it (methods may answer `unavailable`).
+#   - New fields get the next free ordinal; their default must mean "the old behaviour".
+#   - Types of existing fields never change; renaming is allowed (names are not on the wire), but
+#     clients generated from text (pycapnp) use names, so do not rename either.
+#   - Bump `Bootstrap.protocolVersion` only when the meaning of an existing call changes.
+#
+# ERRORS: a failed call is answered with a Cap'n Proto exception whose description contains
+#   "triplane:<code>: <message>"
+# where <code> is one of the snake_case names listed in ErrorCode below (e.g. "not_found",
+# "permission_denied", "limit_exceeded", "overloaded", "timeout", "invalid_argument", "internal").
+# Any client, in any language, reads the exception description (pycapnp: `str(exc)` or
+# `exc.description`), finds "triplane:", and takes the text up to the next ':' as the code.
+# The kj exception type is also set: OVERLOADED for overloaded and limit_exceeded,
+# DISCONNECTED for unavailable, FAILED otherwise. An exception without "triplane:" came from the
+# RPC layer itself (e.g. a malformed message or a lost connection).
+@0xb7b550509df7137f;
+
+using Cxx = import "/capnp/c++.capnp";
+$Cxx.namespace("triplane::api");
+
+enum ErrorCode {
+  # The codes of the "triplane:<code>:" prefix, for reference; same numbering as triplane::errc.
+  ok @0;
+  notFound @1;          # not_found
+  alreadyExists @2;     # already_exists
+  permissionDenied @3;  # permission_denied
+  invalidArgument @4;   # invalid_argument
+  limitExceeded @5;     # limit_exceeded
+  timeout @6;           # timeout
+  overloaded @7;        # overloaded
+  corrupted @8;         # corrupted
+  staleEpoch @9;        # stale_epoch
+  ioError @10;          # io_error
+  unavailable @11;      # unavailable
+  internal @12;         # internal
+  cancelled @13;        # cancelled
+}
+
+enum Role {
+  tenant @0;
+  admin @1;
+}
+
+interface Bootstrap {
+  # The capability a new connection gets. Failed authentications are slowed down and, after
+  # repeated failures, the connection is closed.
+  authenticate @0 (token :Text) -> (tenant :Tenant, name :Text, role :Role);
+  protocolVersion @1 () -> (version :UInt32);
+}
+
+interface Tenant {
+  session @0 (id :Text, create :Bool) -> (session :Session);
+  # Opens the session `id` of this tenant. create=false: not_found unless it exists.
+  # create=true: creates it when absent. Ids are 1..200 bytes of printable characters; the same id
+  # used by two tenants names two different sessions.
+  inference @1 () -> (inference :Inference);
+  admin @2 () -> (admin :Admin);
+  # permission_denied unless the token's role is admin.
+}
+
+# ---------------------------------------------------------------------------------------------
+# Sessions (execution plane)
+
+enum OutputStream {
+  stdout @0;
+  stderr @1;
+}
+
+interface OutputSink {
+  # Provided by the client; the server pushes command output into it as it is produced.
+  write @0 (stream :OutputStream, chunk :Data) -> stream;
+  done @1 () -> ();
+  # Called once after the last write, before exec returns: when exec's result arrives, every
+  # write has been handled by the sink (streaming calls run one at a time, in order).
+}
+
+struct EnvVar {
+  name @0 :Text;
+  value @1 :Text;
+}
+
+struct ExecRequest {
+  argv @0 :List(Text);     # program and arguments; or
+  shell @1 :Text;          # a shell command line (used when argv is empty)
+  stdin @2 :Data;
+  env @3 :List(EnvVar);    # overrides on top of the session's environment
+  cwd @4 :Text;            # relative to the workspace root; empty = session's working directory
+  timeoutMs @5 :UInt32;    # 0 = the server's default
+}
+
+struct ExecResult {
+  exitCode @0 :Int32;      # -1 when killed by a signal
+  signal @1 :Int32;        # 0 unless killed by a signal
+  stdout @2 :Data;         # only when exec was called without a sink
+  stderr @3 :Data;         # only when exec was called without a sink
+  truncated @4 :Bool;      # output exceeded the session's cap
+  durationUs @5 :UInt64;
+  cpuUs @6 :UInt64;
+  peakMemoryBytes @7 :UInt64;
+}
+
+struct FileEntry {
+  path @0 :Text;
+  size @1 :UInt64;
+  mode @2 :UInt32;         # POSIX mode bits, including the file type
+}
+
+struct SessionInfo {
+  id @0 :Text;             # the id as the tenant named it
+  createdUnixMs @1 :UInt64;
+  lastUsedUnixMs @2 :UInt64;
+  fileCount @3 :UInt64;
+  kvCount @4 :UInt64;
+  execCount @5 :UInt64;
+}
+
+interface Session {
+  exec @0 (request :ExecRequest, sink :OutputSink) -> (result :ExecResult);
+  # Runs a command. With a sink, output is streamed to it as it comes (flow-controlled) and the
+  # result carries no output; without one, the output comes in the result. Cancelling the call or
+  # disconnecting kills the command.
+  readFile @1 (path :Text, offset :UInt64, length :UInt64) -> (data :Data);
+  # length 0 = to the end.
+  writeFile @2 (path :Text, data :Data, makeParents :Bool, executable :Bool) -> ();
+  listFiles @3 (path :Text, recursive :Bool) -> (entries :List(FileEntry));
+  removeFile @4 (path :Text, recursive :Bool) -> ();
+  kvGet @5 (key :Text) -> (found :Bool, value :Data);
+  kvPut @6 (key :Text, value :Data) -> ();
+  kvDelete @7 (key :Text) -> (existed :Bool);
+  kvList @8 (prefix :Text) -> (keys :List(Text));
+  fork @9 (newId :Text) -> (session :Session);
+  # A new session of the same tenant with a copy of this one's state.
+  destroy @10 () -> ();
+  info @11 () -> (info :SessionInfo);
+}
+
+# ---------------------------------------------------------------------------------------------
+# Inference (inference plane)
+
+interface TokenSink {
+  tokens @0 (ids :List(UInt32), text :Text) -> stream;
+  done @1 () -> ();
+  # Called once after the last tokens, before generate returns.
+}
+
+struct GenerateRequest {
+  model @0 :Text;
+  prompt @1 :Text;
+  maxTokens @2 :UInt32;
+  temperature @3 :Float32;
+  topP @4 :Float32;
+  seed @5 :UInt64;
+}
+
+struct GenerateResult {
+  text @0 :Text;           # only when generate was called without a sink
+  promptTokens @1 :UInt32;
+  generatedTokens @2 :UInt32;
+  finishReason @3 :Text;   # "length", "stop", "cancelled"
+  durationUs @4 :UInt64;
+}
+
+struct ModelInfo {
+  name @0 :Text;
+  parameters @1 :UInt64;
+  contextLength @2 :UInt32;
+}
+
+interface Inference {
+  generate @0 (request :GenerateRequest, sink :TokenSink) -> (result :GenerateResult);
+  listModels @1 () -> (models :List(ModelInfo));
+}
+
+# ---------------------------------------------------------------------------------------------
+# Operators
+
+struct NodeStats {
+  liveActors @0 :UInt64;
+  passivatedTotal @1 :UInt64;
+  activationsTotal @2 :UInt64;
+  failuresTotal @3 :UInt64;
+  openConnections @4 :UInt64;
+  draining @5 :Bool;
+}
+
+struct MethodMetrics {
+  method @0 :Text;         # "Session.kvGet", ...
+  calls @1 :UInt64;
+  errors @2 :UInt64;
+  p50Us @3 :UInt64;
+  p90Us @4 :UInt64;
+  p99Us @5 :UInt64;
+  maxUs @6 :UInt64;
+}
+
+struct ErrorCount {
+  code @0 :Text;           # snake_case code, as in exception descriptions
+  count @1 :UInt64;
+}
+
+struct RpcMetrics {
+  methods @0 :List(MethodMetrics);
+  errors @1 :List(ErrorCount);
+  openConnections @2 :UInt64;
+  connectionsTotal @3 :UInt64;
+  authFailures @4 :UInt64;
+}
+
+interface Admin {
+  nodeStats @0 () -> (stats :NodeStats);
+  supervisionTree @1 () -> (text :Text);
+  drain @2 (deadlineMs :UInt32) -> (cancelled :UInt32);
+  # Stops accepting new calls (they get `unavailable`), waits for in-flight calls up to the
+  # deadline, then cancels the rest; answers how many were cancelled.
+  rpcMetrics @3 () -> (metrics :RpcMetrics);
+}

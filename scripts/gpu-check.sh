@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# Every GPU test and the GPU benchmark in one go, for a session that has the device machine.
+#
+#   1. Here (no GPU needed):    scripts/gpu-check.sh pack
+#      Builds the GPU targets and fills build-gpu-check/ (ignored by git: /build*/): the test and
+#      bench binaries, their non-system shared libraries, the fixtures and where the binaries
+#      expect them. About 20 MB.
+#   2. On the device machine:   the device tool's run with
+#        command:   bash scripts/gpu-check.sh run
+#        carry:     ["build-gpu-check"]
+#        timeout_s: 540   (leaves time for a second try inside the 15 minutes)
+#      Runs each test case of the gpu-labelled binaries (*_gpu_test) and of gpu_cuda_backend_test
+#      one by one (a hang costs one case, not the run), then bench_inference_gpu, then the kernel
+#      tests and one end-to-end case under compute-sanitizer memcheck; writes logs and JSON under
+#      $OUT and prints a short table last. Exit status 0 when no case failed.
+#
+# libcublas, libcublasLt and libnccl are not carried (hundreds of MB): the run looks for them on
+# the device machine (CUDA's lib64, PyTorch's nvidia/* wheels; see ../shared/notes/GPU.md).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+pack_dir=build-gpu-check
+mode=${1:-}
+
+pack() {
+  set -e
+  local build_dir=${TRIPLANE_BUILD_DIR:-build}
+  [[ -f $build_dir/CMakeCache.txt ]] || cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release >/dev/null
+  grep -q '^TRIPLANE_HAVE_CUDA' "$build_dir/CMakeCache.txt" 2>/dev/null || true
+  local targets=(gpu_kernels_gpu_test gpu_cuda_backend_gpu_test gpu_cuda_backend_test bench_inference_gpu)
+  cmake --build "$build_dir" --target "${targets[@]}" -j"${TRIPLANE_JOBS:-2}"
+  rm -rf "$pack_dir"
+  mkdir -p "$pack_dir/bin" "$pack_dir/lib" "$pack_dir/fixtures/llama"
+  cp "$build_dir/gpu/gpu_kernels_gpu_test" "$build_dir/gpu/gpu_cuda_backend_gpu_test" \
+     "$build_dir/gpu/gpu_cuda_backend_test" "$build_dir/bench/bench_inference_gpu" "$pack_dir/bin/"
+  # Non-system libraries (CAF, ...). Left out: the C runtime (there), libstdc++/libgcc_s (the
+  # device's are newer and backward compatible), CUDA's own libraries (found there).
+  for bin in "$pack_dir"/bin/*; do
+    ldd "$bin" | awk '/=> \//{print $1, $3}' | while read -r name path; do
+      case $name in
+        libc.so*|libm.so*|libpthread.so*|libdl.so*|librt.so*|ld-linux*|libstdc++.so*|libgcc_s.so*) ;;
+        libcublas*|libcublasLt*|libnccl*|libcuda.so*|libcudart.so*) ;;
+        *) cp -L "$path" "$pack_dir/lib/$name" ;;
+      esac
+    done
+  done
+  local fixtures
+  fixtures=$(sed -n 's/^TRIPLANE_FIXTURES_DIR:PATH=//p' "$build_dir/CMakeCache.txt")
+  realpath -m "$fixtures" >"$pack_dir/fixtures-path"
+  cp -r "$fixtures"/llama/tiny-llama-* "$pack_dir/fixtures/llama/"
+  echo "packed $(du -sh "$pack_dir" | cut -f1) into $pack_dir/ (fixtures expected at $(cat "$pack_dir/fixtures-path"))"
+  echo "device tool: run command 'bash scripts/gpu-check.sh run', carry [\"$pack_dir\"], timeout_s 540"
+}
+
+# The first directory holding library $1 among the usual places of the device machine.
+find_lib_dir() {
+  local dir
+  for dir in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda/targets/x86_64-linux/lib \
+             /opt/torch/.venv/lib/python3.12/site-packages/nvidia/*/lib \
+             /opt/torch/.venv/lib/python3.12/site-packages/nvidia/*/*/lib /usr/lib/x86_64-linux-gnu; do
+    [[ -e $dir/$1 ]] && { echo "$dir"; return; }
+  done
+  find /opt /usr -name "$1" -print -quit 2>/dev/null | xargs -r dirname
+}
+
+run() {
+  [[ -d $pack_dir/bin ]] || { echo "no $pack_dir/: run 'scripts/gpu-check.sh pack' here first and carry it"; exit 2; }
+  local out=${OUT:-$pack_dir/out}
+  mkdir -p "$out"
+  local libs=$PWD/$pack_dir/lib
+  for lib in libcublas.so.13 libcublasLt.so.13 libnccl.so.2; do
+    local dir
+    dir=$(find_lib_dir "$lib")
+    if [[ -n $dir ]]; then libs=$libs:$dir; else echo "WARNING: $lib not found on this machine"; fi
+  done
+  export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+  nvidia-smi -L 2>&1 | tee "$out/nvidia-smi.txt"
+  local fixtures
+  fixtures=$(cat "$pack_dir/fixtures-path")
+  if [[ ! -f $fixtures/llama/tiny-llama-bf16/model.safetensors ]]; then  # never overwrite real fixtures
+    mkdir -p "$fixtures/llama" && cp -r "$pack_dir"/fixtures/llama/* "$fixtures/llama/"
+  fi
+
+  local results=$out/results.tsv
+  : >"$results"
+  local bin name escaped log status start seconds rc
+  for bin in "$pack_dir"/bin/*_test; do
+    mkdir -p "$out/logs"
+    "$bin" --list-test-names-only 2>&1 | sed '/^$/d' | grep -v 'test cases' >"$out/names.txt" || true
+    while IFS= read -r name; do
+      [[ -n $name ]] || continue
+      escaped=$(printf '%s' "$name" | sed 's/[][,\\*]/\\&/g')
+      log="$out/logs/$(basename "$bin")-$(printf '%s' "$name" | tr -c 'A-Za-z0-9' '_' | cut -c1-60).log"
+      start=$(date +%s%N)
+      timeout 180 "$bin" "$escaped" -r compact >"$log" 2>&1
+      rc=$?
+      seconds=$(awk -v a="$start" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
+      if [[ $rc -eq 124 ]]; then status=TIMEOUT
+      elif [[ $rc -ne 0 ]]; then status=FAIL
+      elif grep -q 'SKIPPED' "$log"; then status=SKIP
+      elif grep -q 'No tests ran' "$log"; then status=NOTRUN
+      else status=pass
+      fi
+      printf '%s\t%s\t%s\t%s\n' "$status" "$(basename "$bin")" "$seconds" "$name" >>"$results"
+      # The measured errors the fixture tests print (WARN) go to the summary too.
+      grep -h 'of the range\|of the logit range' "$log" | sed 's/^.*warning: //; s/^/    /' >>"$out/measured.txt" || true
+    done <"$out/names.txt"
+  done
+
+  echo "== bench_inference_gpu"
+  timeout 300 "$pack_dir/bin/bench_inference_gpu" --json "$out/bench_inference_gpu.json" \
+    --model-dir /tmp/triplane-llama-3.2-1b-random 2>&1 | tee "$out/bench.log"
+  local bench_rc=${PIPESTATUS[0]}
+
+  # Last, as time allows: the kernels and one end-to-end case under compute-sanitizer's memcheck
+  # (out-of-bounds and misaligned accesses; it works on the Firecracker machines, see KINDS.md).
+  local sanitizer
+  sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+  if [[ -n $sanitizer ]]; then
+    for bin_case in "gpu_kernels_gpu_test|" \
+                    "gpu_cuda_backend_gpu_test|on CUDA KV-cached decoding matches recomputing the whole sequence"; do
+      bin=${bin_case%%|*}
+      name=${bin_case#*|}
+      log="$out/logs/memcheck-$bin.log"
+      start=$(date +%s%N)
+      timeout 150 "$sanitizer" --tool memcheck --error-exitcode 3 "$pack_dir/bin/$bin" ${name:+"$name"} -r compact \
+        >"$log" 2>&1
+      rc=$?
+      seconds=$(awk -v a="$start" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
+      case $rc in 0) status=pass ;; 124) status=TIMEOUT ;; *) status=FAIL ;; esac
+      printf '%s\t%s\t%s\t%s\n' "$status" "memcheck" "$seconds" "$bin ${name:-(all cases)}" >>"$results"
+    done
+  else
+    echo "compute-sanitizer not found: memcheck skipped"
+  fi
+
+  echo
+  echo "== GPU check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1))"
+  awk -F'\t' '{printf "%-7s %6ss  %-26s %s\n", $1, $3, $2, substr($4, 1, 90)}' "$results"
+  [[ -s $out/measured.txt ]] && { echo "measured errors:"; sort -u "$out/measured.txt"; }
+  echo "bench (rc $bench_rc):"
+  sed -n '/^device/p;/^device-to-device/p;/^phase/,$p' "$out/bench.log"
+  local failed
+  failed=$(grep -c -v -E '^(pass|SKIP)' "$results")
+  echo "cases: $(grep -c '^pass' "$results") passed, $(grep -c '^SKIP' "$results") skipped, $failed failed or timed out"
+  [[ $failed -eq 0 && $bench_rc -eq 0 ]]
+}
+
+case $mode in
+  pack) pack ;;
+  run) run ;;
+  *) echo "usage: scripts/gpu-check.sh pack|run (see the comment at the top)"; exit 2 ;;
+esac

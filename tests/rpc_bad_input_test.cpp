@@ -1,0 +1,366 @@
+// Hostile and broken clients against a node process (triplane_rpc_test_node: the real RPC
+// server in front of the session directory TEST DOUBLE): raw bytes and hand-built RPC messages
+// from plain TCP sockets. The node must close each bad connection, keep serving a well-behaved
+// client throughout, and keep its memory bounded.
+#include <catch2/catch.hpp>
+
+#include <cstring>
+#include <random>
+#include <thread>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <capnp/message.h>
+#include <capnp/rpc-twoparty.h>
+#include <capnp/rpc.capnp.h>
+#include <capnp/serialize.h>
+#include <kj/async-io.h>
+
+#include "api.capnp.h"
+#include "support/rpc_test_node_process.hpp"
+#include "triplane/rpc/client.hpp"
+
+using namespace std::chrono_literals;
+using triplane::errc;
+using triplane::client::connection;
+using triplane::test::node_process;
+
+namespace {
+
+int raw_connect(uint16_t port) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  REQUIRE(fd >= 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+  return fd;
+}
+
+void send_all(int fd, const void* data, size_t n) {
+  auto* p = static_cast<const char*>(data);
+  while (n > 0) {
+    auto w = send(fd, p, n, MSG_NOSIGNAL);
+    if (w <= 0) return;  // the server may hang up mid-way: that is fine
+    p += w;
+    n -= static_cast<size_t>(w);
+  }
+}
+
+/// True when the server closes the connection within `timeout` (EOF or reset), reading and
+/// discarding whatever it sends first (e.g. an Abort message).
+bool closed_by_server(int fd, std::chrono::milliseconds timeout) {
+  auto until = std::chrono::steady_clock::now() + timeout;
+  char buf[4096];
+  while (std::chrono::steady_clock::now() < until) {
+    pollfd p{fd, POLLIN, 0};
+    if (poll(&p, 1, 50) <= 0) continue;
+    auto r = recv(fd, buf, sizeof buf, 0);
+    if (r <= 0) return true;
+  }
+  return false;
+}
+
+std::vector<uint32_t> frame_header(std::initializer_list<uint32_t> segment_words) {
+  std::vector<uint32_t> h;
+  h.push_back(static_cast<uint32_t>(segment_words.size() - 1));
+  for (auto w : segment_words) h.push_back(w);
+  if (h.size() % 2) h.push_back(0);
+  return h;
+}
+
+std::string serialize(capnp::MessageBuilder& b) {
+  auto words = capnp::messageToFlatArray(b);
+  auto bytes = words.asBytes();
+  return {reinterpret_cast<const char*>(bytes.begin()), bytes.size()};
+}
+
+std::string bootstrap_message() {
+  capnp::MallocMessageBuilder b;
+  b.initRoot<capnp::rpc::Message>().initBootstrap().setQuestionId(0);
+  return serialize(b);
+}
+
+/// A Call of Bootstrap.authenticate on the bootstrap answer; `fill` writes the params content.
+template <class Fill>
+std::string authenticate_call(Fill&& fill) {
+  capnp::MallocMessageBuilder b;
+  auto call = b.initRoot<capnp::rpc::Message>().initCall();
+  call.setQuestionId(1);
+  call.initTarget().initPromisedAnswer().setQuestionId(0);
+  call.setInterfaceId(capnp::typeId<triplane::api::Bootstrap>());
+  call.setMethodId(0);
+  fill(call.initParams().getContent());
+  return serialize(b);
+}
+
+/// A well-behaved client's round trip: must succeed whatever the bad clients do.
+void check_healthy(connection& c, const std::string& what) {
+  INFO("healthy client after: " << what);
+  auto s = c.open_session("healthy", true);
+  REQUIRE(s);
+  REQUIRE(s->kv_put("after", what));
+  auto v = s->kv_get("after");
+  REQUIRE(v);
+  REQUIRE(v->has_value());
+  CHECK(**v == what);
+}
+
+} // namespace
+
+TEST_CASE("malformed frames and messages close their connection while the node keeps serving",
+          "[rpc][bad-input]") {
+  node_process node;
+  auto good = connection::connect(node.endpoint(), node.tokens().alice);
+  REQUIRE(good);
+  check_healthy(**good, "start");
+  auto rss_start = node.rss_kib();
+
+  struct bad_case {
+    std::string name;
+    std::string bytes;
+    bool half_close;  // shut down our sending side after the bytes
+  };
+  std::vector<bad_case> cases;
+  {
+    // A frame that promises 100 words and delivers 10 before the client stops sending.
+    auto h = frame_header({100});
+    std::string b(reinterpret_cast<const char*>(h.data()), h.size() * 4);
+    b += std::string(80, '\x01');
+    cases.push_back({"truncated frame", b, true});
+  }
+  {
+    std::mt19937 rng(42);
+    std::string b(4096, '\0');
+    for (auto& c : b) c = static_cast<char>(rng());
+    cases.push_back({"garbage bytes", b, false});
+  }
+  {
+    // One segment claimed to be 2^31 words (16 GiB); only 4 KiB follow.
+    auto h = frame_header({0x7fffffff});
+    std::string b(reinterpret_cast<const char*>(h.data()), h.size() * 4);
+    b += std::string(4096, '\0');
+    cases.push_back({"segment table claiming 16 GiB", b, false});
+  }
+  {
+    // A segment count far beyond what any reader accepts.
+    std::vector<uint32_t> h{100000, 1, 1, 1};
+    std::string b(reinterpret_cast<const char*>(h.data()), h.size() * 4);
+    b += std::string(4096, '\0');
+    cases.push_back({"segment table with 100001 segments", b, false});
+  }
+  cases.push_back({"wrong parameter struct (a list where a struct belongs)",
+                   bootstrap_message() + authenticate_call([](capnp::AnyPointer::Builder c) {
+                     c.initAs<capnp::List<uint64_t>>(8);
+                   }),
+                   false});
+  cases.push_back({"wrong field type (a struct where the token text belongs)",
+                   bootstrap_message() + authenticate_call([](capnp::AnyPointer::Builder c) {
+                     c.initAsAnyStruct(0, 1).getPointerSection()[0].initAsAnyStruct(1, 0);
+                   }),
+                   false});
+  cases.push_back({"parameters nested 200 deep (limit 32)",
+                   bootstrap_message() + authenticate_call([](capnp::AnyPointer::Builder c) {
+                     auto s = c.initAsAnyStruct(0, 1);
+                     for (int i = 0; i < 200; ++i)
+                       s = s.getPointerSection()[0].initAsAnyStruct(0, 1);
+                   }),
+                   false});
+  {
+    // A token list pointer whose element count (2^29 - 1 bytes) runs far past its segment.
+    auto msg = authenticate_call([](capnp::AnyPointer::Builder c) {
+      c.initAs<triplane::api::Bootstrap::AuthenticateParams>().setToken("0123456789abcde");
+    });
+    // Text of 15 chars + NUL: list pointer, element size BYTE (2), count 16.
+    bool patched = false;
+    for (size_t off = 8; off + 8 <= msg.size(); off += 8) {
+      uint32_t lo, hi;
+      std::memcpy(&lo, msg.data() + off, 4);
+      std::memcpy(&hi, msg.data() + off + 4, 4);
+      if ((lo & 3) == 1 && hi == ((16u << 3) | 2u)) {
+        hi = (0x1fffffffu << 3) | 2u;
+        std::memcpy(msg.data() + off + 4, &hi, 4);
+        patched = true;
+        break;
+      }
+    }
+    REQUIRE(patched);
+    cases.push_back({"a list pointer claiming 512 MiB inside a small segment",
+                     bootstrap_message() + msg, false});
+  }
+  cases.push_back({"a 72 MiB token (message above the 64 MiB traversal limit)",
+                   bootstrap_message() + authenticate_call([](capnp::AnyPointer::Builder c) {
+                     auto t = c.initAs<triplane::api::Bootstrap::AuthenticateParams>()
+                                .initToken(72u << 20);
+                     std::memset(t.begin(), 'a', t.size());
+                   }),
+                   false});
+
+  for (const auto& bc : cases) {
+    INFO(bc.name);
+    int fd = raw_connect(node.port());
+    send_all(fd, bc.bytes.data(), bc.bytes.size());
+    if (bc.half_close) shutdown(fd, SHUT_WR);
+    CHECK(closed_by_server(fd, 5000ms));
+    close(fd);
+    REQUIRE(node.alive());
+    check_healthy(**good, bc.name);
+  }
+
+  // Memory: nothing of the lies above was allocated for long (the 72 MiB message is the largest
+  // thing a client can make the node hold, once, transiently).
+  std::this_thread::sleep_for(300ms);
+  auto rss_end = node.rss_kib();
+  INFO("RSS start " << rss_start << " KiB, end " << rss_end << " KiB");
+  CHECK(rss_end - rss_start < 96 * 1024);
+}
+
+namespace {
+
+/// Forks a client that starts `flood|spew 4096 65536` (256 MiB) with a sink and then never
+/// touches its socket again. Must run before this process opens any connection.
+pid_t start_stuck_reader(const node_process& node, const char* command) {
+  pid_t child = fork();
+  REQUIRE(child >= 0);
+  if (child != 0) return child;
+  auto io = kj::setupAsyncIo();
+  auto addr = io.provider->getNetwork().parseAddress(node.endpoint()).wait(io.waitScope);
+  auto stream = addr->connect().wait(io.waitScope);
+  int small = 4096;
+  stream->setsockopt(SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+  capnp::TwoPartyClient rpc(*stream);
+  auto boot = rpc.bootstrap().castAs<triplane::api::Bootstrap>();
+  auto auth = boot.authenticateRequest();
+  auth.setToken(node.tokens().alice);
+  auto tenant = auth.send().getTenant();
+  auto open = tenant.sessionRequest();
+  open.setId("stuck");
+  open.setCreate(true);
+  auto session = open.send().getSession();
+  struct sink final : triplane::api::OutputSink::Server {
+    kj::Promise<void> write(WriteContext) override { return kj::NEVER_DONE; }
+  };
+  auto req = session.execRequest();
+  auto argv = req.initRequest().initArgv(3);
+  argv.set(0, command);
+  argv.set(1, "4096");
+  argv.set(2, "65536");
+  req.setSink(kj::heap<sink>());
+  auto pending = req.send();
+  // Run the loop just long enough to send the calls, then stop reading for good.
+  io.provider->getTimer().afterDelay(300 * kj::MILLISECONDS).wait(io.waitScope);
+  sleep(60);
+  _exit(0);
+}
+
+/// Serves `good` for ~4 s while the stuck reader runs; returns the node's RSS growth (KiB).
+long serve_beside_stuck_reader(const node_process& node, connection& good) {
+  auto rss_start = node.rss_kib();
+  long rss_peak = rss_start;
+  for (int i = 0; i < 40; ++i) {
+    check_healthy(good, "stuck reader, round " + std::to_string(i));
+    rss_peak = std::max(rss_peak, node.rss_kib());
+    std::this_thread::sleep_for(100ms);
+  }
+  INFO("RSS start " << rss_start << " KiB, peak " << rss_peak << " KiB");
+  return rss_peak - rss_start;
+}
+
+uint64_t errors_of(connection& ops, const std::string& code) {
+  auto m = ops.metrics();
+  REQUIRE(m);
+  for (const auto& [c, n] : m->errors)
+    if (c == code) return n;
+  return 0;
+}
+
+} // namespace
+
+TEST_CASE("a client that never reads its exec stream holds back the producer with bounded "
+          "node memory and its death cancels the exec", "[rpc][bad-input]") {
+  node_process node;
+  pid_t child = start_stuck_reader(node, "flood");
+  auto good = connection::connect(node.endpoint(), node.tokens().alice);
+  REQUIRE(good);
+  // 256 MiB are waiting to be produced; credit-based flow control keeps the producer waiting
+  // once about a watermark (1 MiB) plus the stream window are queued.
+  CHECK(serve_beside_stuck_reader(node, **good) < 32 * 1024);
+  auto ops = connection::connect(node.endpoint(), node.tokens().ops);
+  REQUIRE(ops);
+  CHECK(errors_of(**ops, "limit_exceeded") == 0);
+  // The stuck client goes away: the node cancels its exec in the session.
+  kill(child, SIGKILL);
+  waitpid(child, nullptr, 0);
+  auto s = (*good)->open_session("stuck", false);
+  REQUIRE(s);
+  bool cancelled = false;
+  for (int i = 0; i < 50 && !cancelled; ++i) {
+    auto v = s->kv_get("last_cancelled");
+    REQUIRE(v);
+    cancelled = v->has_value();
+    if (!cancelled) std::this_thread::sleep_for(100ms);
+  }
+  CHECK(cancelled);
+  check_healthy(**good, "stuck reader killed");
+}
+
+TEST_CASE("a producer that ignores credit for a client that never reads is killed with "
+          "limit_exceeded at the buffer cap", "[rpc][bad-input]") {
+  node_process node({"--output-buffer", "4194304"});
+  pid_t child = start_stuck_reader(node, "spew");
+  auto good = connection::connect(node.endpoint(), node.tokens().alice);
+  REQUIRE(good);
+  CHECK(serve_beside_stuck_reader(node, **good) < 64 * 1024);
+  auto ops = connection::connect(node.endpoint(), node.tokens().ops);
+  REQUIRE(ops);
+  CHECK(errors_of(**ops, "limit_exceeded") == 1);
+  kill(child, SIGKILL);
+  waitpid(child, nullptr, 0);
+  check_healthy(**good, "stuck reader killed");
+}
+
+TEST_CASE("a thousand idle connections do not stop the node from serving", "[rpc][bad-input]") {
+  rlimit lim{};
+  REQUIRE(getrlimit(RLIMIT_NOFILE, &lim) == 0);
+  if (lim.rlim_cur < 1200) {
+    lim.rlim_cur = std::min<rlim_t>(lim.rlim_max, 4096);
+    REQUIRE(setrlimit(RLIMIT_NOFILE, &lim) == 0);
+  }
+  REQUIRE(lim.rlim_cur >= 1200);
+  node_process node;
+  auto good = connection::connect(node.endpoint(), node.tokens().alice);
+  REQUIRE(good);
+  auto rss_start = node.rss_kib();
+  std::vector<int> idle;
+  for (int i = 0; i < 1000; ++i) idle.push_back(raw_connect(node.port()));
+  std::this_thread::sleep_for(500ms);
+  check_healthy(**good, "1000 idle connections");
+
+  auto ops = connection::connect(node.endpoint(), node.tokens().ops);
+  REQUIRE(ops);
+  auto m = (*ops)->metrics();
+  REQUIRE(m);
+  CHECK(m->open_connections >= 1002);
+  auto rss_idle = node.rss_kib();
+  INFO("RSS before " << rss_start << " KiB, with 1000 idle " << rss_idle << " KiB");
+  CHECK(rss_idle - rss_start < 64 * 1024);
+
+  for (int fd : idle) close(fd);
+  bool released = false;
+  for (int i = 0; i < 50 && !released; ++i) {
+    auto after = (*ops)->metrics();
+    REQUIRE(after);
+    released = after->open_connections <= 3;
+    if (!released) std::this_thread::sleep_for(100ms);
+  }
+  CHECK(released);
+  check_healthy(**good, "1000 idle connections closed");
+}

@@ -1,0 +1,112 @@
+// triplane-cli and the C++ example client run as real processes against a node process
+// (triplane_rpc_test_node: real RPC server, session directory TEST DOUBLE).
+#include <catch2/catch.hpp>
+
+#include <cstdio>
+#include <string>
+
+#include <sys/wait.h>
+
+#include "support/rpc_test_node_process.hpp"
+
+using triplane::test::node_process;
+
+namespace {
+
+struct run_result {
+  int status = -1;
+  std::string out;  // stdout and stderr together
+};
+
+/// Runs `command` through the shell with the node's endpoint and `token` in the environment.
+run_result run(const node_process& node, const std::string& token, const std::string& command) {
+  std::string full = "export TRIPLANE_ENDPOINT=" + node.endpoint() + " TRIPLANE_TOKEN=" + token
+                     + "; ( " + command + " ) 2>&1";
+  run_result r;
+  FILE* p = popen(full.c_str(), "r");
+  REQUIRE(p);
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.out.append(buf, n);
+  int st = pclose(p);
+  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return r;
+}
+
+const std::string cli = TRIPLANE_CLI;
+
+} // namespace
+
+TEST_CASE("triplane-cli streams exec output and exits with the command's exit code", "[rpc][cli]") {
+  node_process node;
+  const auto& token = node.tokens().alice;
+  auto r = run(node, token, cli + " session exec work --create -- echo hi there");
+  CHECK(r.status == 0);
+  CHECK(r.out == "hi there\n");
+  r = run(node, token, cli + " session exec work -- exit 7");
+  CHECK(r.status == 7);
+  r = run(node, token, cli + " session exec work --shell 'make test'");
+  CHECK(r.status == 0);
+  CHECK(r.out == "make test\n");
+}
+
+TEST_CASE("triplane-cli moves files and kv entries in and out of a session", "[rpc][cli]") {
+  node_process node;
+  const auto& token = node.tokens().alice;
+  auto r = run(node, token, "printf 'line one\\nline two\\n' | " + cli
+                              + " session put notes --create docs/a.txt");
+  REQUIRE(r.status == 0);
+  r = run(node, token, cli + " session cat notes docs/a.txt");
+  CHECK(r.status == 0);
+  CHECK(r.out == "line one\nline two\n");
+  r = run(node, token, cli + " session ls notes");
+  CHECK(r.status == 0);
+  CHECK(r.out.find("docs/a.txt") != std::string::npos);
+  r = run(node, token, cli + " session kv notes put colour blue");
+  CHECK(r.status == 0);
+  r = run(node, token, cli + " session kv notes get colour");
+  CHECK(r.out == "blue\n");
+  r = run(node, token, cli + " session fork notes notes2");
+  CHECK(r.status == 0);
+  r = run(node, token, cli + " session cat notes2 docs/a.txt");
+  CHECK(r.out == "line one\nline two\n");
+  r = run(node, token, cli + " session rm notes2");
+  CHECK(r.status == 0);
+  r = run(node, token, cli + " session info notes2");
+  CHECK(r.status == 1);
+}
+
+TEST_CASE("triplane-cli prints human-readable errors and exits 1 or 2", "[rpc][cli]") {
+  node_process node;
+  auto r = run(node, "wrong-token", cli + " session ls x");
+  CHECK(r.status == 1);
+  CHECK(r.out.find("error: permission_denied: invalid token") != std::string::npos);
+  r = run(node, node.tokens().alice, cli + " session cat missing f");
+  CHECK(r.status == 1);
+  CHECK(r.out.find("error: not_found: session 'missing' does not exist") != std::string::npos);
+  r = run(node, node.tokens().alice, cli + " stats");
+  CHECK(r.status == 1);
+  CHECK(r.out.find("permission_denied") != std::string::npos);
+  r = run(node, node.tokens().ops, cli + " stats");
+  CHECK(r.status == 0);
+  CHECK(r.out.find("open connections") != std::string::npos);
+  r = run(node, node.tokens().alice, cli + " generate --model tiny hello");
+  CHECK(r.status == 1);
+  CHECK(r.out.find("error: unavailable: inference is not available") != std::string::npos);
+  r = run(node, node.tokens().alice, cli + " frobnicate");
+  CHECK(r.status == 2);
+  r = run(node, node.tokens().alice, cli + " session exec x --timeout-ms notanumber -- true");
+  CHECK(r.status == 2);
+  r = run(node, node.tokens().alice, "TRIPLANE_ENDPOINT=127.0.0.1:1 " + cli + " session ls x");
+  CHECK(r.status == 1);
+  CHECK(r.out.find("error: unavailable") != std::string::npos);
+}
+
+TEST_CASE("the C++ example client runs against a live node", "[rpc][example]") {
+  node_process node;
+  auto r = run(node, node.tokens().bob, TRIPLANE_EXAMPLE_CLIENT);
+  INFO(r.out);
+  CHECK(r.status == 0);
+  CHECK(r.out.find("connected as tenant bob") != std::string::npos);
+  CHECK(r.out.find("output: hello world") != std::string::npos);
+}

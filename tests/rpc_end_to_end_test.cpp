@@ -1,0 +1,435 @@
+// End-to-end RPC tests over loopback: the node runs as a separate process
+// (triplane_rpc_test_node: CAF + the real RPC server in front of a session directory TEST
+// DOUBLE), clients are the real triplane::client library or raw Cap'n Proto stubs.
+#include <catch2/catch.hpp>
+
+#include <thread>
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <capnp/rpc-twoparty.h>
+#include <kj/async-io.h>
+
+#include "api.capnp.h"
+#include "support/rpc_test_node_process.hpp"
+#include "triplane/rpc/client.hpp"
+
+using namespace std::chrono_literals;
+using triplane::errc;
+using triplane::client::connection;
+using triplane::test::node_process;
+
+namespace {
+
+std::unique_ptr<connection> connect_as(const node_process& node, const std::string& token) {
+  auto c = connection::connect(node.endpoint(), token);
+  if (!c) FAIL("connect: " << triplane::describe(c.error()));
+  return std::move(*c);
+}
+
+template <class T>
+errc code(const triplane::expected<T>& r) {
+  return r ? errc::ok : triplane::code_of(r.error());
+}
+
+} // namespace
+
+TEST_CASE("a tenant opens a session and reads back its kv entries and files", "[rpc]") {
+  node_process node;
+  auto alice = connect_as(node, node.tokens().alice);
+  CHECK(alice->tenant() == "alice");
+  CHECK_FALSE(alice->is_admin());
+
+  auto missing = alice->open_session("notes", false);
+  CHECK(code(missing) == errc::not_found);
+
+  auto s = alice->open_session("notes", true);
+  REQUIRE(s);
+  REQUIRE(s->kv_put("plan", "write tests"));
+  REQUIRE(s->kv_put("plan/2", std::string("bin\0ary", 7)));
+  auto v = s->kv_get("plan");
+  REQUIRE(v);
+  REQUIRE(v->has_value());
+  CHECK(**v == "write tests");
+  auto b = s->kv_get("plan/2");
+  REQUIRE(b);
+  CHECK(**b == std::string("bin\0ary", 7));
+  auto none = s->kv_get("absent");
+  REQUIRE(none);
+  CHECK_FALSE(none->has_value());
+  auto keys = s->kv_list("plan");
+  REQUIRE(keys);
+  CHECK(*keys == std::vector<std::string>{"plan", "plan/2"});
+  auto existed = s->kv_delete("plan");
+  REQUIRE(existed);
+  CHECK(*existed);
+
+  REQUIRE(s->write_file("src/main.py", "print('hi')\n", true, false));
+  auto data = s->read_file("src/main.py");
+  REQUIRE(data);
+  CHECK(*data == "print('hi')\n");
+  auto part = s->read_file("src/main.py", 6, 4);
+  REQUIRE(part);
+  CHECK(*part == "'hi'");
+  auto files = s->list_files("", true);
+  REQUIRE(files);
+  REQUIRE(files->size() == 1);
+  CHECK((*files)[0].path == "src/main.py");
+  CHECK((*files)[0].size == 12);
+  auto bad = s->write_file("../escape", "x");
+  CHECK(code(bad) == errc::invalid_argument);
+
+  auto info = s->info();
+  REQUIRE(info);
+  CHECK(info->id == "notes");  // the tenant never sees the server's scoped id
+  CHECK(info->kv_count == 1);
+  CHECK(info->file_count == 1);
+
+  // A second connection of the same tenant sees the same session.
+  auto again = connect_as(node, node.tokens().alice);
+  auto s2 = again->open_session("notes", false);
+  REQUIRE(s2);
+  auto v2 = s2->kv_get("plan/2");
+  REQUIRE(v2);
+  CHECK(v2->has_value());
+
+  // fork copies, destroy removes.
+  auto f = s->fork("notes-copy");
+  REQUIRE(f);
+  auto fv = f->read_file("src/main.py");
+  REQUIRE(fv);
+  CHECK(*fv == "print('hi')\n");
+  CHECK(code(s->fork("notes-copy")) == errc::already_exists);
+  REQUIRE(f->destroy());
+  CHECK(code(alice->open_session("notes-copy", false)) == errc::not_found);
+}
+
+TEST_CASE("exec output streams to the client's callback and exit codes come back", "[rpc]") {
+  node_process node;
+  auto alice = connect_as(node, node.tokens().alice);
+  auto s = alice->open_session("runner", true);
+  REQUIRE(s);
+
+  std::string out, err;
+  triplane::client::exec_options opts;
+  opts.argv = {"echo", "hello", "world"};
+  auto r = s->exec(opts, [&](triplane::client::output_stream st, std::string_view chunk) {
+    (st == triplane::client::output_stream::out ? out : err) += chunk;
+  });
+  REQUIRE(r);
+  CHECK(r->exit_code == 0);
+  CHECK(out == "hello world\n");
+  CHECK(r->stdout_data.empty());
+
+  opts.argv = {"stderr", "oops"};
+  out.clear();
+  r = s->exec(opts, [&](triplane::client::output_stream st, std::string_view chunk) {
+    (st == triplane::client::output_stream::out ? out : err) += chunk;
+  });
+  REQUIRE(r);
+  CHECK(err == "oops");
+
+  SECTION("without a callback the output comes in the result") {
+    opts.argv = {"echo", "buffered"};
+    auto b = s->exec(opts);
+    REQUIRE(b);
+    CHECK(b->stdout_data == "buffered\n");
+  }
+  SECTION("a failing command reports its exit code") {
+    opts.argv = {"exit", "3"};
+    auto e = s->exec(opts);
+    REQUIRE(e);
+    CHECK(e->exit_code == 3);
+  }
+  SECTION("a large streamed output arrives complete and in order") {
+    opts.argv = {"flood", "200", "65536"};
+    uint64_t bytes = 0;
+    auto f = s->exec(opts, [&](triplane::client::output_stream, std::string_view chunk) {
+      bytes += chunk.size();
+    });
+    REQUIRE(f);
+    CHECK(bytes == 200u * 65536u);
+  }
+  SECTION("a client whose output callback fails gets cancelled and keeps its connection") {
+    opts.argv = {"flood", "50", "65536"};
+    auto f = s->exec(opts, [](triplane::client::output_stream, std::string_view) {
+      throw std::runtime_error("disk full on the client");
+    });
+    REQUIRE_FALSE(f);
+    CHECK(triplane::code_of(f.error()) == errc::cancelled);
+    CHECK(triplane::describe(f.error()).find("disk full on the client") != std::string::npos);
+    CHECK(s->kv_put("still", "connected"));
+  }
+  SECTION("an empty command is refused with invalid_argument") {
+    triplane::client::exec_options empty;
+    CHECK(code(s->exec(empty)) == errc::invalid_argument);
+  }
+}
+
+TEST_CASE("a bad token is refused with permission_denied and repeated failures close the "
+          "connection", "[rpc][auth]") {
+  node_process node;
+  auto bad = connection::connect(node.endpoint(), "not-a-token");
+  REQUIRE_FALSE(bad);
+  CHECK(triplane::code_of(bad.error()) == errc::permission_denied);
+
+  // Raw stub: five failures on one connection, each slower than the last, then hang-up.
+  {
+  auto io = kj::setupAsyncIo();
+  auto addr = io.provider->getNetwork().parseAddress(node.endpoint()).wait(io.waitScope);
+  auto stream = addr->connect().wait(io.waitScope);
+  capnp::TwoPartyClient rpc(*stream);
+  auto boot = rpc.bootstrap().castAs<triplane::api::Bootstrap>();
+  auto start = std::chrono::steady_clock::now();
+  int denied = 0;
+  bool disconnected = false;
+  for (int i = 0; i < 7 && !disconnected; ++i) {
+    auto req = boot.authenticateRequest();
+    req.setToken("guess-" + std::to_string(i));
+    try {
+      req.send().wait(io.waitScope);
+      FAIL("a guessed token was accepted");
+    } catch (kj::Exception& e) {
+      std::string d = e.getDescription().cStr();
+      if (d.find("triplane:permission_denied") != std::string::npos) ++denied;
+      else disconnected = true;
+    }
+  }
+  auto elapsed = std::chrono::steady_clock::now() - start;
+  CHECK(denied >= 4);
+  CHECK(disconnected);
+  // 200 + 400 + 800 + 1600 ms of back-off before the fifth answer.
+  CHECK(elapsed >= 2500ms);
+  }
+
+  // The node still serves good clients, and the failures show in the metrics.
+  auto ops = connect_as(node, node.tokens().ops);
+  auto m = ops->metrics();
+  REQUIRE(m);
+  CHECK(m->auth_failures >= 6);
+}
+
+TEST_CASE("tenant B cannot open or read or list or fork tenant A's sessions even by guessing ids",
+          "[rpc][isolation]") {
+  node_process node;
+  auto alice = connect_as(node, node.tokens().alice);
+  auto bob = connect_as(node, node.tokens().bob);
+  auto a = alice->open_session("project", true);
+  REQUIRE(a);
+  REQUIRE(a->kv_put("secret", "alice-only"));
+  REQUIRE(a->write_file("key.pem", "PRIVATE"));
+
+  // The same id names a different (absent) session for bob.
+  CHECK(code(bob->open_session("project", false)) == errc::not_found);
+  // Guessing the server's scoping or path tricks does not reach alice either.
+  for (std::string guess : {"alice/project", "alice%2Fproject", "../alice/project",
+                            "/alice/project", "alice", "project/../../alice/project"}) {
+    INFO(guess);
+    CHECK(code(bob->open_session(guess, false)) == errc::not_found);
+  }
+  // Ids that are not printable are refused outright.
+  CHECK(code(bob->open_session("a\tb", true)) == errc::invalid_argument);
+  CHECK(code(bob->open_session("a b", true)) == errc::invalid_argument);
+  CHECK(code(bob->open_session("", true)) == errc::invalid_argument);
+  CHECK(code(bob->open_session(std::string(201, 'x'), true)) == errc::invalid_argument);
+
+  // Bob creating "project" gets his own empty session.
+  auto b = bob->open_session("project", true);
+  REQUIRE(b);
+  auto secret = b->kv_get("secret");
+  REQUIRE(secret);
+  CHECK_FALSE(secret->has_value());
+  auto files = b->list_files("", true);
+  REQUIRE(files);
+  CHECK(files->empty());
+  CHECK(code(b->read_file("key.pem")) == errc::not_found);
+  auto keys = b->kv_list("");
+  REQUIRE(keys);
+  CHECK(keys->empty());
+
+  // Bob's fork stays in bob's namespace and copies bob's (empty) state.
+  auto bf = b->fork("stolen");
+  REQUIRE(bf);
+  auto stolen = bf->kv_get("secret");
+  REQUIRE(stolen);
+  CHECK_FALSE(stolen->has_value());
+  CHECK(code(alice->open_session("stolen", false)) == errc::not_found);
+
+  // Alice's data is untouched.
+  auto still = a->kv_get("secret");
+  REQUIRE(still);
+  CHECK(**still == "alice-only");
+  // Bob's tenant cannot reach Admin.
+  CHECK(code(bob->stats()) == errc::permission_denied);
+}
+
+TEST_CASE("a client killed mid-exec gets its command cancelled on the node", "[rpc][cancel]") {
+  node_process node;
+  // The client runs in a child process (forked before this process opens any connection).
+  pid_t child = fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    auto c = connection::connect(node.endpoint(), node.tokens().alice);
+    if (!c) _exit(2);
+    auto cs = (*c)->open_session("long", true);
+    if (!cs) _exit(3);
+    triplane::client::exec_options opts;
+    opts.argv = {"sleep", "30000"};
+    (void)cs->exec(opts);
+    _exit(0);
+  }
+  // Let the exec start, then kill the client without any goodbye.
+  std::this_thread::sleep_for(700ms);
+  kill(child, SIGKILL);
+  int status = 0;
+  waitpid(child, &status, 0);
+  auto alice = connect_as(node, node.tokens().alice);
+  auto s = alice->open_session("long", false);
+  REQUIRE(s);
+
+  // The node notices the disconnect and sends the session a cancel for that call.
+  bool cancelled = false;
+  for (int i = 0; i < 50 && !cancelled; ++i) {
+    auto v = s->kv_get("last_cancelled");
+    REQUIRE(v);
+    cancelled = v->has_value();
+    if (!cancelled) std::this_thread::sleep_for(100ms);
+  }
+  CHECK(cancelled);
+  REQUIRE(s->kv_put("still", "serving"));
+}
+
+TEST_CASE("per-tenant limits answer overloaded and limit_exceeded instead of queuing",
+          "[rpc][limits]") {
+  node_process node({"--max-calls", "4", "--max-sessions", "3"});
+
+  SECTION("concurrent calls beyond the limit are refused with overloaded") {
+    auto io = kj::setupAsyncIo();
+    auto addr = io.provider->getNetwork().parseAddress(node.endpoint()).wait(io.waitScope);
+    auto stream = addr->connect().wait(io.waitScope);
+    capnp::TwoPartyClient rpc(*stream);
+    auto boot = rpc.bootstrap().castAs<triplane::api::Bootstrap>();
+    auto auth = boot.authenticateRequest();
+    auth.setToken(node.tokens().alice);
+    auto tenant = auth.send().getTenant();
+    auto open = tenant.sessionRequest();
+    open.setId("busy");
+    open.setCreate(true);
+    auto session = open.send().getSession();
+    kj::Vector<kj::Promise<bool>> calls;
+    for (int i = 0; i < 12; ++i) {
+      auto req = session.execRequest();
+      auto argv = req.initRequest().initArgv(2);
+      argv.set(0, "sleep");
+      argv.set(1, "500");
+      calls.add(req.send().then([](auto&&) { return true; },
+                                      [](kj::Exception&& e) {
+                                        std::string d = e.getDescription().cStr();
+                                        if (d.find("triplane:overloaded") == std::string::npos)
+                                          kj::throwFatalException(kj::mv(e));
+                                        return false;
+                                      }));
+    }
+    auto results = kj::joinPromises(calls.releaseAsArray()).wait(io.waitScope);
+    int ok = 0, refused = 0;
+    for (bool r : results) (r ? ok : refused)++;
+    CHECK(ok == 4);
+    CHECK(refused == 8);
+  }
+
+  SECTION("open sessions beyond the limit are refused with limit_exceeded") {
+    auto alice = connect_as(node, node.tokens().alice);
+    std::vector<triplane::client::session> held;
+    for (int i = 0; i < 3; ++i) {
+      auto s = alice->open_session("s" + std::to_string(i), true);
+      REQUIRE(s);
+      held.push_back(*s);
+    }
+    auto fourth = alice->open_session("s3", true);
+    CHECK(code(fourth) == errc::limit_exceeded);
+    // Another tenant has its own budget.
+    auto bob = connect_as(node, node.tokens().bob);
+    CHECK(bob->open_session("s0", true));
+    // Releasing a handle frees a slot (the release travels asynchronously).
+    held.pop_back();
+    bool reopened = false;
+    for (int i = 0; i < 20 && !reopened; ++i) {
+      reopened = static_cast<bool>(alice->open_session("s3", true));
+      if (!reopened) std::this_thread::sleep_for(50ms);
+    }
+    CHECK(reopened);
+  }
+}
+
+TEST_CASE("a call that outlives its deadline is answered with timeout", "[rpc][limits]") {
+  node_process node({"--call-deadline-ms", "300"});
+  auto alice = connect_as(node, node.tokens().alice);
+  auto s = alice->open_session("slowpoke", true);
+  REQUIRE(s);
+  auto start = std::chrono::steady_clock::now();
+  auto r = s->kv_get("slow:answer");
+  auto took = std::chrono::steady_clock::now() - start;
+  CHECK(code(r) == errc::timeout);
+  CHECK(took < 1500ms);
+  CHECK(s->kv_put("fast", "1"));
+}
+
+TEST_CASE("an admin reads node stats and rpc metrics and the supervision tree and drain cancels "
+          "in-flight calls", "[rpc][admin]") {
+  node_process node;
+  // A client in a child process (forked before this process connects) starts a long exec
+  // once the parent's traffic is done; the drain below must cancel it.
+  pid_t child = fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    std::this_thread::sleep_for(1500ms);
+    auto c = connection::connect(node.endpoint(), node.tokens().alice);
+    if (!c) _exit(2);
+    auto cs = (*c)->open_session("m2", true);
+    if (!cs) _exit(3);
+    triplane::client::exec_options opts;
+    opts.argv = {"sleep", "20000"};
+    auto r = cs->exec(opts);
+    _exit(!r && triplane::code_of(r.error()) == errc::unavailable ? 0 : 4);
+  }
+  auto alice = connect_as(node, node.tokens().alice);
+  auto s = alice->open_session("m", true);
+  REQUIRE(s);
+  for (int i = 0; i < 20; ++i) REQUIRE(s->kv_put("k", "v"));
+  auto ops = connect_as(node, node.tokens().ops);
+  CHECK(ops->is_admin());
+  auto st = ops->stats();
+  REQUIRE(st);
+  CHECK(st->live_actors >= 1);
+  CHECK(st->open_connections >= 2);
+  auto m = ops->metrics();
+  REQUIRE(m);
+  bool saw_put = false;
+  for (const auto& mm : m->methods)
+    if (mm.method == "Session.kvPut") {
+      saw_put = true;
+      CHECK(mm.calls == 20);
+      CHECK(mm.p50_us > 0);
+      CHECK(mm.p99_us >= mm.p50_us);
+    }
+  CHECK(saw_put);
+  auto tree = ops->supervision_tree();
+  REQUIRE(tree);
+  CHECK(tree->find("session_directory_double") != std::string::npos);
+
+  // Drain: the child's exec in flight is cancelled at the deadline; new calls get unavailable.
+  std::this_thread::sleep_for(2500ms);
+  auto drained = ops->drain(300ms);
+  REQUIRE(drained);
+  CHECK(*drained == 1);
+  int status = 0;
+  waitpid(child, &status, 0);
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  CHECK(code(s->kv_get("k")) == errc::unavailable);
+  auto after = ops->stats();
+  REQUIRE(after);
+  CHECK(after->draining);
+}
