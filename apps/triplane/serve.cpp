@@ -12,6 +12,8 @@
 #include <caf/io/all.hpp>
 #include <spdlog/spdlog.h>
 
+#include "triplane/actors/inference_protocol.hpp"
+#include "triplane/actors/inference_worker.hpp"
 #include "triplane/actors/session_host.hpp"
 #include "triplane/actors/session_types.hpp"
 #include "triplane/runtime/node.hpp"
@@ -91,6 +93,7 @@ int run_serve(const std::vector<std::string>& args) {
 
   actors::add_session_message_types(config);
   runtime::register_supervision_types(config);
+  actors::inference::register_inference_types(config);
 
   // Planes that live beside the node core; declared before the node so they outlive it (the
   // node passivates their actors while stopping).
@@ -105,7 +108,29 @@ int run_serve(const std::vector<std::string>& args) {
     sessions = std::move(*host);
     runtime::node::plane session_plane;
     session_plane.kinds.push_back(sessions->kind());
-    return std::vector<runtime::node::plane>{std::move(session_plane)};
+    std::vector<runtime::node::plane> planes{std::move(session_plane)};
+    if (!options->model_dir.empty()) {
+      // The inference plane: a supervisor of one worker per GPU / tensor-parallel group.
+      gpu::backend_options backend;
+      backend.kind = options->inference_backend == "cuda" ? gpu::backend_kind::cuda : gpu::backend_kind::cpu;
+      backend.tensor_parallel = options->tensor_parallel;
+      backend.kv_cache_bytes = options->kv_cache_mb << 20;
+      actors::inference::worker_options worker;
+      auto child = actors::inference::worker_child_spec("worker-0", options->model_dir, backend, worker);
+      if (!child) return std::move(child.error());
+      runtime::supervisor_spec inference_spec;
+      inference_spec.flags.name = "inference";
+      inference_spec.flags.strategy = runtime::restart_strategy::one_for_one;
+      inference_spec.flags.max_restarts = 5;
+      inference_spec.flags.period = std::chrono::seconds{60};
+      inference_spec.flags.backoff_base = std::chrono::milliseconds{500};
+      inference_spec.flags.backoff_cap = std::chrono::seconds{30};
+      inference_spec.children.push_back(std::move(*child));
+      runtime::node::plane inference_plane;
+      inference_plane.children.push_back(runtime::supervisor_child("inference", std::move(inference_spec)));
+      planes.push_back(std::move(inference_plane));
+    }
+    return planes;
   };
   auto node = runtime::node::start(config, *options, actors::session_host::column_families(), make_planes);
   if (!node) {

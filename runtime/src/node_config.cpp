@@ -20,6 +20,7 @@ constexpr flag_mapping serve_flags[] = {
   {"--log-level", "triplane.log-level"},
   {"--log-format", "triplane.log-format"},
   {"--tokens", "triplane.tokens-file"},
+  {"--model", "triplane.model"},
 };
 
 bool starts_with(const std::string& s, const std::string& prefix) {
@@ -50,7 +51,11 @@ node_config::node_config() {
     .add(max_live_, "max-live", "live virtual actors per node before LRU passivation")
     .add(idle_timeout_, "idle-timeout", "default idle time before an actor passivates")
     .add(shutdown_timeout_, "shutdown-timeout", "deadline for draining at SIGINT/SIGTERM")
-    .add(tokens_file_, "tokens-file", "API tokens file (default DATA_DIR/tokens, created if missing)");
+    .add(tokens_file_, "tokens-file", "API tokens file (default DATA_DIR/tokens, created if missing)")
+    .add(model_dir_, "model", "Llama model directory served by the inference plane (none: no inference)")
+    .add(inference_backend_, "inference-backend", "cpu|cuda")
+    .add(tensor_parallel_, "tensor-parallel", "ranks of the inference worker's tensor-parallel group")
+    .add(kv_cache_mb_, "kv-cache-mb", "KV-cache budget per rank in MiB");
   // A node on a small machine should not spin up more scheduler threads than cores.
   set("scheduler.max-threads", std::max(2u, std::thread::hardware_concurrency()));
   set("logger.verbosity", caf::atom("quiet"));
@@ -71,6 +76,8 @@ Options (flags override the config file; `--opt value` and `--opt=value` both wo
                          DATA_DIR/tokens, created on first start with an admin token and a
                          token of tenant "default", whose clear values go to
                          DATA_DIR/client-tokens (mode 0600)
+  --model DIR            serve this Hugging Face Llama directory (config.json + safetensors)
+                         with a supervised inference worker; none by default
   --log-level LEVEL      trace, debug, info (default), warn, error, critical or off
   --log-format FORMAT    text (default) or json (one JSON object per line on stderr)
   --triplane.KEY=VALUE   any key of the [triplane] section below
@@ -86,6 +93,10 @@ Config file keys ([triplane] section; CAF's own sections such as [scheduler] als
   idle-timeout=30s           default idle time before an actor passivates
   shutdown-timeout=10s       drain deadline at SIGINT/SIGTERM
   tokens-file="node.tokens"  API tokens file (see --tokens)
+  model="/models/llama"      see --model
+  inference-backend="cpu"    cpu or cuda (cuda needs a CUDA build and a GPU)
+  tensor-parallel=1          ranks of the inference worker (CUDA: GPUs 0..N-1)
+  kv-cache-mb=256            KV-cache budget per rank
 )";
 }
 
@@ -199,6 +210,15 @@ expected<node_options> node_config::options() const {
     return make_error(errc::invalid_argument, "shutdown-timeout must be positive");
   out.config_file = config_file_;
   out.tokens_file = tokens_file_;
+  out.model_dir = model_dir_;
+  if (inference_backend_ != "cpu" && inference_backend_ != "cuda")
+    return make_error(errc::invalid_argument, "unknown inference-backend '" + inference_backend_ + "' (use cpu or cuda)");
+  out.inference_backend = inference_backend_;
+  if (tensor_parallel_ < 1 || tensor_parallel_ > 64)
+    return make_error(errc::invalid_argument, "tensor-parallel must be between 1 and 64");
+  out.tensor_parallel = tensor_parallel_;
+  if (kv_cache_mb_ < 1) return make_error(errc::invalid_argument, "kv-cache-mb must be at least 1");
+  out.kv_cache_mb = kv_cache_mb_;
   return out;
 }
 

@@ -29,6 +29,11 @@ struct node_options {
   /// API tokens (salted hashes, see `triplane token`); empty: DATA_DIR/tokens, created on first
   /// start with a fresh admin and a "default" tenant token.
   std::string tokens_file;
+  /// Inference plane: a Hugging Face Llama directory to serve (empty: no inference workers).
+  std::string model_dir;
+  std::string inference_backend = "cpu";  ///< cpu | cuda
+  int tensor_parallel = 1;                ///< ranks of the worker's tensor-parallel group
+  int64_t kv_cache_mb = 256;              ///< KV-cache budget per rank
 };
 
 /// CAF's actor_system_config extended with the node's options (group `triplane`). Also keeps
@@ -65,6 +70,10 @@ private:
   caf::timespan shutdown_timeout_ = std::chrono::seconds{10};
   std::string config_file_;
   std::string tokens_file_;
+  std::string model_dir_;
+  std::string inference_backend_ = "cpu";
+  int tensor_parallel_ = 1;
+  int64_t kv_cache_mb_ = 256;
 };
 
 /// Splits "HOST:PORT" ("[::1]:7400" for IPv6). Errors: invalid_argument naming the value.
