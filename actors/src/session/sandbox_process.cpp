@@ -78,7 +78,7 @@ uint64_t now_unix_ms() {
 /// What the child needs between clone and execve, prepared by the parent: the child may only
 /// make async-signal-safe calls (it shares the parent's memory until it execs).
 struct child_setup {
-  int c_in, c_out, c_err, c_status, c_seccomp;
+  int c_in, c_out, c_err, c_status, c_seccomp, c_block;
   const char* const* join;
   size_t join_count;
   uint64_t fsize, cpu_s, as_bytes;
@@ -103,7 +103,10 @@ int child_main(void* arg) {
   ::dup2(s.c_err, 2);
   ::dup2(s.c_status, 3);
   if (s.c_seccomp >= 0) ::dup2(s.c_seccomp, 4);
-  ::close_range(s.c_seccomp >= 0 ? 5 : 4, ~0u, 0);
+  else ::close(4);
+  if (s.c_block >= 0) ::dup2(s.c_block, 5);
+  else ::close(5);
+  ::close_range(6, ~0u, 0);
   char pidbuf[24];
   int len = 0;
   {
@@ -250,6 +253,14 @@ expected<std::unique_ptr<sandbox_process>> sandbox_process::start(const sandbox_
     }
     args.insert(args.end(), {"--seccomp", "4"});
   }
+  // Held: bwrap sets the sandbox up, then waits on fd 5 before it runs the command, so the
+  // caller can fill the workspace meanwhile (see release()).
+  int block_pipe[2] = {-1, -1};
+  if (spec.hold) {
+    if (::pipe2(block_pipe, O_CLOEXEC) != 0)
+      return make_error(errc::io_error, std::string("pipe2: ") + std::strerror(errno));
+    args.insert(args.end(), {"--block-fd", "5"});
+  }
   args.push_back("--");
   args.insert(args.end(), spec.argv.begin(), spec.argv.end());
   std::vector<char*> argv;
@@ -275,6 +286,8 @@ expected<std::unique_ptr<sandbox_process>> sandbox_process::start(const sandbox_
   int c_err = ::fcntl(err_pipe[1], F_DUPFD_CLOEXEC, 100);
   int c_status = ::fcntl(status_pipe[1], F_DUPFD_CLOEXEC, 100);
   int c_seccomp = seccomp_fd >= 0 ? ::fcntl(seccomp_fd, F_DUPFD_CLOEXEC, 100) : -1;
+  int c_block = block_pipe[0] >= 0 ? ::fcntl(block_pipe[0], F_DUPFD_CLOEXEC, 100) : -1;
+  if (block_pipe[0] >= 0) ::close(block_pipe[0]);
   ::close(in_pair[1]);
   ::close(out_pipe[1]);
   ::close(err_pipe[1]);
@@ -293,6 +306,7 @@ expected<std::unique_ptr<sandbox_process>> sandbox_process::start(const sandbox_
   setup.c_err = c_err;
   setup.c_status = c_status;
   setup.c_seccomp = c_seccomp;
+  setup.c_block = c_block;
   setup.join = join.data();
   setup.join_count = join.size();
   setup.fsize = fsize;
@@ -320,13 +334,15 @@ expected<std::unique_ptr<sandbox_process>> sandbox_process::start(const sandbox_
     ::munmap(stack, stack_bytes);
   }
   if (pid < 0) {
-    for (int fd : {c_in, c_out, c_err, c_status, c_seccomp, in_pair[0], out_pipe[0], err_pipe[0], status_pipe[0]})
+    for (int fd : {c_in, c_out, c_err, c_status, c_seccomp, c_block, block_pipe[1], in_pair[0], out_pipe[0],
+                   err_pipe[0], status_pipe[0]})
       if (fd >= 0) ::close(fd);
     return make_error(errc::io_error, std::string("clone: ") + std::strerror(clone_errno));
   }
-  for (int fd : {c_in, c_out, c_err, c_status, c_seccomp})
+  for (int fd : {c_in, c_out, c_err, c_status, c_seccomp, c_block})
     if (fd >= 0) ::close(fd);
   proc->bwrap_pid_ = pid;
+  proc->block_fd_ = block_pipe[1];
   proc->pidfd_ = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));  // glibc 2.36 lacks extern "C" on pidfd_open
   proc->in_fd_ = set_nonblock_cloexec(in_pair[0]);
   proc->out_fd_ = set_nonblock_cloexec(out_pipe[0]);
@@ -461,8 +477,18 @@ bool sandbox_process::pump(int wait_ms) {
       if (w == bwrap_pid_) {
         // bwrap has gone, and with its pid-1 child the whole pid namespace. Drain what the
         // pipes still hold (their writers are dead, so this ends), then finish.
-        while (out_fd_ >= 0) read_stream(out_fd_, output_stream::out);
-        while (err_fd_ >= 0) read_stream(err_fd_, output_stream::err);
+        // Bounded: should anything outside bwrap still hold a pipe, give up after 2 s
+        // rather than spin.
+        auto drain_until = steady_clock::now() + seconds(2);
+        while ((out_fd_ >= 0 || err_fd_ >= 0) && steady_clock::now() < drain_until) {
+          pollfd rest[2];
+          int m = 0;
+          if (out_fd_ >= 0) rest[m++] = {out_fd_, POLLIN, 0};
+          if (err_fd_ >= 0) rest[m++] = {err_fd_, POLLIN, 0};
+          if (::poll(rest, static_cast<nfds_t>(m), 100) <= 0) continue;
+          if (out_fd_ >= 0) read_stream(out_fd_, output_stream::out);
+          if (err_fd_ >= 0) read_stream(err_fd_, output_stream::err);
+        }
         if (status_fd_ >= 0) read_status();
         finish(status, usage);
         return true;
@@ -550,17 +576,30 @@ void sandbox_process::signal(int signo) {
     ::kill(bwrap_pid_, signo);
 }
 
+void sandbox_process::release() {
+  if (block_fd_ < 0) return;
+  char go = 1;
+  (void)!::write(block_fd_, &go, 1);
+  ::close(block_fd_);
+  block_fd_ = -1;
+}
+
 void sandbox_process::kill_tree() {
   if (finished_) return;
   // bwrap's pid-1 child holds PR_SET_PDEATHSIG(SIGKILL) (--die-with-parent): killing bwrap
   // kills it, and the kernel then kills every process of the pid namespace. The cgroup sweep
   // covers the window in which the namespace is still being set up.
   ::kill(bwrap_pid_, SIGKILL);
+  // And the namespace's pid 1 itself (from bwrap's status fd): its death takes every process
+  // of the pid namespace with it, even where PDEATHSIG did not (yet) apply, e.g. while it
+  // waits on --block-fd.
+  if (child_pid_ < 0 && status_fd_ >= 0) read_status();
+  if (child_pid_ > 0) ::kill(child_pid_, SIGKILL);
   if (cgroup_) cgroup_->kill_all();
 }
 
 void sandbox_process::close_fds() {
-  for (int* fd : {&out_fd_, &err_fd_, &in_fd_, &status_fd_, &pidfd_})
+  for (int* fd : {&out_fd_, &err_fd_, &in_fd_, &status_fd_, &pidfd_, &block_fd_})
     if (*fd >= 0) {
       ::close(*fd);
       *fd = -1;
@@ -569,7 +608,9 @@ void sandbox_process::close_fds() {
 
 sandbox_process::~sandbox_process() {
   if (!finished_ && bwrap_pid_ > 0) {
-    kill_tree();
+    kill_tree();  // before the block fd closes: EOF on it would let a held command run
+    if (block_fd_ >= 0) ::close(block_fd_);
+    block_fd_ = -1;
     int status = 0;
     ::waitpid(bwrap_pid_, &status, 0);
   }

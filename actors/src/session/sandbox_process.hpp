@@ -49,6 +49,8 @@ struct launch_spec {
   exec_limits limits;                   ///< 0 = unlimited; caps 0 = nothing kept
   network_policy network = network_policy::none;
   std::string group_name;               ///< unique cgroup name for this launch
+  bool hold = false;                    ///< set up the sandbox but run the command only after
+                                        ///< release() (the workspace may be filled meanwhile)
 };
 
 class sandbox_process {
@@ -72,6 +74,9 @@ public:
   void signal(int signo);
   /// Kills every process of the tree now (result gets term_signal 9).
   void kill_tree();
+  /// Lets a held command (launch_spec::hold) run. No-op otherwise. A held process that is
+  /// destroyed or killed before release() never runs the command.
+  void release();
   bool finished() const { return finished_; }
   /// Output so far; exit fields, usage and enforced limits once finished().
   const exec_result& result() const { return result_; }
@@ -93,7 +98,7 @@ private:
   std::unique_ptr<exec_cgroup> cgroup_;
   int bwrap_pid_ = -1;
   int pidfd_ = -1;
-  int out_fd_ = -1, err_fd_ = -1, in_fd_ = -1, status_fd_ = -1;
+  int out_fd_ = -1, err_fd_ = -1, in_fd_ = -1, status_fd_ = -1, block_fd_ = -1;
   size_t stdin_written_ = 0;
   int child_pid_ = -1;            ///< the command's host pid (from bwrap's status fd)
   std::string status_buf_;

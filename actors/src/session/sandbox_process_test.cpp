@@ -282,3 +282,32 @@ TEST_CASE("a signal reaches the command's process group", "[sandbox]") {
   CHECK(r.term_signal == SIGTERM);
   CHECK(r.duration_us < 10000000);
 }
+
+TEST_CASE("a held command runs only after release and never when killed first", "[sandbox]") {
+  fixture f;
+  SECTION("released") {
+    auto s = f.spec({"/bin/sh", "-c", "cat in.txt; touch ran"});
+    s.hold = true;
+    auto p = sandbox_process::start(f.config, std::move(s), nullptr);
+    REQUIRE(p);
+    (*p)->pump(200);
+    CHECK_FALSE(std::filesystem::exists(f.workspace / "ran"));
+    std::ofstream(f.workspace / "in.txt") << "written while held";  // e.g. materialization
+    (*p)->release();
+    auto r = (*p)->wait();
+    CHECK(r.exit_code == 0);
+    CHECK(r.stdout_data == "written while held");
+    CHECK(std::filesystem::exists(f.workspace / "ran"));
+  }
+  SECTION("killed before release") {
+    auto s = f.spec({"/bin/sh", "-c", "touch ran"});
+    s.hold = true;
+    auto p = sandbox_process::start(f.config, std::move(s), nullptr);
+    REQUIRE(p);
+    (*p)->pump(100);
+    (*p)->kill_tree();
+    (*p)->wait();
+    p->reset();
+    CHECK_FALSE(std::filesystem::exists(f.workspace / "ran"));
+  }
+}

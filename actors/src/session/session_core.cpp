@@ -185,10 +185,20 @@ expected<launch_spec> session_core::resolve(const exec_request& req) {
   auto names = split_path(cwd, true);
   if (!names) return names.error();
   if (!names->empty()) {
-    auto st = workspace_->stat(cwd);
-    if (!st) return st.error();
-    if (st->type != file_type::directory)
-      return make_error(errc::invalid_argument, "cwd '" + cwd + "' is not a directory");
+    if (workspace_) {
+      auto st = workspace_->stat(cwd);
+      if (!st) return st.error();
+      if (st->type != file_type::directory)
+        return make_error(errc::invalid_argument, "cwd '" + cwd + "' is not a directory");
+    } else {  // not materialized yet: the manifest says what will be there
+      std::string joined;
+      for (const auto& n : *names) joined += (joined.empty() ? "" : "/") + n;
+      auto entry = record_.files.find(joined);
+      if (entry == record_.files.end())
+        return make_error(errc::not_found, "cwd '" + cwd + "': no such directory");
+      if (entry->second.type != file_type::directory)
+        return make_error(errc::invalid_argument, "cwd '" + cwd + "' is not a directory");
+    }
   }
   spec.cwd = "/workspace";
   for (const auto& n : *names) spec.cwd += "/" + n;
@@ -233,13 +243,41 @@ void session_core::record_history(const std::vector<std::string>& argv, const ex
 
 expected<exec_result> session_core::exec(const exec_request& req, sandbox_process::output_sink sink) {
   std::lock_guard<std::recursive_mutex> guard(op_mutex_);
-  if (auto err = ensure_materialized()) return err;
+  // First use after activation: bwrap sets the sandbox up (namespaces, mounts: milliseconds)
+  // while the workspace is materialized into the directory it binds; the command starts once
+  // both are done (bwrap --block-fd).
+  const bool overlap = !workspace_;
   auto spec = resolve(req);
   if (!spec) return spec.error();
+  if (overlap) {
+    if (auto err = remove_tree(workspace_dir_)) return err;
+    std::error_code ec;
+    std::filesystem::create_directories(workspace_dir_, ec);
+    if (ec) return make_error(errc::io_error, "cannot create workspace '" + workspace_dir_ + "': " + ec.message());
+    spec->hold = true;
+  }
   auto argv = spec->argv;
   uint64_t started = now_ms();
   auto proc = sandbox_process::start(*node_.sandbox, std::move(*spec), std::move(sink));
   if (!proc) return proc.error();
+  if (overlap) {
+    auto t = std::chrono::steady_clock::now();
+    caf::error err = materialize(workspace_dir_, record_.files, *node_.store);
+    if (!err) {
+      auto ws = workspace::open(workspace_dir_, node_.use_openat2);
+      if (ws) workspace_ = std::move(*ws);
+      else err = ws.error();
+    }
+    if (err) {
+      (*proc)->kill_tree();  // before release: the command never runs on a partial workspace
+      return err;
+    }
+    stats_.materialized = true;
+    stats_.materialize_us = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(
+                                                      std::chrono::steady_clock::now() - t)
+                                                      .count());
+    (*proc)->release();
+  }
   // Pump, and about once a second check the workspace's size with a stat walk: a command that
   // writes many files is stopped near the quota instead of filling the host's disk first.
   const uint64_t limit = quota();
