@@ -10,6 +10,7 @@
 #include <thread>
 
 #include <caf/all.hpp>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "bench_support.hpp"
@@ -325,7 +326,16 @@ void bench_throughput(const std::filesystem::path& base, bench::report& rep, siz
   }, actors, 64);
 
   // One timed pass: several drivers in parallel, each with a window of requests in flight.
-  auto pass = [&](request_maker make, size_t drivers, size_t n, std::vector<double>& lat) {
+  auto cpu_seconds = [] {
+    rusage ru{};
+    getrusage(RUSAGE_SELF, &ru);
+    return static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+           static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+  };
+  std::vector<double> raw_cpu, shard_cpu, front_cpu;
+  auto pass = [&](request_maker make, size_t drivers, size_t n, std::vector<double>& lat,
+                  std::vector<double>& cpu_per_call) {
+    double cpu_start = cpu_seconds();
     std::vector<caf::actor> ds;
     for (size_t d = 0; d < drivers; ++d) ds.push_back(env.sys->spawn(request_driver<uint64_t>, make));
     caf::scoped_actor self{*env.sys};
@@ -336,6 +346,7 @@ void bench_throughput(const std::filesystem::path& base, bench::report& rep, siz
       self->receive([&](std::vector<double>& l) { done += l.size(); lat.insert(lat.end(), l.begin(), l.end()); },
                     [&](caf::error& err) { std::fprintf(stderr, "%s\n", describe(err).c_str()); });
     double secs = bench::micros_since(start) / 1e6;
+    cpu_per_call.push_back((cpu_seconds() - cpu_start) * 1e6 / static_cast<double>(done));
     for (auto& d : ds) self->send_exit(d, caf::exit_reason::user_shutdown);
     return static_cast<double>(done) / secs;
   };
@@ -357,22 +368,26 @@ void bench_throughput(const std::filesystem::path& base, bench::report& rep, siz
   std::vector<double> raw_rates, shard_rates, front_rates, shard_ratios, front_ratios;
   std::vector<double> raw_lat, shard_lat, front_lat;
   for (int r = 0; r < rounds; ++r) {
-    raw_rates.push_back(pass(raw_call, 2, per_round, raw_lat));
-    shard_rates.push_back(pass(shard_call, 2, per_round, shard_lat));
-    front_rates.push_back(pass(front_call, 2, per_round, front_lat));
+    raw_rates.push_back(pass(raw_call, 2, per_round, raw_lat, raw_cpu));
+    shard_rates.push_back(pass(shard_call, 2, per_round, shard_lat, shard_cpu));
+    front_rates.push_back(pass(front_call, 2, per_round, front_lat, front_cpu));
     shard_ratios.push_back(raw_rates.back() / shard_rates.back());
     front_ratios.push_back(raw_rates.back() / front_rates.back());
   }
-  auto add_row = [&](const std::string& name, const std::vector<double>& rates, const std::vector<double>& lat) {
+  auto add_row = [&](const std::string& name, const std::vector<double>& rates, const std::vector<double>& lat,
+                     const std::vector<double>& cpu) {
     rep.add(name, "calls_per_sec_median", percentile(rates, 50));
+    rep.add(name, "cpu_us_per_call", percentile(cpu, 50));
     rep.add(name, "p50_us", percentile(lat, 50));
     rep.add(name, "p99_us", percentile(lat, 99));
   };
-  add_row("raw CAF request/response", raw_rates, raw_lat);
-  add_row("directory (via shard route)", shard_rates, shard_lat);
-  add_row("directory (via front actor)", front_rates, front_lat);
+  add_row("raw CAF request/response", raw_rates, raw_lat, raw_cpu);
+  add_row("directory (via shard route)", shard_rates, shard_lat, shard_cpu);
+  add_row("directory (via front actor)", front_rates, front_lat, front_cpu);
   rep.add("overhead vs raw CAF (median of 5 rounds)", "via_shard_x", percentile(shard_ratios, 50));
   rep.add("overhead vs raw CAF (median of 5 rounds)", "via_front_x", percentile(front_ratios, 50));
+  rep.add("CPU per call vs raw CAF", "via_shard_x", percentile(shard_cpu, 50) / percentile(raw_cpu, 50));
+  rep.add("CPU per call vs raw CAF", "via_front_x", percentile(front_cpu, 50) / percentile(raw_cpu, 50));
   caf::scoped_actor self{*env.sys};
   for (auto& a : raw) self->send_exit(a, caf::exit_reason::user_shutdown);
 }

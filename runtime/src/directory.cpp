@@ -2,7 +2,8 @@
 // activate on demand, passivate idle or least-recently-used ones, and supervise them.
 //
 // Protocol between a shard and the activation it hosts (one CAF actor per live id):
-//   shard -> host  (routed_atom, msg)        a caller's message; the host replies to the caller
+//   shard -> host  (call_atom, kind, id, msg) the caller's message itself, forwarded without
+//                                             copying; the host replies to the caller
 //   shard -> host  (go_atom, force)          passivate now (unless pinned and !force)
 //   host  -> shard (refuse_atom)             pinned: stays live
 //   host  -> shard (ask_atom)                please passivate me (failed activation or handler)
@@ -22,7 +23,6 @@
 namespace triplane::runtime {
 namespace {
 
-using routed_atom = caf::atom_constant<caf::atom("tp_routed")>;
 using go_atom = caf::atom_constant<caf::atom("tp_go")>;
 using refuse_atom = caf::atom_constant<caf::atom("tp_refuse")>;
 using ask_atom = caf::atom_constant<caf::atom("tp_ask")>;
@@ -213,7 +213,7 @@ caf::behavior activation_host(caf::stateful_actor<host_state>* self, const kind_
     return to_result(capture);
   });
   return {
-    [self](routed_atom, caf::message& payload) -> caf::result<caf::message> {
+    [self](call_atom, const std::string&, const std::string&, caf::message& payload) -> caf::result<caf::message> {
       auto& st = self->state;
       if (st.activation_error) return st.activation_error;
       if (st.broken)
@@ -255,7 +255,7 @@ caf::behavior activation_host(caf::stateful_actor<host_state>* self, const kind_
 
 /// What only a passivating entry needs; allocated on demand to keep idle entries small.
 struct pending_work {
-  std::vector<std::pair<caf::response_promise, caf::message>> buffered;
+  std::vector<std::pair<caf::response_promise, caf::message>> buffered;  ///< whole call messages
   std::vector<caf::response_promise> passivation_waiters;
 };
 
@@ -441,7 +441,7 @@ caf::behavior directory_shard(shard_actor* self, std::shared_ptr<const kind_tabl
       auto id = e.key->substr(e.kind->spec.name.size() + 1);
       spawn_host(self, e, id);
       touch(st, e);
-      for (auto& [rp, payload] : pending->buffered) rp.delegate(e.host, routed_atom::value, std::move(payload));
+      for (auto& [rp, call] : pending->buffered) rp.delegate(e.host, std::move(call));
       enforce_cap(self);
       return;
     }
@@ -471,12 +471,15 @@ caf::behavior directory_shard(shard_actor* self, std::shared_ptr<const kind_tabl
       } else if (e.state == entry::phase::live) {
         touch(st, e);
       }
+      // Forward the caller's message as it is (same tuple, no copy); `payload` is part of it.
+      (void)payload;
+      auto call = self->current_mailbox_element()->move_content_to_message();
       if (e.state == entry::phase::passivating) {
         auto rp = self->make_response_promise();
-        e.work().buffered.emplace_back(rp, std::move(payload));
+        e.work().buffered.emplace_back(rp, std::move(call));
         return rp;
       }
-      return self->delegate(e.host, routed_atom::value, std::move(payload));
+      return self->delegate(e.host, std::move(call));
     },
     [self](passivate_atom, const std::string& kind, const std::string& id) -> caf::result<bool> {
       auto& st = self->state;
@@ -512,7 +515,7 @@ caf::behavior directory_shard(shard_actor* self, std::shared_ptr<const kind_tabl
       auto pending = std::move(e.pending);
       if (!pending) return;
       for (auto& rp : pending->passivation_waiters) rp.deliver(false);
-      for (auto& [rp, payload] : pending->buffered) rp.delegate(e.host, routed_atom::value, std::move(payload));
+      for (auto& [rp, call] : pending->buffered) rp.delegate(e.host, std::move(call));
     },
     [self](ask_atom) {
       auto& st = self->state;
@@ -558,10 +561,10 @@ caf::behavior directory_front(caf::stateful_actor<front_state>* self, std::vecto
   self->state.shards = std::move(shards);
   for (auto& shard : self->state.shards) self->link_to(shard);
   return {
-    [self](call_atom atom, const std::string& kind, const std::string& id, caf::message& payload) {
+    [self](call_atom, const std::string& kind, const std::string& id, const caf::message&) {
       auto& shards = self->state.shards;
-      return self->delegate(shards[shard_index(kind, id, shards.size())], atom, kind, id,
-                            std::move(payload));
+      auto& shard = shards[shard_index(kind, id, shards.size())];
+      return self->delegate(shard, self->current_mailbox_element()->move_content_to_message());
     },
     [self](passivate_atom atom, const std::string& kind, const std::string& id) {
       auto& shards = self->state.shards;
