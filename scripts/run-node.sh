@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 build_dir=${TRIPLANE_BUILD_DIR:-build}
 cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release >/dev/null
-cmake --build "$build_dir" -j"${TRIPLANE_JOBS:-2}" --target triplane
+cmake --build "$build_dir" -j"${TRIPLANE_JOBS:-2}" --target triplane triplane-cli
 exec "$build_dir/apps/triplane/triplane" serve "$@"
