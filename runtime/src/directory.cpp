@@ -458,9 +458,17 @@ caf::behavior directory_shard(shard_actor* self, std::shared_ptr<const kind_tabl
     [self](call_atom, const std::string& kind, const std::string& id,
            caf::message& payload) -> caf::result<caf::message> {
       auto& st = self->state;
-      if (auto err = validate_call(st, kind, id)) return err;
       auto key = make_key(kind, id);
-      auto [pos, inserted] = st.entries.try_emplace(std::move(key));
+      auto pos = st.entries.find(key);
+      bool inserted = false;
+      if (pos == st.entries.end()) {
+        // Validation runs only for ids without an entry: a live id was validated when it came.
+        if (auto err = validate_call(st, kind, id)) return err;
+        pos = st.entries.try_emplace(std::move(key)).first;
+        inserted = true;
+      } else if (st.draining) {
+        return make_error(errc::unavailable, "the node is shutting down");
+      }
       entry& e = pos->second;
       if (inserted) {
         e.kind = st.kinds->at(kind).get();
