@@ -255,6 +255,7 @@ expected<exec_result> session::exec(const exec_options& opts, output_callback on
   }
   r.setCwd(opts.cwd);
   r.setTimeoutMs(opts.timeout_ms);
+  r.setOutputCapBytes(opts.output_cap_bytes);
   bool streaming = static_cast<bool>(on_output);
   if (streaming) req.setSink(kj::heap<callback_sink>(std::move(on_output)));
   auto limit = state_->conn->timeout + std::chrono::milliseconds(opts.timeout_ms);

@@ -36,6 +36,7 @@ struct exec_options {
   std::vector<std::pair<std::string, std::string>> env;
   std::string cwd;
   uint32_t timeout_ms = 0;  ///< 0 = the server's default
+  uint64_t output_cap_bytes = 0;  ///< bytes kept per stream; 0 = the node's default (1 MiB)
 };
 
 struct exec_result {
