@@ -17,8 +17,9 @@ foreach(test_name rpc_end_to_end_test rpc_bad_input_test)
   target_include_directories(${test_name} PRIVATE ${rpc_tests_dir})
   target_compile_definitions(${test_name} PRIVATE
     TRIPLANE_SERVE_EXE="$<TARGET_FILE:triplane>"
+    TRIPLANE_CLI="$<TARGET_FILE:triplane-cli>"
     TRIPLANE_FIXTURES_DIR="${TRIPLANE_FIXTURES_DIR}")
-  add_dependencies(${test_name} triplane)
+  add_dependencies(${test_name} triplane triplane-cli)
 endforeach()
 
 triplane_add_test(rpc_cli_test

@@ -97,9 +97,11 @@ TEST_CASE("triplane-cli prints human-readable errors and exits 1 or 2", "[rpc][c
   r = run(node, node.tokens().ops, cli + " stats");
   CHECK(r.status == 0);
   CHECK(r.out.find("open connections") != std::string::npos);
-  r = run(node, node.tokens().alice, cli + " generate --model tiny hello");
+  r = run(node, node.tokens().alice, cli + " generate --tokens 1,2,3");
   CHECK(r.status == 1);
   CHECK(r.out.find("error: unavailable: inference is not available") != std::string::npos);
+  r = run(node, node.tokens().alice, cli + " generate hello");
+  CHECK(r.status == 2);
   r = run(node, node.tokens().alice, cli + " frobnicate");
   CHECK(r.status == 2);
   r = run(node, node.tokens().alice, cli + " session exec x --timeout-ms notanumber -- true");

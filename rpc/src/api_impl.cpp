@@ -628,11 +628,14 @@ private:
 
 namespace inf = triplane::actors::inference;
 
-/// `inner` addressed along server_options::inference_route.
-caf::message routed(const server_options& opts, caf::message inner) {
-  for (auto it = opts.inference_route.rbegin(); it != opts.inference_route.rend(); ++it)
+/// `inner` addressed along `route` (server_options::inference_route).
+caf::message routed(const std::vector<std::string>& route, caf::message inner) {
+  for (auto it = route.rbegin(); it != route.rend(); ++it)
     inner = caf::make_message(runtime::sup::route_atom::value, *it, std::move(inner));
   return inner;
+}
+caf::message routed(const server_options& opts, caf::message inner) {
+  return routed(opts.inference_route, std::move(inner));
 }
 
 const char* finish_reason_name(inf::finish_reason r) {
@@ -688,8 +691,10 @@ using token_channel_ptr = std::shared_ptr<token_channel>;
 
 /// The generation's sink: sends the request (with itself as sink) and receives its stream.
 caf::behavior generate_relay(caf::event_based_actor* self, token_channel_ptr ch,
-                             caf::actor worker, caf::message request, milliseconds timeout) {
-  self->request(worker, caf::duration{timeout}, std::move(request))
+                             caf::actor worker, std::vector<std::string> route,
+                             inf::generate_request req, milliseconds timeout) {
+  req.sink = caf::actor_cast<caf::actor>(self);
+  self->request(worker, caf::duration{timeout}, routed(route, caf::make_message(std::move(req))))
     .then([ch](inf::generate_accepted& a) { ch->accept(a.request_id); },
           [ch](caf::error& e) { ch->fail(std::move(e)); });
   return {
@@ -765,8 +770,7 @@ public:
       return checked.then([this, ctx, req, has_sink, sink, deadline]() mutable {
         auto ch = std::make_shared<token_channel>();
         auto relay = core_.bridge.system().spawn(generate_relay, ch, core_.opts.inference,
-                                                 routed(core_.opts, caf::make_message(*req)),
-                                                 deadline);
+                                                 core_.opts.inference_route, *req, deadline);
         auto guard = kj::heap<generate_guard>(core_, ch, relay);
         auto state = kj::heap<generate_output>();
         state->has_sink = has_sink;
