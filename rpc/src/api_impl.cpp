@@ -253,23 +253,29 @@ caf::behavior exec_relay(caf::event_based_actor* self, channel_ptr ch, caf::acto
   };
 }
 
-/// Kills the exec (actors::exec_cancel_atom) unless it completed, and stops the relay actor.
-/// The session kills the exec it is running now: an exec of this call that is still queued
-/// behind another one of the same session is not removed from the queue (it then runs, its
-/// output going nowhere, bounded by its timeout).
+/// Kills the exec (actors::exec_cancel_atom) unless the session already answered it (result
+/// or error: then it is not running, and a cancel would hit another call's exec in the same
+/// session), and stops the relay actor. The session kills the exec it is running now: an exec
+/// of this call that is still queued behind another one of the same session is not removed
+/// from the queue (it then runs, its output going nowhere, bounded by its timeout).
 struct exec_guard {
-  exec_guard(server_core& c, std::string id, caf::actor r)
-    : core(c), full_id(std::move(id)), relay(std::move(r)) {}
+  exec_guard(server_core& c, std::string id, channel_ptr chan, caf::actor r)
+    : core(c), full_id(std::move(id)), ch(std::move(chan)), relay(std::move(r)) {}
   ~exec_guard() {
-    if (!completed)
+    bool answered = false;
+    {
+      std::lock_guard<std::mutex> lock{ch->mu};
+      answered = ch->result || (ch->error && *ch->error != caf::sec::request_timeout);
+    }
+    if (!answered)
       caf::anon_send(core.directory, runtime::call_atom::value, std::string("session"), full_id,
                      caf::make_message(actors::exec_cancel_atom::value));
     caf::anon_send_exit(relay, caf::exit_reason::user_shutdown);
   }
   server_core& core;
   std::string full_id;
+  channel_ptr ch;
   caf::actor relay;
-  bool completed = false;
 };
 
 /// POSIX mode bits including the file type, as api.capnp's FileEntry.mode documents.
@@ -336,7 +342,7 @@ public:
       auto ch = std::make_shared<exec_channel>(core_.opts.limits.max_exec_output_buffer);
       auto relay = core_.bridge.system().spawn(exec_relay, ch, core_.directory, full_id_,
                                                std::move(req), has_sink, deadline);
-      auto guard = kj::heap<exec_guard>(core_, full_id_, relay);
+      auto guard = kj::heap<exec_guard>(core_, full_id_, ch, relay);
       auto state = kj::heap<exec_output>();
       {
         auto paf = kj::newPromiseAndCrossThreadFulfiller<void>();
@@ -348,10 +354,8 @@ public:
       state->has_sink = has_sink;
       if (has_sink) state->sink = sink;
       auto* st = state.get();
-      auto* g = guard.get();
       auto max_unstreamed = core_.opts.limits.max_unstreamed_output;
-      return pump(ch, *st).then([ctx, st, g, max_unstreamed]() mutable {
-        g->completed = true;
+      return pump(ch, *st).then([ctx, st, max_unstreamed]() mutable {
         auto res = ctx.getResults().initResult();
         const auto& r = *st->result;
         res.setExitCode(r.exited ? r.exit_code : -1);
