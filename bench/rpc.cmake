@@ -1,10 +1,11 @@
-# RPC benchmark (issue 4). Included by rpc/CMakeLists.txt; guarded so that bench/CMakeLists.txt
-# may include it as well.
+# RPC benchmark (issue 4): the real node in-process (directory, sandbox sessions, inference
+# worker) behind the real RPC server. Included by bench/CMakeLists.txt.
 include_guard(GLOBAL)
 
-add_executable(rpc_bench
-  ${PROJECT_SOURCE_DIR}/bench/rpc_bench.cpp
-  ${PROJECT_SOURCE_DIR}/tests/support/session_directory_double.cpp)
-target_include_directories(rpc_bench PRIVATE ${PROJECT_SOURCE_DIR}/tests)
-target_link_libraries(rpc_bench PRIVATE triplane::rpc triplane_rpc_api CAF::core spdlog::spdlog)
+add_executable(rpc_bench ${PROJECT_SOURCE_DIR}/bench/rpc_bench.cpp)
+target_include_directories(rpc_bench PRIVATE ${PROJECT_SOURCE_DIR}/actors/include)
+target_link_libraries(rpc_bench PRIVATE triplane::rpc triplane_rpc_api triplane::runtime
+  triplane::storage triplane::gpu triplane::actors triplane::inference_serving CAF::core
+  spdlog::spdlog)
+target_compile_definitions(rpc_bench PRIVATE TRIPLANE_FIXTURES_DIR="${TRIPLANE_FIXTURES_DIR}")
 set_target_properties(rpc_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${PROJECT_BINARY_DIR}/bench)

@@ -1,13 +1,18 @@
-// RPC benchmark: session kv get over Cap'n Proto RPC (loopback, client and server in this
-// process on separate threads) with 1, 16 and 256 calls in flight, beside the same get as a
-// local CAF actor request in the same run; streaming throughput of exec output beside a raw
-// loopback TCP copy. The sessions are the in-memory TEST DOUBLE of the directory
-// (tests/support/session_directory_double.hpp): this measures the RPC path, not the sandbox.
+// RPC benchmark against the REAL node, run in this process: the runtime directory, sandbox
+// sessions (RocksDB, bubblewrap) and an inference worker (tiny Llama fixture, CPU), exactly as
+// `triplane serve` builds them, with the real RPC server in front. A raw Cap'n Proto client on
+// its own thread talks to it over loopback TCP. Each RPC figure has its local peer in the same
+// run: session kv get over RPC with 1, 16 and 256 calls in flight beside the same get as a
+// local CAF request to the directory (and an RPC that no actor serves, the Cap'n Proto floor);
+// exec output streamed over RPC beside the same streaming exec to a local sink actor and a raw
+// loopback TCP copy; generated tokens streamed over RPC beside the same generation to a local
+// sink actor.
 //
-//   rpc_bench [--json FILE] [--quick]
+//   rpc_bench [--json FILE] [--quick] [--model DIR]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <thread>
@@ -25,16 +30,24 @@
 #include <spdlog/spdlog.h>
 
 #include "api.capnp.h"
-#include "support/session_directory_double.hpp"
+#include "triplane/actors/inference_protocol.hpp"
+#include "triplane/actors/inference_worker.hpp"
+#include "triplane/actors/session_host.hpp"
+#include "triplane/actors/session_protocol.hpp"
+#include "triplane/actors/session_types.hpp"
 #include "triplane/rpc/server.hpp"
-#include "triplane/rpc/session_calls.hpp"
 #include "triplane/rpc/tokens.hpp"
 #include "triplane/runtime/directory.hpp"
+#include "triplane/runtime/node.hpp"
+#include "triplane/runtime/node_config.hpp"
+#include "triplane/runtime/supervisor.hpp"
 
 namespace {
 
 using clock_type = std::chrono::steady_clock;
-namespace sc = triplane::rpc::session_calls;
+namespace ss = triplane::actors;
+namespace inf = triplane::actors::inference;
+namespace sup = triplane::runtime::sup;
 
 uint64_t us_since(clock_type::time_point t) {
   return static_cast<uint64_t>(
@@ -84,8 +97,8 @@ void local_issue(caf::event_based_actor* self, caf::actor dir, std::shared_ptr<s
   auto t0 = clock_type::now();
   self->request(dir, std::chrono::seconds(10), triplane::runtime::call_atom::value,
                 std::string("session"), std::string("bench/s"),
-                caf::make_message(sc::kv_get_atom::value, std::string("key")))
-    .then([=](caf::optional<std::string>&) {
+                caf::make_message(ss::kv_get_atom::value, std::string("key")))
+    .then([=](ss::kv_value&) {
       run->latencies.push_back(us_since(t0));
       local_issue(self, dir, left, run, outstanding, report);
     });
@@ -170,20 +183,98 @@ private:
 };
 
 double bench_stream(kj::AsyncIoContext& io, triplane::api::Session::Client session,
-                    uint64_t chunks, uint64_t chunk_size) {
+                    uint64_t total) {
   uint64_t bytes = 0;
   auto req = session.execRequest();
-  auto argv = req.initRequest().initArgv(3);
-  argv.set(0, "flood");
-  argv.set(1, std::to_string(chunks));
-  argv.set(2, std::to_string(chunk_size));
+  req.initRequest().setShell("yes 0123456789abcdef0123456789abcdef | head -c " + std::to_string(total));
+  req.getRequest().setOutputCapBytes(total);
   req.setSink(kj::heap<counting_sink>(bytes));
   auto t0 = clock_type::now();
   req.send().wait(io.waitScope);
   double seconds = static_cast<double>(us_since(t0)) / 1e6;
-  if (bytes != chunks * chunk_size) std::fprintf(stderr, "stream lost bytes: %llu\n",
-                                                 static_cast<unsigned long long>(bytes));
+  if (bytes != total) std::fprintf(stderr, "stream lost bytes: %llu\n",
+                                   static_cast<unsigned long long>(bytes));
   return static_cast<double>(bytes) / seconds / 1e6;
+}
+
+/// The same streaming exec, to a local sink actor (no RPC): the session's own throughput.
+double bench_stream_local(caf::actor_system& sys, caf::actor dir, const std::string& full_id,
+                          uint64_t total) {
+  auto bytes = std::make_shared<std::atomic<uint64_t>>(0);
+  auto sink = sys.spawn([bytes](caf::event_based_actor*) -> caf::behavior {
+    return {[bytes](ss::exec_chunk_atom, const ss::exec_chunk& c) { *bytes += c.data.size(); }};
+  });
+  ss::exec_request req;
+  req.shell = "yes 0123456789abcdef0123456789abcdef | head -c " + std::to_string(total);
+  req.limits.stdout_cap_bytes = total;
+  caf::scoped_actor self{sys};
+  auto t0 = clock_type::now();
+  self->request(dir, std::chrono::seconds(120), triplane::runtime::call_atom::value,
+                std::string("session"), full_id,
+                caf::make_message(ss::exec_stream_atom::value, req, sink))
+    .receive([](ss::exec_result&) {},
+             [](caf::error& e) { std::fprintf(stderr, "local exec: %s\n", caf::to_string(e).c_str()); });
+  double seconds = static_cast<double>(us_since(t0)) / 1e6;
+  caf::anon_send_exit(sink, caf::exit_reason::user_shutdown);
+  return static_cast<double>(bytes->load()) / seconds / 1e6;
+}
+
+class counting_token_sink final : public triplane::api::TokenSink::Server {
+public:
+  explicit counting_token_sink(uint64_t& n) : n_(n) {}
+  kj::Promise<void> tokens(TokensContext ctx) override {
+    n_ += ctx.getParams().getIds().size();
+    return kj::READY_NOW;
+  }
+  kj::Promise<void> done(DoneContext) override { return kj::READY_NOW; }
+
+private:
+  uint64_t& n_;
+};
+
+/// Generated tokens per second over RPC (streamed to a sink), one request.
+double bench_tokens(kj::AsyncIoContext& io, triplane::api::Inference::Client inference,
+                    uint32_t n) {
+  uint64_t got = 0;
+  auto req = inference.generateRequest();
+  auto r = req.initRequest();
+  auto prompt = r.initPromptTokens(3);
+  prompt.set(0, 1);
+  prompt.set(1, 2);
+  prompt.set(2, 3);
+  r.setMaxTokens(n);
+  req.setSink(kj::heap<counting_token_sink>(got));
+  auto t0 = clock_type::now();
+  req.send().wait(io.waitScope);
+  double seconds = static_cast<double>(us_since(t0)) / 1e6;
+  return static_cast<double>(got) / seconds;
+}
+
+/// The same generation sent to the worker locally (through the same supervisor routes).
+double bench_tokens_local(caf::actor_system& sys, caf::actor root, uint32_t n) {
+  caf::scoped_actor self{sys};
+  inf::generate_request req;
+  req.prompt = {1, 2, 3};
+  req.max_new_tokens = n;
+  req.sink = self;
+  auto msg = caf::make_message(sup::route_atom::value, std::string("inference"),
+                               caf::make_message(sup::route_atom::value, std::string("worker-0"),
+                                                 caf::make_message(req)));
+  auto t0 = clock_type::now();
+  self->send(root, msg);
+  uint64_t got = 0;
+  bool done = false;
+  while (!done) {
+    self->receive([](inf::generate_accepted&) {},
+                  [&](inf::token_event&) { ++got; },
+                  [&](inf::generation_finished&) { done = true; },
+                  [&](caf::error& e) {
+                    std::fprintf(stderr, "local generate: %s\n", caf::to_string(e).c_str());
+                    done = true;
+                  });
+  }
+  double seconds = static_cast<double>(us_since(t0)) / 1e6;
+  return static_cast<double>(got) / seconds;
 }
 
 /// The ceiling for streaming: a plain loopback TCP copy of the same bytes.
@@ -228,23 +319,62 @@ double bench_raw_tcp(uint64_t total, uint64_t chunk_size) {
 int main(int argc, char** argv) {
   std::string json_path;
   bool quick = false;
-  std::string policy = "stealing";
+  std::string model = std::string(TRIPLANE_FIXTURES_DIR) + "/llama/tiny-llama-f32";
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--json" && i + 1 < argc) json_path = argv[++i];
     else if (a == "--quick") quick = true;
-    else if (a == "--policy" && i + 1 < argc) policy = argv[++i];
+    else if (a == "--model" && i + 1 < argc) model = argv[++i];
     else {
-      std::fprintf(stderr, "usage: rpc_bench [--json FILE] [--quick] [--policy stealing|sharing]\n");
+      std::fprintf(stderr, "usage: rpc_bench [--json FILE] [--quick] [--model DIR]\n");
       return 2;
     }
   }
   spdlog::set_level(spdlog::level::warn);
-  caf::actor_system_config cfg;
-  cfg.set("scheduler.max-threads", 2);
-  cfg.set("scheduler.policy", policy == "sharing" ? caf::atom("sharing") : caf::atom("stealing"));
-  caf::actor_system sys{cfg};
-  auto dir = triplane::test::spawn_session_directory_double(sys);
+  std::string data_dir = (std::filesystem::temp_directory_path() / "rpc-bench-XXXXXX").string();
+  if (!mkdtemp(data_dir.data())) return 1;
+
+  // The node as `triplane serve` builds it (apps/triplane/serve.cpp).
+  triplane::runtime::node_config config;
+  config.set("scheduler.max-threads", 2);
+  triplane::actors::add_session_message_types(config);
+  triplane::runtime::register_supervision_types(config);
+  inf::register_inference_types(config);
+  triplane::runtime::node_options options;
+  options.data_dir = data_dir;
+  options.listen_port = 0;
+  std::unique_ptr<triplane::actors::session_host> sessions;
+  auto make_planes = [&](triplane::runtime::node& n)
+    -> triplane::expected<std::vector<triplane::runtime::node::plane>> {
+    triplane::actors::session_host_options so;
+    so.workspaces_dir = data_dir + "/workspaces";
+    auto host = triplane::actors::session_host::create(n.database(), so);
+    if (!host) return std::move(host.error());
+    sessions = std::move(*host);
+    triplane::runtime::node::plane session_plane;
+    session_plane.kinds.push_back(sessions->kind());
+    std::vector<triplane::runtime::node::plane> planes{std::move(session_plane)};
+    triplane::gpu::backend_options backend;
+    backend.kind = triplane::gpu::backend_kind::cpu;
+    auto child = inf::worker_child_spec("worker-0", model, backend, inf::worker_options{});
+    if (!child) return std::move(child.error());
+    triplane::runtime::supervisor_spec spec;
+    spec.flags.name = "inference";
+    spec.children.push_back(std::move(*child));
+    triplane::runtime::node::plane inference_plane;
+    inference_plane.children.push_back(triplane::runtime::supervisor_child("inference", std::move(spec)));
+    planes.push_back(std::move(inference_plane));
+    return planes;
+  };
+  auto node = triplane::runtime::node::start(config, options,
+                                             triplane::actors::session_host::column_families(),
+                                             make_planes);
+  if (!node) {
+    std::fprintf(stderr, "node: %s\n", triplane::describe(node.error()).c_str());
+    return 1;
+  }
+  auto& sys = (*node)->system();
+  auto dir = (*node)->directory_proxy();
 
   auto token = triplane::rpc::generate_token();
   triplane::rpc::server_options opts;
@@ -252,6 +382,8 @@ int main(int argc, char** argv) {
   opts.tokens.push_back(*triplane::rpc::make_token_record("bench", triplane::rpc::role::tenant,
                                                          token));
   opts.limits.max_concurrent_calls_per_tenant = 1024;
+  opts.inference = (*node)->root_supervisor();
+  opts.inference_route = {"inference", "worker-0"};
   auto server = triplane::rpc::rpc_server::start(opts, sys, dir);
   if (!server) {
     std::fprintf(stderr, "server: %s\n", triplane::describe(server.error()).c_str());
@@ -259,7 +391,10 @@ int main(int argc, char** argv) {
   }
 
   std::vector<figure> figures;
-  double stream_mb_s = 0, raw_mb_s = 0;
+  double stream_mb_s = 0, stream_local_mb_s = 0, raw_mb_s = 0;
+  double tok_s = 0, tok_local_s = 0;
+  uint64_t stream_total = quick ? (16u << 20) : (64u << 20);
+  uint32_t gen_tokens = quick ? 200 : 1000;
   {
     auto io = kj::setupAsyncIo();
     auto addr = io.provider->getNetwork()
@@ -289,12 +424,21 @@ int main(int argc, char** argv) {
       figures.push_back(bench_rpc(io, session, n, calls, kj::Maybe<triplane::api::Bootstrap::Client>(boot)));
       figures.push_back(bench_rpc(io, session, n, calls));
     }
-    uint64_t chunks = quick ? 256 : 2048, chunk = 64 * 1024;
-    stream_mb_s = bench_stream(io, session, chunks, chunk);
-    raw_mb_s = bench_raw_tcp(chunks * chunk, chunk);
+    stream_mb_s = bench_stream(io, session, stream_total);
+    stream_local_mb_s = bench_stream_local(sys, dir, "bench/s", stream_total);
+    raw_mb_s = bench_raw_tcp(stream_total, 64 * 1024);
+
+    auto inference = tenant.inferenceRequest().send().getInference();
+    bench_tokens(io, inference, 16);  // warm-up
+    tok_s = bench_tokens(io, inference, gen_tokens);
+    tok_local_s = bench_tokens_local(sys, (*node)->root_supervisor(), gen_tokens);
   }
   (*server)->stop(std::chrono::milliseconds(1000));
-  caf::anon_send_exit(dir, caf::exit_reason::user_shutdown);
+  server->reset();
+  (void)(*node)->shutdown(std::chrono::seconds(10));
+  node->reset();
+  std::error_code ignored;
+  std::filesystem::remove_all(data_dir, ignored);
 
   std::printf("%-22s %9s %12s %10s %10s %14s\n", "path", "in flight", "calls/s", "p50 us",
               "p99 us", "CPU us/call");
@@ -302,10 +446,13 @@ int main(int argc, char** argv) {
     std::printf("%-22s %9zu %12.0f %10.1f %10.1f %14.1f\n", f.name.c_str(), f.in_flight,
                 f.calls_per_s, f.p50_us, f.p99_us, f.cpu_us_per_call);
   std::printf("(client and server share this process: CPU us/call covers both ends)\n");
-  std::printf("\nexec output streaming (64 KiB chunks): %.1f MB/s; raw loopback TCP copy: %.1f "
-              "MB/s (%.0f%%)\n",
-              stream_mb_s, raw_mb_s, 100.0 * stream_mb_s / raw_mb_s);
-  std::printf("generated-token streaming: not measured (inference is not wired to RPC yet)\n");
+  std::printf("\nexec output streaming (%llu MiB, sandboxed `yes | head`): RPC %.1f MB/s; same exec "
+              "to a local sink actor %.1f MB/s; raw loopback TCP copy %.1f MB/s\n",
+              static_cast<unsigned long long>(stream_total >> 20), stream_mb_s,
+              stream_local_mb_s, raw_mb_s);
+  std::printf("generated-token streaming (%u tokens, tiny Llama f32, CPU): RPC %.0f tok/s; same "
+              "request to a local sink actor %.0f tok/s\n",
+              gen_tokens, tok_s, tok_local_s);
 
   if (!json_path.empty()) {
     std::ofstream out{json_path};
@@ -318,7 +465,10 @@ int main(int argc, char** argv) {
           << "}" << (i + 1 < figures.size() ? "," : "") << "\n";
     }
     out << "  ],\n  \"exec_stream_mb_s\": " << stream_mb_s
-        << ",\n  \"raw_tcp_loopback_mb_s\": " << raw_mb_s << "\n}\n";
+        << ",\n  \"exec_stream_local_mb_s\": " << stream_local_mb_s
+        << ",\n  \"raw_tcp_loopback_mb_s\": " << raw_mb_s
+        << ",\n  \"token_stream_tok_s\": " << tok_s
+        << ",\n  \"token_local_tok_s\": " << tok_local_s << "\n}\n";
   }
   return 0;
 }

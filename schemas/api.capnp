@@ -56,8 +56,9 @@ interface Bootstrap {
 
 interface Tenant {
   session @0 (id :Text, create :Bool) -> (session :Session);
-  # Opens the session `id` of this tenant. create=false: not_found unless it exists.
-  # create=true: creates it when absent. Ids are 1..200 bytes of printable characters; the same id
+  # Opens the session `id` of this tenant. create=false: not_found unless it exists (has stored
+  # state: it was created with create=true, or written to, and not destroyed since).
+  # create=true: creates it (with default settings, stored at once) when absent. Ids are 1..200 bytes of printable characters; the same id
   # used by two tenants names two different sessions.
   inference @1 () -> (inference :Inference);
   admin @2 () -> (admin :Admin);
@@ -92,6 +93,10 @@ struct ExecRequest {
   env @3 :List(EnvVar);    # overrides on top of the session's environment
   cwd @4 :Text;            # relative to the workspace root; empty = session's working directory
   timeoutMs @5 :UInt32;    # 0 = the server's default
+  outputCapBytes @6 :UInt64;
+  # Bytes of output kept (and streamed) per stream; the rest is read and dropped and the result
+  # says truncated. 0 = the node's default (1 MiB); more than the server's maximum (64 MiB by
+  # default) is invalid_argument.
 }
 
 struct ExecResult {
@@ -117,14 +122,15 @@ struct SessionInfo {
   lastUsedUnixMs @2 :UInt64;
   fileCount @3 :UInt64;
   kvCount @4 :UInt64;
-  execCount @5 :UInt64;
+  execCount @5 :UInt64;    # commands in the session's bounded history (the newest are kept)
 }
 
 interface Session {
   exec @0 (request :ExecRequest, sink :OutputSink) -> (result :ExecResult);
   # Runs a command. With a sink, output is streamed to it as it comes (flow-controlled) and the
   # result carries no output; without one, the output comes in the result. Cancelling the call or
-  # disconnecting kills the command.
+  # disconnecting kills the command. Commands run in the session's sandbox (bubblewrap, no
+  # network); one session runs one command at a time, later ones wait.
   readFile @1 (path :Text, offset :UInt64, length :UInt64) -> (data :Data);
   # length 0 = to the end.
   writeFile @2 (path :Text, data :Data, makeParents :Bool, executable :Bool) -> ();
@@ -145,35 +151,50 @@ interface Session {
 
 interface TokenSink {
   tokens @0 (ids :List(UInt32), text :Text) -> stream;
+  # Token ids in generation order, as the worker produces them (several per call when the
+  # client is slower than the worker). `text` is empty: the node has no detokenizer.
   done @1 () -> ();
   # Called once after the last tokens, before generate returns.
 }
 
 struct GenerateRequest {
-  model @0 :Text;
+  model @0 :Text;          # empty = the node's model; else must equal ModelInfo.name (not_found)
   prompt @1 :Text;
-  maxTokens @2 :UInt32;
-  temperature @3 :Float32;
-  topP @4 :Float32;
-  seed @5 :UInt64;
+  # Prompt text. The node has no tokenizer: a request with a non-empty `prompt` and no
+  # `promptTokens` is invalid_argument. Tokenize on the client.
+  maxTokens @2 :UInt32;    # new tokens to generate, >= 1; 0 = 16
+  temperature @3 :Float32; # <= 0: greedy (argmax)
+  topP @4 :Float32;        # 0 or 1: off
+  seed @5 :UInt64;         # the same request with the same seed yields the same tokens
+  promptTokens @6 :List(UInt32);  # the prompt as token ids, each < the model's vocabulary size
+  topK @7 :UInt32;         # 0: off
+  stopTokens @8 :List(UInt32);
+  # Generation ends after one of these (it is streamed and counted); at most 1024.
 }
 
 struct GenerateResult {
-  text @0 :Text;           # only when generate was called without a sink
+  text @0 :Text;           # always empty: the node has no detokenizer (see `tokens`)
   promptTokens @1 :UInt32;
   generatedTokens @2 :UInt32;
   finishReason @3 :Text;   # "length", "stop", "cancelled"
   durationUs @4 :UInt64;
+  tokens @5 :List(UInt32); # the generated token ids, only when generate was called without a sink
+  timeToFirstTokenUs @6 :Int64;  # -1 when no token was generated
 }
 
 struct ModelInfo {
   name @0 :Text;
-  parameters @1 :UInt64;
+  parameters @1 :UInt64;   # weights of the model (embeddings, layers, head), approximate
   contextLength @2 :UInt32;
+  backend @3 :Text;        # "cpu" | "cuda"
+  vocabSize @4 :UInt32;
 }
 
 interface Inference {
   generate @0 (request :GenerateRequest, sink :TokenSink) -> (result :GenerateResult);
+  # Errors: unavailable when the node serves no model (or its worker is restarting),
+  # invalid_argument for a bad request, overloaded when the worker's queue or KV pool is full.
+  # Cancelling the call or disconnecting cancels the generation on the worker.
   listModels @1 () -> (models :List(ModelInfo));
 }
 

@@ -1,5 +1,5 @@
-// triplane-cli and the C++ example client run as real processes against a node process
-// (triplane_rpc_test_node: real RPC server, session directory TEST DOUBLE).
+// triplane-cli and the C++ example client run as real processes against the real node
+// (`triplane serve` as a separate process; commands run in bubblewrap sandboxes).
 #include <catch2/catch.hpp>
 
 #include <cstdio>
@@ -7,7 +7,7 @@
 
 #include <sys/wait.h>
 
-#include "support/rpc_test_node_process.hpp"
+#include "support/serve_process.hpp"
 
 using triplane::test::node_process;
 
@@ -43,11 +43,12 @@ TEST_CASE("triplane-cli streams exec output and exits with the command's exit co
   auto r = run(node, token, cli + " session exec work --create -- echo hi there");
   CHECK(r.status == 0);
   CHECK(r.out == "hi there\n");
-  r = run(node, token, cli + " session exec work -- exit 7");
+  r = run(node, token, cli + " session exec work -- sh -c 'echo partial; exit 7'");
   CHECK(r.status == 7);
-  r = run(node, token, cli + " session exec work --shell 'make test'");
+  CHECK(r.out == "partial\n");
+  r = run(node, token, cli + " session exec work --shell 'echo $((6 * 7)) >&2'");
   CHECK(r.status == 0);
-  CHECK(r.out == "make test\n");
+  CHECK(r.out == "42\n");
 }
 
 TEST_CASE("triplane-cli moves files and kv entries in and out of a session", "[rpc][cli]") {
@@ -61,7 +62,13 @@ TEST_CASE("triplane-cli moves files and kv entries in and out of a session", "[r
   CHECK(r.out == "line one\nline two\n");
   r = run(node, token, cli + " session ls notes");
   CHECK(r.status == 0);
-  CHECK(r.out.find("docs/a.txt") != std::string::npos);
+  CHECK(r.out.rfind("040755 ", 0) == 0);  // a directory, and nothing below it
+  CHECK(r.out.find(" docs\n") != std::string::npos);
+  CHECK(r.out.find("docs/a.txt") == std::string::npos);
+  r = run(node, token, cli + " session ls notes --recursive");
+  CHECK(r.status == 0);
+  INFO(r.out);
+  CHECK(r.out.find("         18 docs/a.txt\n") != std::string::npos);
   r = run(node, token, cli + " session kv notes put colour blue");
   CHECK(r.status == 0);
   r = run(node, token, cli + " session kv notes get colour");
@@ -90,9 +97,11 @@ TEST_CASE("triplane-cli prints human-readable errors and exits 1 or 2", "[rpc][c
   r = run(node, node.tokens().ops, cli + " stats");
   CHECK(r.status == 0);
   CHECK(r.out.find("open connections") != std::string::npos);
-  r = run(node, node.tokens().alice, cli + " generate --model tiny hello");
+  r = run(node, node.tokens().alice, cli + " generate --tokens 1,2,3");
   CHECK(r.status == 1);
   CHECK(r.out.find("error: unavailable: inference is not available") != std::string::npos);
+  r = run(node, node.tokens().alice, cli + " generate hello");
+  CHECK(r.status == 2);
   r = run(node, node.tokens().alice, cli + " frobnicate");
   CHECK(r.status == 2);
   r = run(node, node.tokens().alice, cli + " session exec x --timeout-ms notanumber -- true");

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs examples/python/triplane_client.py (pycapnp, an implementation we did not write) against
-# a node process (triplane_rpc_test_node). Exit 77 = skipped (no venv/pip/PyPI).
-# usage: rpc_python_client_test.sh NODE_EXE CLI_EXE CLIENT_PY SCHEMA VENV_DIR
+# the real node (`triplane serve`). Exit 77 = skipped (no venv/pip/PyPI).
+# usage: rpc_python_client_test.sh TRIPLANE_EXE CLI_EXE CLIENT_PY SCHEMA VENV_DIR
 set -uo pipefail
 node_exe=$1 cli=$2 client=$3 schema=$4 venv=$5
 
@@ -20,16 +20,18 @@ work=$(mktemp -d)
 trap 'kill $node_pid 2>/dev/null; wait $node_pid 2>/dev/null; rm -rf "$work"' EXIT
 token=$("$cli" hash-token pyuser tenant 2>"$work/token" >"$work/tokens") || exit 1
 token=$(sed 's/^token: //' "$work/token")
-mkfifo "$work/in"
-"$node_exe" --tokens "$work/tokens" <"$work/in" >"$work/port" 2>"$work/node.log" &
+"$node_exe" serve --data-dir "$work/data" --listen 127.0.0.1:0 --tokens "$work/tokens" \
+  >"$work/out" 2>"$work/node.log" &
 node_pid=$!
-exec 3>"$work/in"  # keeps the node's stdin open
-for _ in $(seq 100); do grep -q PORT "$work/port" && break; sleep 0.1; done
-port=$(sed -n 's/^PORT //p' "$work/port")
+for _ in $(seq 600); do grep -q "serving on" "$work/out" && break; sleep 0.1; done
+port=$(sed -n 's/^triplane: serving on [^ ]*:\([0-9]*\) .*/\1/p' "$work/out")
 [ -n "$port" ] || { echo "node did not start"; cat "$work/node.log"; exit 1; }
 
 TRIPLANE_ENDPOINT=127.0.0.1:$port TRIPLANE_TOKEN=$token timeout 60 \
   "$venv/bin/python" "$client" "$schema"
 rc=$?
-exec 3>&-
+kill -TERM $node_pid
+wait $node_pid
+node_rc=$?
+[ $node_rc -eq 0 ] || { echo "node exited with $node_rc"; tail -20 "$work/node.log"; exit 1; }
 exit $rc

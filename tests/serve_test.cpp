@@ -93,6 +93,10 @@ TEST_CASE("serve rejects bad options and config with a clear message", "[serve]"
     {{"--data-dir"}, "--data-dir needs a value"},
     {{"--config", "/nonexistent/node.ini"}, "cannot read config file"},
     {{"--triplane.durability=\"sometimes\""}, "unknown durability"},
+    {{"--triplane.rpc-max-calls=0"}, "rpc-max-calls must be between 1 and 1000000"},
+    {{"--triplane.rpc-max-sessions=0"}, "rpc-max-sessions must be between 1 and 1000000"},
+    {{"--triplane.rpc-call-deadline=0s"}, "rpc-call-deadline must be positive"},
+    {{"--triplane.rpc-exec-output-buffer=100"}, "rpc-exec-output-buffer must be at least 65536"},
   }));
   INFO(c.expected);
   std::vector<std::string> argv{TRIPLANE_BINARY, "serve"};
@@ -106,7 +110,8 @@ TEST_CASE("serve --help documents every option", "[serve]") {
   child_process node({TRIPLANE_BINARY, "serve", "--help"});
   REQUIRE(node.wait(20s) == 0);
   for (auto opt : {"--config", "--data-dir", "--listen", "--log-level", "--log-format", "durability",
-                   "max-live", "idle-timeout", "shutdown-timeout", "max-threads"})
+                   "max-live", "idle-timeout", "shutdown-timeout", "max-threads", "rpc-max-calls",
+                   "rpc-max-sessions", "rpc-call-deadline", "rpc-exec-output-buffer"})
     CHECK(node.out().find(opt) != std::string::npos);
 }
 

@@ -1,4 +1,5 @@
 // triplane-cli: a command-line client for a Triplane node (uses triplane::client).
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -33,7 +34,10 @@ Session commands (add --create to create the session when it does not exist):
   session rm ID                         destroy a session
   session info ID
 Other commands:
-  generate --model MODEL [--max-tokens N] PROMPT    stream generated text
+  generate --tokens ID,ID,... [--max-tokens N] [--temperature T] [--top-p P] [--top-k K]
+           [--seed S] [--stop ID,...] [--model NAME]
+        stream generated token ids (comma-separated; the node has no tokenizer)
+  models                                the served model(s)
   stats                                 node stats and RPC metrics (admin token)
   hash-token TENANT tenant|admin [TOKEN]
         prints a tokens-file line for TOKEN (a fresh random token when omitted, shown on
@@ -268,19 +272,59 @@ int run(int argc, char** argv) {
   if (cmd == "stats") return run_stats(**conn);
   if (cmd == "generate") {
     triplane::client::generate_options g;
-    while (!a.empty()) {
-      auto x = a.next();
-      if (x == "--model") g.model = a.next();
-      else if (x == "--max-tokens") g.max_tokens = static_cast<uint32_t>(std::stoul(a.next()));
-      else g.prompt += (g.prompt.empty() ? "" : " ") + x;
+    auto ids = [](const std::string& text, std::vector<uint32_t>& out) {
+      std::stringstream in{text};
+      std::string part;
+      while (std::getline(in, part, ',')) {
+        if (part.empty() || part.find_first_not_of("0123456789") != std::string::npos ||
+            part.size() > 10)
+          return false;
+        auto v = std::stoull(part);
+        if (v > UINT32_MAX) return false;
+        out.push_back(static_cast<uint32_t>(v));
+      }
+      return !out.empty();
+    };
+    try {
+      while (!a.empty()) {
+        auto x = a.next();
+        if (x == "--model") g.model = a.next();
+        else if (x == "--max-tokens") g.max_tokens = static_cast<uint32_t>(std::stoul(a.next()));
+        else if (x == "--temperature") g.temperature = std::stof(a.next());
+        else if (x == "--top-p") g.top_p = std::stof(a.next());
+        else if (x == "--top-k") g.top_k = static_cast<uint32_t>(std::stoul(a.next()));
+        else if (x == "--seed") g.seed = std::stoull(a.next());
+        else if (x == "--stop") {
+          if (!ids(a.next(), g.stop_tokens)) return usage("--stop wants ID,ID,...");
+        } else if (x == "--tokens") {
+          if (!ids(a.next(), g.prompt_tokens)) return usage("--tokens wants ID,ID,...");
+        } else return usage("generate: unexpected argument '" + x + "' (the prompt is --tokens ID,ID,...)");
+      }
+    } catch (const std::exception&) {
+      return usage("generate: a numeric option has a bad value");
     }
-    if (g.prompt.empty()) return usage("generate needs a PROMPT");
-    auto r = (*conn)->generate(g, [](std::string_view text) {
-      fwrite(text.data(), 1, text.size(), stdout);
-      fflush(stdout);
+    if (g.prompt_tokens.empty()) return usage("generate needs --tokens ID,ID,...");
+    bool first = true;
+    auto r = (*conn)->generate(g, [&first](const std::vector<uint32_t>& tokens) {
+      for (auto t : tokens) {
+        std::printf("%s%u", first ? "" : ",", t);
+        first = false;
+      }
+      std::fflush(stdout);
     });
     if (!r) return fail(r.error());
-    std::cout << "\n";
+    std::printf("\n");
+    std::fprintf(stderr, "%u prompt tokens, %u generated, finish: %s, %.1f ms\n", r->prompt_tokens,
+                 r->generated_tokens, r->finish_reason.c_str(), r->duration_us / 1000.0);
+    return 0;
+  }
+  if (cmd == "models") {
+    auto r = (*conn)->list_models();
+    if (!r) return fail(r.error());
+    for (const auto& m : *r)
+      std::printf("%s backend=%s parameters=%llu context=%u vocab=%u\n", m.name.c_str(),
+                  m.backend.c_str(), static_cast<unsigned long long>(m.parameters),
+                  m.context_length, m.vocab_size);
     return 0;
   }
   return usage("unknown command '" + cmd + "'");

@@ -146,6 +146,16 @@ int run_serve(const std::vector<std::string>& args) {
   server_options.host = options->listen_host;
   server_options.port = options->listen_port;
   server_options.tokens = std::move(*tokens);
+  server_options.limits.max_concurrent_calls_per_tenant = options->rpc_max_calls;
+  server_options.limits.max_open_sessions_per_tenant = options->rpc_max_sessions;
+  server_options.limits.call_deadline = options->rpc_call_deadline;
+  server_options.limits.max_exec_output_buffer = options->rpc_exec_output_buffer;
+  if (!options->model_dir.empty()) {
+    // Through the root supervisor's routes, so that a restarted worker (or inference
+    // supervisor) is reached without the RPC layer holding a stale handle.
+    server_options.inference = (*node)->root_supervisor();
+    server_options.inference_route = {"inference", "worker-0"};
+  }
   auto* node_ptr = node->get();
   server_options.describe_supervision = [node_ptr] { return node_ptr->supervision_tree(std::chrono::milliseconds{500}); };
   auto server = rpc::rpc_server::start(std::move(server_options), (*node)->system(), (*node)->directory_proxy());

@@ -2,18 +2,23 @@
 // method validates its input, then forwards to CAF actors through server_core.
 #include <algorithm>
 #include <deque>
+#include <limits>
 #include <mutex>
 #include <optional>
+
+#include <sys/stat.h>
 
 #include <spdlog/spdlog.h>
 
 #include "api.capnp.h"
 #include "server_core.hpp"
-#include "triplane/rpc/session_calls.hpp"
+#include "triplane/actors/inference_protocol.hpp"
+#include "triplane/actors/session_protocol.hpp"
+#include "triplane/runtime/supervisor.hpp"
 
 
 namespace triplane::rpc::detail {
-namespace sc = session_calls;
+namespace actors = triplane::actors;
 using std::chrono::milliseconds;
 
 // ------------------------------------------------------------------------------------------
@@ -174,17 +179,19 @@ std::string from_data(capnp::Data::Reader d) {
 }
 
 // ------------------------------------------------------------------------------------------
-// Exec output: pushed by the session to a relay actor, queued here, drained by the RPC thread.
+// Exec output. A streaming exec (actors::exec_stream_atom) sends its chunks to a relay actor as
+// plain messages: the session protocol has no credit, what one exec can send is bounded only by
+// its output caps. The relay queues them here and the RPC thread drains the queue into the
+// client's sink (`-> stream` flow control). The queue is bounded by max_exec_output_buffer: a
+// client that reads slower than the command writes past it gets limit_exceeded and the command
+// is killed (actors::exec_cancel_atom), so the node's memory stays bounded either way.
 
 struct exec_channel {
-  exec_channel(uint64_t cap, uint64_t mark) : max_bytes(cap), watermark(mark) {}
+  explicit exec_channel(uint64_t cap) : max_bytes(cap) {}
 
-  /// Queues a chunk; true when the producer may go on at once (below the watermark), else the
-  /// RPC thread sends the relay drained_atom once it has taken the queue.
-  bool push(uint8_t stream, std::string bytes) {
+  void push(actors::output_stream stream, std::string bytes) {
     std::lock_guard<std::mutex> lock{mu};
-    ++received;
-    if (overflow) return true;
+    if (overflow) return;
     queued_bytes += bytes.size();
     if (queued_bytes > max_bytes) {
       overflow = true;
@@ -194,13 +201,10 @@ struct exec_channel {
       chunks.emplace_back(stream, std::move(bytes));
     }
     wake_locked();
-    if (queued_bytes < watermark) return true;
-    producer_waiting = true;
-    return false;
   }
-  void finish(sc::exec_result r) {
+  void finish(actors::exec_result r) {
     std::lock_guard<std::mutex> lock{mu};
-    result = r;
+    result = std::move(r);
     wake_locked();
   }
   void fail(caf::error e) {
@@ -218,14 +222,10 @@ struct exec_channel {
 
   std::mutex mu;
   const uint64_t max_bytes;
-  const uint64_t watermark;
-  bool producer_waiting = false;
-  caf::actor relay;  ///< set once, before the first pump
-  std::deque<std::pair<uint8_t, std::string>> chunks;
+  std::deque<std::pair<actors::output_stream, std::string>> chunks;
   uint64_t queued_bytes = 0;
-  uint64_t received = 0;
   bool overflow = false;
-  std::optional<sc::exec_result> result;
+  std::optional<actors::exec_result> result;
   std::optional<caf::error> error;
   kj::Own<kj::CrossThreadPromiseFulfiller<void>> waiter;
   /// Fulfilled on overflow or failure: stops a send to the client that is stuck on flow
@@ -235,56 +235,61 @@ struct exec_channel {
 
 using channel_ptr = std::shared_ptr<exec_channel>;
 
-using drained_atom = caf::atom_constant<caf::atom("rpc_drain")>;
-using held_credits = std::vector<caf::response_promise>;
-
-/// Issues the exec request and receives its output chunks (so the session can push them).
-/// Answers each chunk (credit) at once while less than `watermark` bytes wait for the client,
-/// else when the RPC thread reports that it drained the queue (drained_atom).
+/// Issues the exec request (streaming when the client gave a sink) and receives its chunks.
+/// Every chunk is enqueued in this actor's mailbox before the session sends its reply, so the
+/// reply is handled after the last chunk.
 caf::behavior exec_relay(caf::event_based_actor* self, channel_ptr ch, caf::actor directory,
-                         std::string full_id, sc::exec_request req, uint64_t call_id,
+                         std::string full_id, actors::exec_request req, bool streamed,
                          milliseconds timeout) {
   auto me = caf::actor_cast<caf::actor>(self);
+  auto msg = streamed ? caf::make_message(actors::exec_stream_atom::value, std::move(req), me)
+                      : caf::make_message(actors::exec_atom::value, std::move(req));
   self->request(directory, caf::duration{timeout}, runtime::call_atom::value,
-                std::string("session"), std::move(full_id),
-                caf::make_message(sc::exec_atom::value, std::move(req), me, call_id))
-    .then([ch](sc::exec_result& r) { ch->finish(r); },
+                std::string("session"), std::move(full_id), std::move(msg))
+    .then([ch](actors::exec_result& r) { ch->finish(std::move(r)); },
           [ch](caf::error& e) { ch->fail(std::move(e)); });
-  auto held = std::make_shared<held_credits>();
   return {
-    [self, ch, call_id, held](sc::chunk_atom, uint64_t id, uint8_t stream,
-                              std::string& bytes) -> caf::result<bool> {
-      if (id != call_id) return false;
-      if (ch->push(stream, std::move(bytes))) return true;
-      held->push_back(self->make_response_promise());
-      return caf::delegated<bool>{};
-    },
-    [held](drained_atom) {
-      for (auto& rp : *held) rp.deliver(true);
-      held->clear();
-    },
+    [ch](actors::exec_chunk_atom, actors::exec_chunk& c) { ch->push(c.stream, std::move(c.data)); },
   };
 }
 
-/// Kills the exec (session cancel message) unless it completed, and stops the relay actor.
+/// Kills the exec (actors::exec_cancel_atom) unless the session already answered it (result
+/// or error: then it is not running, and a cancel would hit another call's exec in the same
+/// session), and stops the relay actor. The session kills the exec it is running now: an exec
+/// of this call that is still queued behind another one of the same session is not removed
+/// from the queue (it then runs, its output going nowhere, bounded by its timeout).
 struct exec_guard {
-  exec_guard(server_core& c, std::string id, uint64_t call, caf::actor r)
-    : core(c), full_id(std::move(id)), call_id(call), relay(std::move(r)) {}
+  exec_guard(server_core& c, std::string id, channel_ptr chan, caf::actor r)
+    : core(c), full_id(std::move(id)), ch(std::move(chan)), relay(std::move(r)) {}
   ~exec_guard() {
-    if (!completed)
+    bool answered = false;
+    {
+      std::lock_guard<std::mutex> lock{ch->mu};
+      answered = ch->result || (ch->error && *ch->error != caf::sec::request_timeout);
+    }
+    if (!answered)
       caf::anon_send(core.directory, runtime::call_atom::value, std::string("session"), full_id,
-                     caf::make_message(sc::cancel_atom::value, call_id));
+                     caf::make_message(actors::exec_cancel_atom::value));
     caf::anon_send_exit(relay, caf::exit_reason::user_shutdown);
   }
   server_core& core;
   std::string full_id;
-  uint64_t call_id;
+  channel_ptr ch;
   caf::actor relay;
-  bool completed = false;
 };
 
+/// POSIX mode bits including the file type, as api.capnp's FileEntry.mode documents.
+uint32_t posix_mode(const actors::file_entry& e) {
+  switch (e.type) {
+    case actors::file_type::regular: return S_IFREG | e.mode;
+    case actors::file_type::directory: return S_IFDIR | e.mode;
+    case actors::file_type::symlink: return S_IFLNK | e.mode;
+    default: return e.mode;
+  }
+}
+
 // ------------------------------------------------------------------------------------------
-// Session
+// Session: each method is one message of actors/session_protocol.hpp.
 
 class session_impl final : public api::Session::Server {
 public:
@@ -308,10 +313,12 @@ public:
       check_params(ctx);
       auto params = ctx.getParams();
       auto r = params.getRequest();
-      sc::exec_request req;
+      actors::exec_request req;
       if (r.getArgv().size() > 4096) wire::fail(errc::invalid_argument, "argv has > 4096 entries");
       for (auto a : r.getArgv()) req.argv.push_back(checked_text(a, 1 << 20, "argv entry"));
-      req.shell = checked_text(r.getShell(), 1 << 20, "shell");
+      auto shell = checked_text(r.getShell(), 1 << 20, "shell");
+      // api.capnp: the shell line is used when argv is empty (the session wants exactly one).
+      if (req.argv.empty()) req.shell = std::move(shell);
       if (req.argv.empty() && req.shell.empty())
         wire::fail(errc::invalid_argument, "exec needs argv or shell");
       req.stdin_data = from_data(r.getStdin());
@@ -320,45 +327,51 @@ public:
         auto name = checked_text(e.getName(), 4096, "env name");
         if (name.empty() || name.find('=') != std::string::npos)
           wire::fail(errc::invalid_argument, "env name '" + name + "' is empty or holds '='");
-        req.env.emplace_back(std::move(name), checked_text(e.getValue(), 1 << 20, "env value"));
+        req.env[std::move(name)] = checked_text(e.getValue(), 1 << 20, "env value");
       }
       req.cwd = checked_text(r.getCwd(), 4096, "cwd");
-      req.timeout_ms = static_cast<uint32_t>(timeout.count());
+      req.timeout_ms = static_cast<uint64_t>(timeout.count());
+      auto cap = r.getOutputCapBytes();
+      if (cap > core_.opts.limits.max_exec_output_cap)
+        wire::fail(errc::invalid_argument,
+                   "outputCapBytes " + std::to_string(cap) + " is above this node's maximum of "
+                     + std::to_string(core_.opts.limits.max_exec_output_cap));
+      req.limits.stdout_cap_bytes = req.limits.stderr_cap_bytes = cap;
       bool has_sink = params.hasSink();
       auto sink = params.getSink();
-      auto call_id = core_.next_call_id++;
-      auto ch = std::make_shared<exec_channel>(core_.opts.limits.max_exec_output_buffer,
-                                               core_.opts.limits.exec_output_watermark);
+      auto ch = std::make_shared<exec_channel>(core_.opts.limits.max_exec_output_buffer);
       auto relay = core_.bridge.system().spawn(exec_relay, ch, core_.directory, full_id_,
-                                               std::move(req), call_id, deadline);
-      auto guard = kj::heap<exec_guard>(core_, full_id_, call_id, relay);
+                                               std::move(req), has_sink, deadline);
+      auto guard = kj::heap<exec_guard>(core_, full_id_, ch, relay);
       auto state = kj::heap<exec_output>();
       {
         auto paf = kj::newPromiseAndCrossThreadFulfiller<void>();
         std::lock_guard<std::mutex> lock{ch->mu};
         ch->interrupt = kj::mv(paf.fulfiller);
-        ch->relay = relay;
         if (ch->overflow || ch->error) ch->interrupt->fulfill();
         state->interrupted = paf.promise.fork();
       }
       state->has_sink = has_sink;
       if (has_sink) state->sink = sink;
       auto* st = state.get();
-      auto* g = guard.get();
-      return pump(ch, *st).then([ctx, st, g]() mutable {
-        g->completed = true;
+      auto max_unstreamed = core_.opts.limits.max_unstreamed_output;
+      return pump(ch, *st).then([ctx, st, max_unstreamed]() mutable {
         auto res = ctx.getResults().initResult();
         const auto& r = *st->result;
-        res.setExitCode(r.exit_code);
-        res.setSignal(r.signal);
-        res.setTruncated(r.truncated || st->truncated);
-        res.setDurationUs(r.duration_us);
-        res.setCpuUs(r.cpu_us);
-        res.setPeakMemoryBytes(r.peak_memory_bytes);
+        res.setExitCode(r.exited ? r.exit_code : -1);
+        res.setSignal(r.exited ? 0 : r.term_signal);
+        bool truncated = r.stdout_truncated || r.stderr_truncated;
         if (!st->has_sink) {
-          res.setStdout(as_data(st->out));
-          res.setStderr(as_data(st->err));
+          auto out_n = std::min<uint64_t>(r.stdout_data.size(), max_unstreamed);
+          auto err_n = std::min<uint64_t>(r.stderr_data.size(), max_unstreamed - out_n);
+          truncated = truncated || out_n < r.stdout_data.size() || err_n < r.stderr_data.size();
+          res.setStdout(as_data(r.stdout_data.substr(0, out_n)));
+          res.setStderr(as_data(r.stderr_data.substr(0, err_n)));
         }
+        res.setTruncated(truncated);
+        res.setDurationUs(r.duration_us);
+        res.setCpuUs(r.cpu_user_us + r.cpu_system_us);
+        res.setPeakMemoryBytes(r.peak_memory_bytes);
       }).attach(kj::mv(guard), kj::mv(state));
     });
   }
@@ -367,10 +380,12 @@ public:
     return run("Session.readFile", deadline(), [this, ctx]() mutable {
       check_params(ctx);
       auto p = ctx.getParams();
-      auto path = checked_text(p.getPath(), 4096, "path");
-      return ask<std::string>(caf::make_message(sc::read_atom::value, path, p.getOffset(),
-                                                p.getLength()))
-        .then([ctx](std::string&& data) mutable { ctx.getResults().setData(as_data(data)); });
+      actors::file_read_request req;
+      req.path = checked_text(p.getPath(), 4096, "path");
+      req.offset = p.getOffset();
+      req.length = p.getLength();
+      return ask<actors::file_data>(caf::make_message(actors::file_read_atom::value, req))
+        .then([ctx](actors::file_data&& d) mutable { ctx.getResults().setData(as_data(d.data)); });
     });
   }
 
@@ -378,9 +393,13 @@ public:
     return run("Session.writeFile", deadline(), [this, ctx]() mutable {
       check_params(ctx);
       auto p = ctx.getParams();
-      auto path = checked_text(p.getPath(), 4096, "path");
-      return ask<bool>(caf::make_message(sc::write_atom::value, path, from_data(p.getData()),
-                                         p.getMakeParents(), p.getExecutable()))
+      actors::file_write_request req;
+      req.path = checked_text(p.getPath(), 4096, "path");
+      req.data = from_data(p.getData());
+      req.mode = p.getExecutable() ? 0755 : 0644;
+      req.create_parents = p.getMakeParents();
+      return ask<actors::file_entry>(caf::make_message(actors::file_write_atom::value,
+                                                       std::move(req)))
         .ignoreResult();
     });
   }
@@ -389,15 +408,17 @@ public:
     return run("Session.listFiles", deadline(), [this, ctx]() mutable {
       check_params(ctx);
       auto p = ctx.getParams();
-      auto path = checked_text(p.getPath(), 4096, "path");
-      return ask<std::vector<sc::file_entry>>(
-               caf::make_message(sc::list_atom::value, path, p.getRecursive()))
-        .then([ctx](std::vector<sc::file_entry>&& entries) mutable {
+      actors::file_list_request req;
+      req.path = checked_text(p.getPath(), 4096, "path");
+      req.recursive = p.getRecursive();
+      return ask<std::vector<actors::file_entry>>(
+               caf::make_message(actors::file_list_atom::value, req))
+        .then([ctx](std::vector<actors::file_entry>&& entries) mutable {
           auto out = ctx.getResults().initEntries(static_cast<unsigned>(entries.size()));
           for (size_t i = 0; i < entries.size(); ++i) {
             out[i].setPath(entries[i].path);
             out[i].setSize(entries[i].size);
-            out[i].setMode(entries[i].mode);
+            out[i].setMode(posix_mode(entries[i]));
           }
         });
     });
@@ -407,9 +428,10 @@ public:
     return run("Session.removeFile", deadline(), [this, ctx]() mutable {
       check_params(ctx);
       auto p = ctx.getParams();
-      auto path = checked_text(p.getPath(), 4096, "path");
-      return ask<bool>(caf::make_message(sc::remove_atom::value, path, p.getRecursive()))
-        .ignoreResult();
+      actors::remove_request req;
+      req.path = checked_text(p.getPath(), 4096, "path");
+      req.recursive = p.getRecursive();
+      return ask<uint64_t>(caf::make_message(actors::remove_atom::value, req)).ignoreResult();
     });
   }
 
@@ -417,11 +439,11 @@ public:
     return run("Session.kvGet", deadline(), [this, ctx]() mutable {
       check_params(ctx);
       auto key = checked_text(ctx.getParams().getKey(), 4096, "key");
-      return ask<caf::optional<std::string>>(caf::make_message(sc::kv_get_atom::value, key))
-        .then([ctx](caf::optional<std::string>&& value) mutable {
+      return ask<actors::kv_value>(caf::make_message(actors::kv_get_atom::value, key))
+        .then([ctx](actors::kv_value&& v) mutable {
           auto res = ctx.getResults();
-          res.setFound(static_cast<bool>(value));
-          if (value) res.setValue(as_data(*value));
+          res.setFound(v.found);
+          if (v.found) res.setValue(as_data(v.value));
         });
     });
   }
@@ -432,7 +454,8 @@ public:
       auto p = ctx.getParams();
       auto key = checked_text(p.getKey(), 4096, "key");
       if (key.empty()) wire::fail(errc::invalid_argument, "key is empty");
-      return ask<bool>(caf::make_message(sc::kv_put_atom::value, key, from_data(p.getValue())))
+      return ask<bool>(caf::make_message(actors::kv_put_atom::value, key,
+                                         from_data(p.getValue())))
         .ignoreResult();
     });
   }
@@ -441,7 +464,7 @@ public:
     return run("Session.kvDelete", deadline(), [this, ctx]() mutable {
       check_params(ctx);
       auto key = checked_text(ctx.getParams().getKey(), 4096, "key");
-      return ask<bool>(caf::make_message(sc::kv_delete_atom::value, key))
+      return ask<bool>(caf::make_message(actors::kv_delete_atom::value, key))
         .then([ctx](bool existed) mutable { ctx.getResults().setExisted(existed); });
     });
   }
@@ -450,10 +473,12 @@ public:
     return run("Session.kvList", deadline(), [this, ctx]() mutable {
       check_params(ctx);
       auto prefix = checked_text(ctx.getParams().getPrefix(), 4096, "prefix");
-      return ask<std::vector<std::string>>(caf::make_message(sc::kv_list_atom::value, prefix))
-        .then([ctx](std::vector<std::string>&& keys) mutable {
-          auto out = ctx.getResults().initKeys(static_cast<unsigned>(keys.size()));
-          for (size_t i = 0; i < keys.size(); ++i) out.set(static_cast<unsigned>(i), keys[i]);
+      return ask<std::vector<actors::kv_entry>>(
+               caf::make_message(actors::kv_list_atom::value, prefix))
+        .then([ctx](std::vector<actors::kv_entry>&& entries) mutable {
+          auto out = ctx.getResults().initKeys(static_cast<unsigned>(entries.size()));
+          for (size_t i = 0; i < entries.size(); ++i)
+            out.set(static_cast<unsigned>(i), entries[i].key);
         });
     });
   }
@@ -463,9 +488,10 @@ public:
       check_params(ctx);
       auto new_id = checked_id(ctx.getParams().getNewId(), "newId");
       check_session_limit(*tenant_, core_);
+      // The new id is scoped like every id: a fork stays inside the tenant.
       auto new_full = scoped_id(tenant_->name, new_id);
-      return ask<bool>(caf::make_message(sc::fork_atom::value, new_full))
-        .then([this, ctx, new_id, new_full](bool) mutable {
+      return ask<actors::session_info>(caf::make_message(actors::fork_atom::value, new_full))
+        .then([this, ctx, new_id, new_full](actors::session_info&&) mutable {
           check_session_limit(*tenant_, core_);
           ctx.getResults().setSession(kj::heap<session_impl>(core_, tenant_, conn_, new_id, new_full));
         });
@@ -475,22 +501,32 @@ public:
   kj::Promise<void> destroy(DestroyContext ctx) override {
     return run("Session.destroy", deadline(), [this, ctx]() mutable {
       check_params(ctx);
-      return ask<bool>(caf::make_message(sc::destroy_atom::value)).ignoreResult();
+      return ask<bool>(caf::make_message(actors::destroy_atom::value)).ignoreResult();
     });
   }
 
   kj::Promise<void> info(InfoContext ctx) override {
     return run("Session.info", deadline(), [this, ctx]() mutable {
       check_params(ctx);
-      return ask<sc::session_info>(caf::make_message(sc::info_atom::value))
-        .then([this, ctx](sc::session_info&& i) mutable {
+      // session_info has no kv count: it is counted from kv_list (bounded by the session's
+      // max_kv_bytes).
+      return ask<actors::session_info>(caf::make_message(actors::info_atom::value))
+        .then([this](actors::session_info&& i) {
+          return ask<std::vector<actors::kv_entry>>(
+                   caf::make_message(actors::kv_list_atom::value, std::string()))
+            .then([i = std::move(i)](std::vector<actors::kv_entry>&& kv) mutable {
+              return std::make_pair(std::move(i), kv.size());
+            });
+        })
+        .then([this, ctx](std::pair<actors::session_info, size_t>&& both) mutable {
+          const auto& i = both.first;
           auto out = ctx.getResults().initInfo();
           out.setId(id_);  // never the scoped id: the tenant prefix is the server's business
           out.setCreatedUnixMs(i.created_unix_ms);
           out.setLastUsedUnixMs(i.last_used_unix_ms);
           out.setFileCount(i.file_count);
-          out.setKvCount(i.kv_count);
-          out.setExecCount(i.exec_count);
+          out.setKvCount(both.second);
+          out.setExecCount(i.history.size());
         });
     });
   }
@@ -508,10 +544,7 @@ private:
   struct exec_output {
     bool has_sink = false;
     api::OutputSink::Client sink{nullptr};
-    std::string out, err;
-    bool truncated = false;
-    std::optional<sc::exec_result> result;
-    uint64_t delivered = 0;
+    std::optional<actors::exec_result> result;
     kj::ForkedPromise<void> interrupted = nullptr;
   };
 
@@ -527,10 +560,10 @@ private:
     return core_.ask_session<Reply>(full_id_, std::move(inner), deadline());
   }
 
-  /// Moves queued output to the client's sink (or the result buffers) until the session's
-  /// reply has come and every chunk it counted has been delivered.
+  /// Moves queued output to the client's sink until the session's reply has come and the queue
+  /// is empty (the reply is handled after the last chunk, see exec_relay).
   kj::Promise<void> pump(channel_ptr ch, exec_output& st) {
-    std::deque<std::pair<uint8_t, std::string>> batch;
+    std::deque<std::pair<actors::output_stream, std::string>> batch;
     {
       std::lock_guard<std::mutex> lock{ch->mu};
       if (ch->error) return wire::from_caf(*ch->error);
@@ -541,13 +574,9 @@ private:
             + std::to_string(ch->max_bytes) + " bytes queued); the command was killed");
       batch.swap(ch->chunks);
       ch->queued_bytes = 0;
-      if (ch->producer_waiting) {
-        ch->producer_waiting = false;
-        caf::anon_send(ch->relay, drained_atom::value);
-      }
       if (batch.empty()) {
-        if (ch->result && st.delivered >= ch->result->chunks) {
-          st.result = ch->result;
+        if (ch->result) {
+          st.result = std::move(ch->result);
           if (!st.has_sink) return kj::READY_NOW;
           // Completes after every write was handled by the client's sink.
           return sink_failures(st.sink.doneRequest().send().ignoreResult()).exclusiveJoin(
@@ -558,17 +587,7 @@ private:
         return paf.promise.then([this, ch, &st]() { return pump(ch, st); });
       }
     }
-    st.delivered += batch.size();
-    if (!st.has_sink) {
-      for (auto& [stream, bytes] : batch) {
-        auto& buf = stream == 0 ? st.out : st.err;
-        auto room = core_.opts.limits.max_unstreamed_output - std::min<uint64_t>(
-                      core_.opts.limits.max_unstreamed_output, st.out.size() + st.err.size());
-        if (bytes.size() > room) st.truncated = true;
-        buf.append(bytes, 0, std::min<size_t>(bytes.size(), room));
-      }
-      return pump(ch, st);
-    }
+    if (!st.has_sink) return pump(ch, st);  // not streamed: the result carries the output
     return sink_failures(send_batch(std::move(batch), st))
       .exclusiveJoin(st.interrupted.addBranch())
       .then([this, ch, &st]() { return pump(ch, st); });
@@ -586,12 +605,12 @@ private:
     });
   }
 
-  kj::Promise<void> send_batch(std::deque<std::pair<uint8_t, std::string>> batch,
+  kj::Promise<void> send_batch(std::deque<std::pair<actors::output_stream, std::string>> batch,
                                exec_output& st) {
     if (batch.empty()) return kj::READY_NOW;
     auto req = st.sink.writeRequest();
-    req.setStream(batch.front().first == 0 ? api::OutputStream::STDOUT
-                                           : api::OutputStream::STDERR);
+    req.setStream(batch.front().first == actors::output_stream::err ? api::OutputStream::STDERR
+                                                                    : api::OutputStream::STDOUT);
     req.setChunk(as_data(batch.front().second));
     batch.pop_front();
     // A streaming send resolves when the flow-control window has room, not on delivery.
@@ -608,29 +627,265 @@ private:
 };
 
 // ------------------------------------------------------------------------------------------
-// Inference: the inference plane had no actor protocol when this was written.
+// Inference: the messages of actors/inference_protocol.hpp, to the worker given in
+// server_options (through its supervisor's routes when inference_route is set).
+
+namespace inf = triplane::actors::inference;
+
+/// `inner` addressed along `route` (server_options::inference_route).
+caf::message routed(const std::vector<std::string>& route, caf::message inner) {
+  for (auto it = route.rbegin(); it != route.rend(); ++it)
+    inner = caf::make_message(runtime::sup::route_atom::value, *it, std::move(inner));
+  return inner;
+}
+caf::message routed(const server_options& opts, caf::message inner) {
+  return routed(opts.inference_route, std::move(inner));
+}
+
+const char* finish_reason_name(inf::finish_reason r) {
+  switch (r) {
+    case inf::finish_reason::length: return "length";
+    case inf::finish_reason::stop: return "stop";
+    case inf::finish_reason::cancelled: return "cancelled";
+    case inf::finish_reason::error: return "error";
+  }
+  return "error";
+}
+
+/// Tokens of one generation on their way from the worker (relay actor) to the RPC thread. A
+/// generation is bounded by max_new_tokens (<= the model's context), so the queue is too.
+struct token_channel {
+  void accept(uint64_t id) {
+    std::lock_guard<std::mutex> lock{mu};
+    request_id = id;
+    accepted = true;
+  }
+  void push(int32_t token) {
+    std::lock_guard<std::mutex> lock{mu};
+    tokens.push_back(token);
+    wake_locked();
+  }
+  void finish(inf::generation_finished f) {
+    std::lock_guard<std::mutex> lock{mu};
+    finished = std::move(f);
+    wake_locked();
+  }
+  void fail(caf::error e) {
+    std::lock_guard<std::mutex> lock{mu};
+    error = std::move(e);
+    wake_locked();
+  }
+  void wake_locked() {
+    if (waiter) {
+      waiter->fulfill();
+      waiter = nullptr;
+    }
+  }
+
+  std::mutex mu;
+  bool accepted = false;
+  uint64_t request_id = 0;
+  std::vector<int32_t> tokens;
+  std::optional<inf::generation_finished> finished;
+  std::optional<caf::error> error;
+  kj::Own<kj::CrossThreadPromiseFulfiller<void>> waiter;
+};
+
+using token_channel_ptr = std::shared_ptr<token_channel>;
+
+/// The generation's sink: sends the request (with itself as sink) and receives its stream.
+caf::behavior generate_relay(caf::event_based_actor* self, token_channel_ptr ch,
+                             caf::actor worker, std::vector<std::string> route,
+                             inf::generate_request req, milliseconds timeout) {
+  req.sink = caf::actor_cast<caf::actor>(self);
+  self->request(worker, caf::duration{timeout}, routed(route, caf::make_message(std::move(req))))
+    .then([ch](inf::generate_accepted& a) { ch->accept(a.request_id); },
+          [ch](caf::error& e) { ch->fail(std::move(e)); });
+  return {
+    [ch](inf::token_event& e) { ch->push(e.token); },
+    [ch](inf::generation_finished& f) { ch->finish(std::move(f)); },
+  };
+}
+
+/// Cancels the generation unless it finished (explicitly, and by stopping the relay, which the
+/// worker monitors as the sink: that also covers a request not yet accepted).
+struct generate_guard {
+  generate_guard(server_core& c, token_channel_ptr chan, caf::actor r)
+    : core(c), ch(std::move(chan)), relay(std::move(r)) {}
+  ~generate_guard() {
+    if (!completed) {
+      std::lock_guard<std::mutex> lock{ch->mu};
+      if (ch->accepted && !ch->finished)
+        caf::anon_send(core.opts.inference,
+                       routed(core.opts, caf::make_message(inf::cancel_atom::value,
+                                                           ch->request_id)));
+    }
+    caf::anon_send_exit(relay, caf::exit_reason::user_shutdown);
+  }
+  server_core& core;
+  token_channel_ptr ch;
+  caf::actor relay;
+  bool completed = false;
+};
 
 class inference_impl final : public api::Inference::Server {
 public:
-  inference_impl(server_core& core, std::shared_ptr<tenant_state> tenant)
-    : core_(core), tenant_(std::move(tenant)) {}
+  inference_impl(server_core& core, std::shared_ptr<tenant_state> tenant,
+                 std::shared_ptr<connection_state> conn)
+    : core_(core), tenant_(std::move(tenant)), conn_(std::move(conn)) {}
 
-  kj::Promise<void> generate(GenerateContext) override {
-    return core_.run("Inference.generate", tenant_, core_.opts.limits.call_deadline, []() {
-      return kj::Promise<void>(wire::make_exception(
-        errc::unavailable, "inference is not available on this node yet"));
-    });
+  kj::Promise<void> generate(GenerateContext ctx) override {
+    auto deadline = core_.opts.limits.generate_deadline;
+    return core_.run("Inference.generate", tenant_, deadline, [this, ctx, deadline]() mutable {
+      check_params(ctx);
+      check_available();
+      auto params = ctx.getParams();
+      auto r = params.getRequest();
+      auto req = std::make_shared<inf::generate_request>();
+      auto prompt = r.getPromptTokens();
+      if (prompt.size() == 0) {
+        if (r.getPrompt().size() > 0)
+          wire::fail(errc::invalid_argument,
+                     "this node has no tokenizer: give the prompt as promptTokens");
+        wire::fail(errc::invalid_argument, "promptTokens is empty");
+      }
+      if (prompt.size() > (1u << 20))
+        wire::fail(errc::invalid_argument, "promptTokens has more than 1048576 entries");
+      for (auto t : prompt) req->prompt.push_back(checked_token(t, "promptTokens"));
+      auto stops = r.getStopTokens();
+      if (stops.size() > 1024)
+        wire::fail(errc::invalid_argument, "stopTokens has more than 1024 entries");
+      for (auto t : stops) req->stop_tokens.push_back(checked_token(t, "stopTokens"));
+      req->max_new_tokens = r.getMaxTokens() == 0 ? 16 : r.getMaxTokens();
+      req->sampling.temperature = r.getTemperature();
+      req->sampling.top_k = r.getTopK();
+      req->sampling.top_p = r.getTopP() == 0.0f ? 1.0f : r.getTopP();
+      req->sampling.seed = r.getSeed();
+      auto model = checked_text(r.getModel(), 4096, "model");
+      bool has_sink = params.hasSink();
+      auto sink = params.getSink();
+      kj::Promise<void> checked = kj::READY_NOW;
+      if (!model.empty())
+        checked = ask_info().then([model](inf::model_info&& info) {
+          if (info.name != model)
+            wire::fail(errc::not_found, "this node serves model '" + info.name + "', not '"
+                                          + model + "'");
+        });
+      return checked.then([this, ctx, req, has_sink, sink, deadline]() mutable {
+        auto ch = std::make_shared<token_channel>();
+        auto relay = core_.bridge.system().spawn(generate_relay, ch, core_.opts.inference,
+                                                 core_.opts.inference_route, *req, deadline);
+        auto guard = kj::heap<generate_guard>(core_, ch, relay);
+        auto state = kj::heap<generate_output>();
+        state->has_sink = has_sink;
+        if (has_sink) state->sink = sink;
+        auto* st = state.get();
+        auto* g = guard.get();
+        return pump(ch, *st).then([ctx, st, g]() mutable {
+          g->completed = true;
+          const auto& f = *st->finished;
+          auto res = ctx.getResults().initResult();
+          res.setPromptTokens(static_cast<uint32_t>(f.prompt_tokens));
+          res.setGeneratedTokens(static_cast<uint32_t>(f.generated_tokens));
+          res.setFinishReason(finish_reason_name(f.reason));
+          res.setDurationUs(static_cast<uint64_t>(std::max<int64_t>(0, f.total_us)));
+          res.setTimeToFirstTokenUs(f.time_to_first_token_us);
+          if (!st->has_sink) {
+            auto out = res.initTokens(static_cast<unsigned>(st->tokens.size()));
+            for (size_t i = 0; i < st->tokens.size(); ++i)
+              out.set(static_cast<unsigned>(i), static_cast<uint32_t>(st->tokens[i]));
+          }
+        }).attach(kj::mv(guard), kj::mv(state));
+      });
+    }, false, conn_);
   }
-  kj::Promise<void> listModels(ListModelsContext) override {
-    return core_.run("Inference.listModels", tenant_, core_.opts.limits.call_deadline, []() {
-      return kj::Promise<void>(wire::make_exception(
-        errc::unavailable, "inference is not available on this node yet"));
-    });
+
+  kj::Promise<void> listModels(ListModelsContext ctx) override {
+    return core_.run("Inference.listModels", tenant_, core_.opts.limits.call_deadline,
+                     [this, ctx]() mutable {
+      check_available();
+      return ask_info().then([ctx](inf::model_info&& i) mutable {
+        auto list = ctx.getResults().initModels(1);
+        auto m = list[0];
+        m.setName(i.name);
+        // Embeddings and head (untied assumed), attention (q, o full; k, v by kv heads), MLP.
+        auto h = static_cast<uint64_t>(std::max<int64_t>(0, i.hidden_size));
+        auto kv = static_cast<uint64_t>(std::max<int64_t>(0, i.num_kv_heads * i.head_dim));
+        auto per_layer = 2 * h * h + 2 * h * kv
+                         + 3 * h * static_cast<uint64_t>(std::max<int64_t>(0, i.intermediate_size))
+                         + 2 * h;
+        m.setParameters(2 * static_cast<uint64_t>(std::max<int64_t>(0, i.vocab_size)) * h
+                        + static_cast<uint64_t>(std::max<int64_t>(0, i.num_layers)) * per_layer
+                        + h);
+        m.setContextLength(static_cast<uint32_t>(std::max<int64_t>(0, i.max_position_embeddings)));
+        m.setBackend(i.backend);
+        m.setVocabSize(static_cast<uint32_t>(std::max<int64_t>(0, i.vocab_size)));
+      });
+    }, false, conn_);
   }
 
 private:
+  struct generate_output {
+    bool has_sink = false;
+    api::TokenSink::Client sink{nullptr};
+    std::vector<int32_t> tokens;  ///< without a sink: everything, for the result
+    std::optional<inf::generation_finished> finished;
+  };
+
+  void check_available() const {
+    if (!core_.opts.inference)
+      wire::fail(errc::unavailable, "inference is not available on this node (no model served)");
+  }
+
+  static int32_t checked_token(uint32_t t, const char* what) {
+    if (t > static_cast<uint32_t>(std::numeric_limits<int32_t>::max()))
+      wire::fail(errc::invalid_argument, std::string(what) + " holds token id "
+                                           + std::to_string(t) + ", above 2^31-1");
+    return static_cast<int32_t>(t);
+  }
+
+  kj::Promise<inf::model_info> ask_info() {
+    return core_.bridge.ask<inf::model_info>(
+      core_.opts.inference, routed(core_.opts, caf::make_message(inf::info_atom::value)),
+      core_.opts.limits.call_deadline);
+  }
+
+  kj::Promise<void> pump(token_channel_ptr ch, generate_output& st) {
+    std::vector<int32_t> batch;
+    {
+      std::lock_guard<std::mutex> lock{ch->mu};
+      if (ch->error) return wire::from_caf(*ch->error);
+      batch.swap(ch->tokens);
+      if (batch.empty()) {
+        if (ch->finished) {
+          st.finished = ch->finished;
+          const auto& f = *st.finished;
+          if (f.reason == inf::finish_reason::error)
+            return wire::make_exception(f.error_code == errc::ok ? errc::internal : f.error_code,
+                                        "generation failed: " + f.error_message);
+          if (!st.has_sink) return kj::READY_NOW;
+          return st.sink.doneRequest().send().ignoreResult();
+        }
+        auto paf = kj::newPromiseAndCrossThreadFulfiller<void>();
+        ch->waiter = kj::mv(paf.fulfiller);
+        return paf.promise.then([this, ch, &st]() { return pump(ch, st); });
+      }
+    }
+    if (!st.has_sink) {
+      st.tokens.insert(st.tokens.end(), batch.begin(), batch.end());
+      return pump(ch, st);
+    }
+    auto req = st.sink.tokensRequest();
+    auto ids = req.initIds(static_cast<unsigned>(batch.size()));
+    for (size_t i = 0; i < batch.size(); ++i)
+      ids.set(static_cast<unsigned>(i), static_cast<uint32_t>(batch[i]));
+    // A streaming send resolves when the flow-control window has room, not on delivery.
+    return req.send().then([this, ch, &st]() { return pump(ch, st); });
+  }
+
   server_core& core_;
   std::shared_ptr<tenant_state> tenant_;
+  std::shared_ptr<connection_state> conn_;
 };
 
 // ------------------------------------------------------------------------------------------
@@ -728,11 +983,25 @@ public:
       auto id = checked_id(p.getId(), "session id");
       session_impl::check_session_limit(*tenant_, core_);
       auto full = scoped_id(tenant_->name, id);
+      bool create = p.getCreate();
+      auto deadline = core_.opts.limits.call_deadline;
+      // Sessions exist implicitly in the session kind; "exists" is its info's `stored` flag.
+      // create=true on a session that has no stored state stores it at once (a configure with
+      // its current, default settings), so a later create=false finds it.
       return core_
-        .ask_session<sc::session_info>(full, caf::make_message(sc::open_atom::value,
-                                                                p.getCreate()),
-                                       core_.opts.limits.call_deadline)
-        .then([this, ctx, id, full](sc::session_info&&) mutable {
+        .ask_session<actors::session_info>(full, caf::make_message(actors::info_atom::value),
+                                           deadline)
+        .then([this, id, full, create, deadline](actors::session_info&& info) -> kj::Promise<void> {
+          if (info.stored) return kj::READY_NOW;
+          if (!create)
+            wire::fail(errc::not_found,
+                       "session '" + id + "' does not exist (open it with create=true)");
+          return core_
+            .ask_session<actors::session_info>(
+              full, caf::make_message(actors::configure_atom::value, info.settings), deadline)
+            .ignoreResult();
+        })
+        .then([this, ctx, id, full]() mutable {
           session_impl::check_session_limit(*tenant_, core_);
           ctx.getResults().setSession(kj::heap<session_impl>(core_, tenant_, conn_, id, full));
         });
@@ -740,7 +1009,7 @@ public:
   }
 
   kj::Promise<void> inference(InferenceContext ctx) override {
-    ctx.getResults().setInference(kj::heap<inference_impl>(core_, tenant_));
+    ctx.getResults().setInference(kj::heap<inference_impl>(core_, tenant_, conn_));
     return kj::READY_NOW;
   }
 

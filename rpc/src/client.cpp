@@ -88,18 +88,19 @@ private:
   output_callback cb_;
 };
 
-class text_sink final : public api::TokenSink::Server {
+class token_sink final : public api::TokenSink::Server {
 public:
-  explicit text_sink(std::function<void(std::string_view)> cb) : cb_(std::move(cb)) {}
+  explicit token_sink(std::function<void(const std::vector<uint32_t>&)> cb) : cb_(std::move(cb)) {}
   kj::Promise<void> tokens(TokensContext ctx) override {
-    auto t = ctx.getParams().getText();
-    cb_(std::string_view(t.cStr(), t.size()));
+    std::vector<uint32_t> ids;
+    for (auto id : ctx.getParams().getIds()) ids.push_back(id);
+    cb_(ids);
     return kj::READY_NOW;
   }
   kj::Promise<void> done(DoneContext) override { return kj::READY_NOW; }
 
 private:
-  std::function<void(std::string_view)> cb_;
+  std::function<void(const std::vector<uint32_t>&)> cb_;
 };
 
 } // namespace
@@ -159,31 +160,52 @@ expected<session> connection::open_session(const std::string& id, bool create) {
   return session(std::make_shared<session::state>(session::state{c, kj::mv(*cap)}), id);
 }
 
-expected<std::string> connection::generate(const generate_options& opts,
-                                           std::function<void(std::string_view)> on_text) {
+expected<generate_result> connection::generate(
+  const generate_options& opts, std::function<void(const std::vector<uint32_t>&)> on_tokens) {
   auto inf = impl_->tenant.inferenceRequest().send().getInference();
   auto req = inf.generateRequest();
   auto r = req.initRequest();
   r.setModel(opts.model);
-  r.setPrompt(opts.prompt);
+  auto prompt = r.initPromptTokens(static_cast<unsigned>(opts.prompt_tokens.size()));
+  for (size_t i = 0; i < opts.prompt_tokens.size(); ++i)
+    prompt.set(static_cast<unsigned>(i), opts.prompt_tokens[i]);
+  auto stops = r.initStopTokens(static_cast<unsigned>(opts.stop_tokens.size()));
+  for (size_t i = 0; i < opts.stop_tokens.size(); ++i)
+    stops.set(static_cast<unsigned>(i), opts.stop_tokens[i]);
   r.setMaxTokens(opts.max_tokens);
   r.setTemperature(opts.temperature);
   r.setTopP(opts.top_p);
+  r.setTopK(opts.top_k);
   r.setSeed(opts.seed);
-  bool streaming = static_cast<bool>(on_text);
-  if (streaming) req.setSink(kj::heap<text_sink>(std::move(on_text)));
+  if (on_tokens) req.setSink(kj::heap<token_sink>(std::move(on_tokens)));
   return impl_->wait(req.send().then(
-    [streaming](capnp::Response<api::Inference::GenerateResults>&& res) -> std::string {
-      return streaming ? std::string{} : std::string(res.getResult().getText().cStr());
+    [](capnp::Response<api::Inference::GenerateResults>&& res) {
+      auto g = res.getResult();
+      generate_result out;
+      for (auto id : g.getTokens()) out.tokens.push_back(id);
+      out.prompt_tokens = g.getPromptTokens();
+      out.generated_tokens = g.getGeneratedTokens();
+      out.finish_reason = g.getFinishReason().cStr();
+      out.duration_us = g.getDurationUs();
+      out.time_to_first_token_us = g.getTimeToFirstTokenUs();
+      return out;
     }));
 }
 
-expected<std::vector<std::string>> connection::list_models() {
+expected<std::vector<model_info>> connection::list_models() {
   auto inf = impl_->tenant.inferenceRequest().send().getInference();
   return impl_->wait(inf.listModelsRequest().send().then(
     [](capnp::Response<api::Inference::ListModelsResults>&& res) {
-      std::vector<std::string> out;
-      for (auto m : res.getModels()) out.emplace_back(m.getName().cStr());
+      std::vector<model_info> out;
+      for (auto m : res.getModels()) {
+        model_info i;
+        i.name = m.getName().cStr();
+        i.backend = m.getBackend().cStr();
+        i.parameters = m.getParameters();
+        i.context_length = m.getContextLength();
+        i.vocab_size = m.getVocabSize();
+        out.push_back(std::move(i));
+      }
       return out;
     }));
 }
@@ -255,6 +277,7 @@ expected<exec_result> session::exec(const exec_options& opts, output_callback on
   }
   r.setCwd(opts.cwd);
   r.setTimeoutMs(opts.timeout_ms);
+  r.setOutputCapBytes(opts.output_cap_bytes);
   bool streaming = static_cast<bool>(on_output);
   if (streaming) req.setSink(kj::heap<callback_sink>(std::move(on_output)));
   auto limit = state_->conn->timeout + std::chrono::milliseconds(opts.timeout_ms);

@@ -93,7 +93,6 @@ public:
   rpc_metrics metrics;
   bool draining = false;
   uint64_t in_flight = 0;  ///< counted (non-admin) calls
-  uint64_t next_call_id = 1;
 
 private:
   friend class call_slot;

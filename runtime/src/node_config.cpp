@@ -55,7 +55,12 @@ node_config::node_config() {
     .add(model_dir_, "model", "Llama model directory served by the inference plane (none: no inference)")
     .add(inference_backend_, "inference-backend", "cpu|cuda")
     .add(tensor_parallel_, "tensor-parallel", "ranks of the inference worker's tensor-parallel group")
-    .add(kv_cache_mb_, "kv-cache-mb", "KV-cache budget per rank in MiB");
+    .add(kv_cache_mb_, "kv-cache-mb", "KV-cache budget per rank in MiB")
+    .add(rpc_max_calls_, "rpc-max-calls", "RPC calls in flight per tenant (beyond: overloaded)")
+    .add(rpc_max_sessions_, "rpc-max-sessions", "RPC Session capabilities held per tenant")
+    .add(rpc_call_deadline_, "rpc-call-deadline", "deadline of an RPC call (not exec/generate)")
+    .add(rpc_exec_output_buffer_, "rpc-exec-output-buffer",
+         "bytes of exec output queued for a slow RPC client before the exec is killed");
   // A node on a small machine should not spin up more scheduler threads than cores.
   set("scheduler.max-threads", std::max(2u, std::thread::hardware_concurrency()));
   set("logger.verbosity", caf::atom("quiet"));
@@ -97,6 +102,13 @@ Config file keys ([triplane] section; CAF's own sections such as [scheduler] als
   inference-backend="cpu"    cpu or cuda (cuda needs a CUDA build and a GPU)
   tensor-parallel=1          ranks of the inference worker (CUDA: GPUs 0..N-1)
   kv-cache-mb=256            KV-cache budget per rank
+  rpc-max-calls=512          RPC calls in flight per tenant; beyond: `overloaded`
+  rpc-max-sessions=1024      Session capabilities a tenant holds at once; beyond:
+                             `limit_exceeded`
+  rpc-call-deadline=10s      deadline of one RPC call (exec and generate have their own)
+  rpc-exec-output-buffer=8388608  bytes of exec output queued for a client that reads slower
+                             than the command writes; beyond: the command is killed and the
+                             call fails with `limit_exceeded`
 )";
 }
 
@@ -219,6 +231,18 @@ expected<node_options> node_config::options() const {
   out.tensor_parallel = tensor_parallel_;
   if (kv_cache_mb_ < 1) return make_error(errc::invalid_argument, "kv-cache-mb must be at least 1");
   out.kv_cache_mb = kv_cache_mb_;
+  if (rpc_max_calls_ < 1 || rpc_max_calls_ > 1000000)
+    return make_error(errc::invalid_argument, "rpc-max-calls must be between 1 and 1000000");
+  out.rpc_max_calls = static_cast<uint32_t>(rpc_max_calls_);
+  if (rpc_max_sessions_ < 1 || rpc_max_sessions_ > 1000000)
+    return make_error(errc::invalid_argument, "rpc-max-sessions must be between 1 and 1000000");
+  out.rpc_max_sessions = static_cast<uint32_t>(rpc_max_sessions_);
+  out.rpc_call_deadline = std::chrono::duration_cast<std::chrono::milliseconds>(rpc_call_deadline_);
+  if (out.rpc_call_deadline.count() <= 0)
+    return make_error(errc::invalid_argument, "rpc-call-deadline must be positive");
+  if (rpc_exec_output_buffer_ < 65536)
+    return make_error(errc::invalid_argument, "rpc-exec-output-buffer must be at least 65536");
+  out.rpc_exec_output_buffer = rpc_exec_output_buffer_;
   return out;
 }
 

@@ -261,6 +261,9 @@ expected<std::vector<file_entry>> workspace::list(const file_list_request& req) 
       ::close(dirfd);
       return;
     }
+    // A dup shares its file offset with the original (the workspace root fd is listed many
+    // times): start at the beginning even when an earlier listing read it to the end.
+    ::rewinddir(d);
     std::vector<std::string> subdirs;
     while (auto* ent = ::readdir(d)) {
       std::string name = ent->d_name;
@@ -327,6 +330,9 @@ caf::error empty_directory(int dirfd, uint64_t& removed, const std::string& path
     ::close(copy);
     return errno_error(errno, "cannot list", path);
   }
+  // A dup shares its file offset with the original: start at the beginning even when an
+  // earlier listing of the same directory fd read it to the end.
+  ::rewinddir(d);
   std::vector<std::pair<std::string, bool>> entries;
   while (auto* ent = ::readdir(d)) {
     std::string name = ent->d_name;

@@ -39,6 +39,9 @@ caf::error scan(int dirfd, const std::string& prefix, std::vector<scanned>& out)
     ::close(copy);
     return make_error(errc::io_error, "cannot list workspace directory '" + prefix + "'");
   }
+  // A dup shares its file offset with the original: start at the beginning even when an
+  // earlier listing of the same directory fd read it to the end.
+  ::rewinddir(d);
   std::vector<std::string> subdirs;
   while (auto* ent = ::readdir(d)) {
     std::string name = ent->d_name;

@@ -91,6 +91,11 @@ TEST_CASE("files are written, read by range, listed, moved and removed", "[works
   REQUIRE(all->size() == 3);
   CHECK((*all)[0].path == "src");
   CHECK((*all)[2].path == "src/pkg/mod.py");
+  // Listing the root again gives the same entries (dups of the root fd share its offset).
+  auto again = w.list({"", false});
+  REQUIRE(again);
+  CHECK(again->size() == 1);
+  CHECK(w.list({"", true})->size() == 3);
   CHECK(w.make_directory({"a/b/c", true, 0755}));
   CHECK(w.move({"src/pkg/mod.py", "a/b/c/mod.py", false}));
   CHECK(slurp(t.ws() / "a/b/c/mod.py") == "print('hi')\n");

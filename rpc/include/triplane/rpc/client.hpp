@@ -36,6 +36,7 @@ struct exec_options {
   std::vector<std::pair<std::string, std::string>> env;
   std::string cwd;
   uint32_t timeout_ms = 0;  ///< 0 = the server's default
+  uint64_t output_cap_bytes = 0;  ///< bytes kept per stream; 0 = the node's default (1 MiB)
 };
 
 struct exec_result {
@@ -58,11 +59,30 @@ struct session_info {
   uint64_t file_count = 0, kv_count = 0, exec_count = 0;
 };
 
+/// One generation. The node has no tokenizer: the prompt is token ids.
 struct generate_options {
-  std::string model, prompt;
-  uint32_t max_tokens = 128;
-  float temperature = 0, top_p = 1;
+  std::string model;                    ///< empty = the node's model; else must match (not_found)
+  std::vector<uint32_t> prompt_tokens;  ///< not empty; each id < the model's vocabulary size
+  uint32_t max_tokens = 16;             ///< new tokens, >= 1 (0 = 16)
+  float temperature = 0;                ///< <= 0: greedy
+  float top_p = 1;                      ///< 1: off
+  uint32_t top_k = 0;                   ///< 0: off
   uint64_t seed = 0;
+  std::vector<uint32_t> stop_tokens;    ///< generation ends after one of these (<= 1024)
+};
+
+struct generate_result {
+  std::vector<uint32_t> tokens;  ///< the generated ids, filled only without a callback
+  uint32_t prompt_tokens = 0, generated_tokens = 0;
+  std::string finish_reason;     ///< "length", "stop", "cancelled"
+  uint64_t duration_us = 0;
+  int64_t time_to_first_token_us = -1;
+};
+
+struct model_info {
+  std::string name, backend;
+  uint64_t parameters = 0;
+  uint32_t context_length = 0, vocab_size = 0;
 };
 
 struct method_metrics {
@@ -136,10 +156,13 @@ public:
   /// Opens a session; `create` makes it when absent (else not_found).
   expected<session> open_session(const std::string& id, bool create);
 
-  /// Generates text; tokens go to `on_text` as they come when given.
-  expected<std::string> generate(const generate_options& opts,
-                                 std::function<void(std::string_view)> on_text = {});
-  expected<std::vector<std::string>> list_models();
+  /// Generates tokens; with `on_tokens` they are passed to it as they come (in order, possibly
+  /// several per call) and the result's `tokens` stays empty. unavailable when the node serves
+  /// no model.
+  expected<generate_result> generate(
+    const generate_options& opts,
+    std::function<void(const std::vector<uint32_t>&)> on_tokens = {});
+  expected<std::vector<model_info>> list_models();
 
   // Admin tokens only (else permission_denied).
   expected<node_stats> stats();

@@ -23,12 +23,14 @@ struct limits {
   uint32_t max_open_sessions_per_tenant = 1024;    ///< Session capabilities held: `limit_exceeded`
   uint32_t max_connections = 4096;                 ///< beyond: new connections are closed at once
   std::chrono::milliseconds call_deadline{10000};  ///< per call, except exec and generate
+  std::chrono::milliseconds generate_deadline{600000};  ///< one Inference.generate call
   std::chrono::milliseconds exec_default_timeout{60000};  ///< exec without a timeout
   std::chrono::milliseconds exec_max_timeout{600000};     ///< a longer request is clamped
-  uint64_t exec_output_watermark = 1u << 20;  ///< output queued for the client above which the
-                                              ///< session's producer waits (credit withheld)
-  uint64_t max_exec_output_buffer = 8u << 20;  ///< hard cap for a producer that ignores credit:
-                                               ///< beyond it the exec is killed, `limit_exceeded`
+  uint64_t max_exec_output_buffer = 8u << 20;  ///< exec output queued for a client that reads
+                                               ///< slower than the command writes (the session
+                                               ///< has no credit): beyond it the exec is killed,
+                                               ///< `limit_exceeded`
+  uint64_t max_exec_output_cap = 64u << 20;    ///< largest ExecRequest.outputCapBytes accepted
   uint64_t max_unstreamed_output = 16u << 20;  ///< output returned in the result (no sink)
   uint32_t auth_failures_before_close = 5;     ///< per connection
   std::chrono::milliseconds auth_failure_delay{200};  ///< doubled per failure on a connection
@@ -50,9 +52,14 @@ struct server_options {
   /// The supervision tree as text for Admin.supervisionTree; called on the RPC thread, must not
   /// block. Unset: that call answers `unavailable`.
   std::function<std::string()> describe_supervision;
-  /// Receives `(caf::atom("tp_infer"), ...)` requests when inference exists; unset (invalid):
-  /// Inference calls answer `unavailable`.
+  /// Where Inference calls go when the node serves a model: the messages of
+  /// actors/inference_protocol.hpp (generate_request, inf_cancel, inf_info). With
+  /// `inference_route` empty they go to `inference` itself (a worker); else `inference` is a
+  /// supervisor (runtime/supervisor.hpp) and each message travels as
+  /// `(sup_route, route[0], (sup_route, route[1], ... message))`, which reaches the current
+  /// incarnation of a restarted worker. Unset (invalid): Inference calls answer `unavailable`.
   caf::actor inference;
+  std::vector<std::string> inference_route;
 };
 
 /// Not copyable or movable; destroying a running server calls stop() with a zero deadline.

@@ -34,6 +34,14 @@ struct node_options {
   std::string inference_backend = "cpu";  ///< cpu | cuda
   int tensor_parallel = 1;                ///< ranks of the worker's tensor-parallel group
   int64_t kv_cache_mb = 256;              ///< KV-cache budget per rank
+  /// RPC API limits (rpc::limits): calls in flight per tenant (beyond: overloaded), Session
+  /// capabilities held per tenant (beyond: limit_exceeded), the deadline of a call other than
+  /// exec/generate (timeout), exec output queued for a slow client (beyond: the exec is killed,
+  /// limit_exceeded).
+  uint32_t rpc_max_calls = 512;
+  uint32_t rpc_max_sessions = 1024;
+  std::chrono::milliseconds rpc_call_deadline{10000};
+  uint64_t rpc_exec_output_buffer = 8u << 20;
 };
 
 /// CAF's actor_system_config extended with the node's options (group `triplane`). Also keeps
@@ -74,6 +82,10 @@ private:
   std::string inference_backend_ = "cpu";
   int tensor_parallel_ = 1;
   int64_t kv_cache_mb_ = 256;
+  size_t rpc_max_calls_ = 512;
+  size_t rpc_max_sessions_ = 1024;
+  caf::timespan rpc_call_deadline_ = std::chrono::seconds{10};
+  size_t rpc_exec_output_buffer_ = 8u << 20;
 };
 
 /// Splits "HOST:PORT" ("[::1]:7400" for IPv6). Errors: invalid_argument naming the value.

@@ -1,8 +1,10 @@
-// Child-process management for RPC end-to-end tests.
-#include "rpc_test_node_process.hpp"
+// Child-process management for RPC end-to-end tests: the real `triplane serve`.
+#include "serve_process.hpp"
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <stdexcept>
 #include <thread>
@@ -10,13 +12,15 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include "triplane/rpc/tokens.hpp"
 
-#ifndef TRIPLANE_RPC_TEST_NODE
-#error "TRIPLANE_RPC_TEST_NODE must name the test node executable"
+#ifndef TRIPLANE_SERVE_EXE
+#error "TRIPLANE_SERVE_EXE must name the triplane executable"
 #endif
 
 namespace triplane::test {
@@ -34,11 +38,11 @@ node_process::node_process(std::vector<std::string> extra_args) {
   tokens_.alice = rpc::generate_token();
   tokens_.bob = rpc::generate_token();
   tokens_.ops = rpc::generate_token();
-  char path[] = "/tmp/triplane-rpc-tokens-XXXXXX";
-  int fd = mkstemp(path);
-  if (fd < 0) throw std::runtime_error("mkstemp failed");
-  close(fd);
-  tokens_.file = path;
+  auto tmp = std::filesystem::temp_directory_path();
+  std::string dir = (tmp / "triplane-rpc-node-XXXXXX").string();
+  if (::mkdtemp(dir.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
+  data_dir_ = dir;
+  tokens_.file = data_dir_ + ".tokens";
   {
     std::ofstream out{tokens_.file};
     out << "# test tokens\n"
@@ -46,52 +50,67 @@ node_process::node_process(std::vector<std::string> extra_args) {
         << record_line("bob", rpc::role::tenant, tokens_.bob)
         << record_line("ops", rpc::role::admin, tokens_.ops);
   }
-  int in_pipe[2], out_pipe[2];
-  if (pipe(in_pipe) != 0 || pipe(out_pipe) != 0) throw std::runtime_error("pipe failed");
-  std::vector<std::string> args = {TRIPLANE_RPC_TEST_NODE, "--tokens", tokens_.file};
+  int out_pipe[2];
+  if (pipe(out_pipe) != 0) throw std::runtime_error("pipe failed");
+  std::vector<std::string> args = {TRIPLANE_SERVE_EXE, "serve",     "--data-dir", data_dir_,
+                                   "--listen",         "127.0.0.1:0", "--tokens",  tokens_.file};
   args.insert(args.end(), extra_args.begin(), extra_args.end());
   pid_ = fork();
   if (pid_ < 0) throw std::runtime_error("fork failed");
   if (pid_ == 0) {
-    dup2(in_pipe[0], 0);
+    // A test that crashes must not leave a node behind.
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    // Thousands of client sockets must not exhaust the node's descriptors.
+    rlimit lim{};
+    if (getrlimit(RLIMIT_NOFILE, &lim) == 0) {
+      lim.rlim_cur = lim.rlim_max;
+      setrlimit(RLIMIT_NOFILE, &lim);
+    }
     dup2(out_pipe[1], 1);
-    close(in_pipe[1]);
     close(out_pipe[0]);
+    close(out_pipe[1]);
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
     execv(argv[0], argv.data());
     _exit(127);
   }
-  close(in_pipe[0]);
   close(out_pipe[1]);
-  stdin_fd_ = in_pipe[1];
-  fcntl(stdin_fd_, F_SETFD, FD_CLOEXEC);
-  // Read "PORT <n>\n".
+  // Wait for "triplane: serving on HOST:PORT (data in DIR)".
+  const std::string marker = "serving on ";
   std::string line;
-  auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   while (line.find('\n') == std::string::npos && std::chrono::steady_clock::now() < until) {
     pollfd p{out_pipe[0], POLLIN, 0};
-    if (poll(&p, 1, 100) <= 0) continue;
+    if (poll(&p, 1, 100) <= 0) {
+      if (waitpid(pid_, nullptr, WNOHANG) == pid_) {
+        pid_ = -1;
+        break;
+      }
+      continue;
+    }
     char c;
     if (read(out_pipe[0], &c, 1) != 1) break;
     line += c;
   }
   close(out_pipe[0]);
-  if (line.rfind("PORT ", 0) != 0) {
-    kill(pid_, SIGKILL);
-    waitpid(pid_, nullptr, 0);
-    throw std::runtime_error("test node did not start: '" + line + "'");
+  auto at = line.find(marker);
+  auto colon = at == std::string::npos ? std::string::npos : line.find(':', at + marker.size());
+  if (colon == std::string::npos) {
+    stop();
+    std::error_code ignored;
+    std::filesystem::remove_all(data_dir_, ignored);
+    std::remove(tokens_.file.c_str());
+    throw std::runtime_error("triplane serve did not start: '" + line + "'");
   }
-  port_ = static_cast<uint16_t>(std::stoi(line.substr(5)));
+  port_ = static_cast<uint16_t>(std::stoi(line.substr(colon + 1)));
 }
 
 int node_process::stop() {
   if (pid_ <= 0) return -1;
-  if (stdin_fd_ >= 0) close(stdin_fd_);
-  stdin_fd_ = -1;
+  kill(pid_, SIGTERM);
   int status = -1;
-  auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
   while (std::chrono::steady_clock::now() < until) {
     if (waitpid(pid_, &status, WNOHANG) == pid_) {
       pid_ = -1;
@@ -107,6 +126,8 @@ int node_process::stop() {
 
 node_process::~node_process() {
   stop();
+  std::error_code ignored;
+  std::filesystem::remove_all(data_dir_, ignored);
   std::remove(tokens_.file.c_str());
 }
 

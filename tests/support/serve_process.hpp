@@ -1,5 +1,6 @@
-// Starts triplane_rpc_test_node (CAF + session directory TEST DOUBLE + real RPC server) as a
-// child process for end-to-end tests, with three tokens: tenants "alice" and "bob", admin "ops".
+// Starts the real node, `triplane serve` (runtime directory, sandbox sessions, RPC server), as a
+// child process for end-to-end tests: a fresh data directory and a tokens file with three tokens
+// (tenants "alice" and "bob", admin "ops"). Listens on 127.0.0.1 at a free port.
 #pragma once
 
 #include <string>
@@ -16,9 +17,11 @@ struct test_tokens {
 
 class node_process {
 public:
-  /// Starts the node and waits for its "PORT" line (throws std::runtime_error on failure).
+  /// Starts `triplane serve` with `extra_args` appended (e.g. "--triplane.rpc-max-calls=4",
+  /// "--model", DIR) and waits up to 60 s for its "serving on HOST:PORT" line (throws
+  /// std::runtime_error on failure). The child gets SIGKILL if the test process dies.
   explicit node_process(std::vector<std::string> extra_args = {});
-  /// Closes its stdin (clean stop), waits up to 10 s, then SIGKILL.
+  /// stop(), then removes the data directory and the tokens file.
   ~node_process();
   node_process(const node_process&) = delete;
   node_process& operator=(const node_process&) = delete;
@@ -27,17 +30,19 @@ public:
   uint16_t port() const { return port_; }
   pid_t pid() const { return pid_; }
   const test_tokens& tokens() const { return tokens_; }
+  const std::string& data_dir() const { return data_dir_; }
   /// Resident set size of the node, KiB (from /proc).
   long rss_kib() const;
   /// Whether the process is still running.
   bool alive() const;
-  /// Stops the node (stdin closed) and returns its exit status as from waitpid, or -1.
+  /// Stops the node with SIGTERM, waits up to 20 s (then SIGKILL) and returns its exit status
+  /// as from waitpid, or -1 when it had to be killed or was not running.
   int stop();
 
 private:
   test_tokens tokens_;
+  std::string data_dir_;
   pid_t pid_ = -1;
-  int stdin_fd_ = -1;
   uint16_t port_ = 0;
 };
 
