@@ -456,7 +456,7 @@ caf::behavior directory_shard(shard_actor* self, std::shared_ptr<const kind_tabl
 
   return {
     [self](call_atom, const std::string& kind, const std::string& id,
-           caf::message& payload) -> caf::result<caf::message> {
+           const caf::message&) -> caf::result<caf::message> {
       auto& st = self->state;
       auto key = make_key(kind, id);
       auto pos = st.entries.find(key);
@@ -479,8 +479,7 @@ caf::behavior directory_shard(shard_actor* self, std::shared_ptr<const kind_tabl
       } else if (e.state == entry::phase::live) {
         touch(st, e);
       }
-      // Forward the caller's message as it is (same tuple, no copy); `payload` is part of it.
-      (void)payload;
+      // Forward the caller's message as it is (same tuple, no copy).
       auto call = self->current_mailbox_element()->move_content_to_message();
       if (e.state == entry::phase::passivating) {
         auto rp = self->make_response_promise();
