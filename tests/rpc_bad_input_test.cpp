@@ -26,8 +26,11 @@
 #include <kj/async-io.h>
 
 #include "api.capnp.h"
+#include "support/host_processes.hpp"
 #include "support/serve_process.hpp"
 #include "triplane/rpc/client.hpp"
+
+using triplane::testing::processes_with;
 
 using namespace std::chrono_literals;
 using triplane::errc;
@@ -285,23 +288,6 @@ uint64_t errors_of(connection& ops, const std::string& code) {
 
 } // namespace
 
-/// Processes on this host whose command line contains `marker`.
-int processes_with(const std::string& marker) {
-  int n = 0;
-  DIR* d = opendir("/proc");
-  if (!d) return -1;
-  while (auto* e = readdir(d)) {
-    std::string name = e->d_name;
-    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
-    std::ifstream in{"/proc/" + name + "/cmdline"};
-    std::string cmdline((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    for (auto& c : cmdline)
-      if (c == '\0') c = ' ';
-    if (cmdline.find(marker) != std::string::npos) ++n;
-  }
-  closedir(d);
-  return n;
-}
 
 TEST_CASE("a client that never reads a slow exec stream does not disturb others and its death "
           "kills the command", "[rpc][bad-input]") {
