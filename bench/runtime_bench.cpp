@@ -332,7 +332,7 @@ void bench_throughput(const std::filesystem::path& base, bench::report& rep, siz
     return static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
            static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
   };
-  std::vector<double> raw_cpu, shard_cpu, front_cpu;
+  std::vector<double> raw_cpu, route_cpu, front_cpu;
   auto pass = [&](request_maker make, size_t drivers, size_t n, std::vector<double>& lat,
                   std::vector<double>& cpu_per_call) {
     double cpu_start = cpu_seconds();
@@ -353,7 +353,7 @@ void bench_throughput(const std::filesystem::path& base, bench::report& rep, siz
   request_maker raw_call = [&](size_t i) {
     return std::pair{raw[i % actors], caf::make_message(touch_atom::value)};
   };
-  request_maker shard_call = [&](size_t i) {
+  request_maker route_call = [&](size_t i) {
     auto& id = ids[i % actors];
     return std::pair{env.dir.route("blob", id), call_msg(id, caf::make_message(touch_atom::value))};
   };
@@ -365,13 +365,13 @@ void bench_throughput(const std::filesystem::path& base, bench::report& rep, siz
   // overhead is the median of the per-round ratios.
   constexpr int rounds = 5;
   size_t per_round = std::max<size_t>(calls / rounds, 1000);
-  std::vector<double> raw_rates, shard_rates, front_rates, shard_ratios, front_ratios;
-  std::vector<double> raw_lat, shard_lat, front_lat;
+  std::vector<double> raw_rates, route_rates, front_rates, route_ratios, front_ratios;
+  std::vector<double> raw_lat, route_lat, front_lat;
   for (int r = 0; r < rounds; ++r) {
     raw_rates.push_back(pass(raw_call, 2, per_round, raw_lat, raw_cpu));
-    shard_rates.push_back(pass(shard_call, 2, per_round, shard_lat, shard_cpu));
+    route_rates.push_back(pass(route_call, 2, per_round, route_lat, route_cpu));
     front_rates.push_back(pass(front_call, 2, per_round, front_lat, front_cpu));
-    shard_ratios.push_back(raw_rates.back() / shard_rates.back());
+    route_ratios.push_back(raw_rates.back() / route_rates.back());
     front_ratios.push_back(raw_rates.back() / front_rates.back());
   }
   auto add_row = [&](const std::string& name, const std::vector<double>& rates, const std::vector<double>& lat,
@@ -382,11 +382,11 @@ void bench_throughput(const std::filesystem::path& base, bench::report& rep, siz
     rep.add(name, "p99_us", percentile(lat, 99));
   };
   add_row("raw CAF request/response", raw_rates, raw_lat, raw_cpu);
-  add_row("directory (via shard route)", shard_rates, shard_lat, shard_cpu);
+  add_row("directory (via route())", route_rates, route_lat, route_cpu);
   add_row("directory (via front actor)", front_rates, front_lat, front_cpu);
-  rep.add("overhead vs raw CAF (median of 5 rounds)", "via_shard_x", percentile(shard_ratios, 50));
+  rep.add("overhead vs raw CAF (median of 5 rounds)", "via_route_x", percentile(route_ratios, 50));
   rep.add("overhead vs raw CAF (median of 5 rounds)", "via_front_x", percentile(front_ratios, 50));
-  rep.add("CPU per call vs raw CAF", "via_shard_x", percentile(shard_cpu, 50) / percentile(raw_cpu, 50));
+  rep.add("CPU per call vs raw CAF", "via_route_x", percentile(route_cpu, 50) / percentile(raw_cpu, 50));
   rep.add("CPU per call vs raw CAF", "via_front_x", percentile(front_cpu, 50) / percentile(raw_cpu, 50));
   caf::scoped_actor self{*env.sys};
   for (auto& a : raw) self->send_exit(a, caf::exit_reason::user_shutdown);

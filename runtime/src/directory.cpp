@@ -12,6 +12,8 @@
 // routed to it, so no message is lost or reordered across a passivation.
 #include "triplane/runtime/directory.hpp"
 
+#include <atomic>
+#include <mutex>
 #include <unordered_map>
 
 #include <caf/all.hpp>
@@ -19,6 +21,7 @@
 #include <spdlog/spdlog.h>
 
 #include "triplane/runtime/error.hpp"
+#include "reject_request.hpp"
 
 namespace triplane::runtime {
 namespace {
@@ -260,12 +263,18 @@ struct pending_work {
 };
 
 struct entry {
-  enum class phase : uint8_t { live, passivating };
-  const kind_runtime* kind = nullptr;
-  const std::string* key = nullptr;  ///< the map's own key (stable: node-based map)
+  /// absent: no activation (a router counted calls for it that the shard has not handled yet);
+  /// live: an activation runs; passivating: go_atom sent, calls are buffered until it stops.
+  enum class phase : uint8_t { absent, live, passivating };
+  const kind_runtime* kind = nullptr;  ///< null while absent and not yet validated
+  const std::string* key = nullptr;    ///< the map's own key (stable: node-based map)
   caf::actor host;
-  phase state = phase::live;
+  phase state = phase::absent;
   bool in_lru = false;
+  /// Calls a router put into the shard's mailbox for this id that the shard has not handled
+  /// yet. While non-zero, routers must not deliver to the host directly either: a later call
+  /// could overtake an earlier one still waiting in the shard's mailbox.
+  uint32_t at_shard = 0;
   entry* lru_newer = nullptr;  ///< intrusive LRU links (no allocation per entry)
   entry* lru_older = nullptr;
   clock_type::time_point last_routed;
@@ -309,13 +318,34 @@ private:
   size_t size_ = 0;
 };
 
-std::string make_key(const std::string& kind, const std::string& id) {
-  std::string key;
+void append_key(std::string& key, const std::string& kind, const std::string& id) {
   key.reserve(kind.size() + 1 + id.size());
   key += kind;
   key += '\0';  // kind names contain no NUL (checked at start), so the split is unambiguous
   key += id;
+}
+
+std::string make_key(const std::string& kind, const std::string& id) {
+  std::string key;
+  append_key(key, kind, id);
   return key;
+}
+
+/// One shard's entries and LRU order. The shard actor owns the decisions (activate, passivate,
+/// evict); routers, running on callers' threads, read it to deliver calls for live ids straight
+/// to the activation and update last use. Everything here is guarded by `mutex`; nobody blocks
+/// or sends a message that could wait on another lock while holding it (CAF's enqueue does not).
+struct shard_table {
+  std::mutex mutex;
+  std::unordered_map<std::string, entry> entries;
+  lru_order lru;  ///< only live entries
+};
+
+/// Requires the table's mutex.
+void touch(shard_table& table, entry& e) {
+  e.last_routed = clock_type::now();
+  table.lru.remove(e);
+  table.lru.push_newest(e);
 }
 
 struct shard_state {
@@ -326,31 +356,34 @@ struct shard_state {
   directory_options options;
   size_t max_live = 0;
   std::chrono::milliseconds min_idle{0};
-  std::unordered_map<std::string, entry> entries;
+  std::shared_ptr<shard_table> table;
   std::unordered_map<caf::actor_addr, entry*> by_host;
-  lru_order lru;  ///< only live entries
   directory_stats stats;
   bool draining = false;
   std::vector<caf::response_promise> drain_waiters;
   uint64_t drained = 0;
+
+  ~shard_state() {
+    // A stopped shard's activations stop with it; routers that still hold the table then find
+    // no entries and queue calls to the dead shard, which bounces them to their senders.
+    if (!table) return;
+    std::lock_guard<std::mutex> guard{table->mutex};
+    table->lru = lru_order{};
+    table->entries.clear();
+  }
 };
 
 using shard_actor = caf::stateful_actor<shard_state>;
 
-void touch(shard_state& st, entry& e) {
-  e.last_routed = clock_type::now();
-  st.lru.remove(e);
-  st.lru.push_newest(e);
-}
-
-void leave_lru(shard_state& st, entry& e) {
-  st.lru.remove(e);
-}
+// The functions below that take a shard_actor* require the shard's table mutex.
 
 void start_passivation(shard_actor* self, entry& e, bool force) {
   auto& st = self->state;
-  leave_lru(st, e);
+  if (e.state == entry::phase::absent) return;
+  st.table->lru.remove(e);
   if (e.state == entry::phase::passivating && !force) return;
+  // From here routers queue calls for this id at the shard, which buffers them; go_atom leaves
+  // after every call already delivered to the host, so the host handles those first.
   e.state = entry::phase::passivating;
   self->send(e.host, go_atom::value, force);
 }
@@ -367,18 +400,15 @@ void spawn_host(shard_actor* self, entry& e, const std::string& id) {
 
 /// Passivates least-recently-used live activations while the shard is over its cap.
 void enforce_cap(shard_actor* self) {
-  auto& st = self->state;
-  while (st.lru.size() > st.max_live && !st.lru.empty()) {
-    entry* oldest = st.lru.oldest();
-    start_passivation(self, *oldest, false);
-  }
+  auto& lru = self->state.table->lru;
+  while (lru.size() > self->state.max_live && !lru.empty()) start_passivation(self, *lru.oldest(), false);
 }
 
 void sweep_idle(shard_actor* self) {
   auto& st = self->state;
   auto now = clock_type::now();
   std::vector<entry*> idle_entries;
-  for (entry* e = st.lru.oldest(); e != nullptr; e = e->lru_newer) {
+  for (entry* e = st.table->lru.oldest(); e != nullptr; e = e->lru_newer) {
     auto idle = now - e->last_routed;
     if (idle < st.min_idle) break;  // ordered by last use: the rest are younger
     if (idle >= e->kind->spec.idle_timeout) idle_entries.push_back(e);
@@ -400,20 +430,27 @@ caf::error validate_call(const shard_state& st, const std::string& kind, const s
   return caf::none;
 }
 
+/// Drops an entry without activation once no counted call for it is left in the mailbox.
+void forget_if_unused(shard_state& st, std::unordered_map<std::string, entry>::iterator pos) {
+  if (pos->second.state == entry::phase::absent && pos->second.at_shard == 0) st.table->entries.erase(pos);
+}
+
 void finish_drain_if_done(shard_state& st) {
-  if (!st.draining || !st.entries.empty()) return;
+  // Done when no activation is left (absent entries only wait for their queued calls).
+  if (!st.draining || !st.by_host.empty()) return;
   for (auto& rp : st.drain_waiters) rp.deliver(st.drained);
   st.drain_waiters.clear();
 }
 
 caf::behavior directory_shard(shard_actor* self, std::shared_ptr<const kind_table> kinds,
                               storage::state_store* store, directory_options options,
-                              size_t max_live) {
+                              size_t max_live, std::shared_ptr<shard_table> table) {
   auto& st = self->state;
   st.kinds = std::move(kinds);
   st.store = store;
   st.options = std::move(options);
   st.max_live = std::max<size_t>(1, max_live);
+  st.table = std::move(table);
   st.min_idle = std::chrono::milliseconds::max();
   for (auto& [name, kind] : *st.kinds) st.min_idle = std::min(st.min_idle, kind->spec.idle_timeout);
 
@@ -421,6 +458,7 @@ caf::behavior directory_shard(shard_actor* self, std::shared_ptr<const kind_tabl
     auto& st = self->state;
     auto found = st.by_host.find(msg.source);
     if (found == st.by_host.end()) return;
+    std::lock_guard<std::mutex> guard{st.table->mutex};
     entry& e = *found->second;
     st.by_host.erase(found);
     --st.stats.live;
@@ -432,15 +470,15 @@ caf::behavior directory_shard(shard_actor* self, std::shared_ptr<const kind_tabl
       ++st.stats.passivations;
       ++st.drained;
     }
+    st.table->lru.remove(e);
     auto pending = std::move(e.pending);
     if (pending)
       for (auto& rp : pending->passivation_waiters) rp.deliver(true);
-    leave_lru(st, e);
     if (pending && !pending->buffered.empty() && !st.draining) {
       // Calls arrived while it passivated: activate again and hand them over in order.
       auto id = e.key->substr(e.kind->spec.name.size() + 1);
       spawn_host(self, e, id);
-      touch(st, e);
+      touch(*st.table, e);
       for (auto& [rp, call] : pending->buffered) rp.delegate(e.host, std::move(call));
       enforce_cap(self);
       return;
@@ -448,36 +486,38 @@ caf::behavior directory_shard(shard_actor* self, std::shared_ptr<const kind_tabl
     if (pending)
       for (auto& [rp, payload] : pending->buffered)
         rp.deliver(make_error(errc::unavailable, "the node is shutting down"));
-    auto key = *e.key;
-    st.entries.erase(key);
+    e.host = nullptr;
+    e.state = entry::phase::absent;
+    forget_if_unused(st, st.table->entries.find(*e.key));
     finish_drain_if_done(st);
   });
   self->delayed_send(self, st.options.idle_check_granularity, sweep_atom::value);
 
   return {
+    // Calls reach the shard only through a router, which counted them in at_shard.
     [self](call_atom, const std::string& kind, const std::string& id,
            const caf::message&) -> caf::result<caf::message> {
       auto& st = self->state;
-      auto key = make_key(kind, id);
-      auto pos = st.entries.find(key);
-      bool inserted = false;
-      if (pos == st.entries.end()) {
-        // Validation runs only for ids without an entry: a live id was validated when it came.
-        if (auto err = validate_call(st, kind, id)) return err;
-        pos = st.entries.try_emplace(std::move(key)).first;
-        inserted = true;
-      } else if (st.draining) {
-        return make_error(errc::unavailable, "the node is shutting down");
-      }
+      std::lock_guard<std::mutex> guard{st.table->mutex};
+      auto pos = st.table->entries.find(make_key(kind, id));
+      if (pos == st.table->entries.end())  // defensive: the router creates the entry
+        pos = st.table->entries.try_emplace(make_key(kind, id)).first;
       entry& e = pos->second;
-      if (inserted) {
+      if (e.at_shard > 0) --e.at_shard;
+      if (e.state == entry::phase::absent) {
+        if (auto err = validate_call(st, kind, id)) {
+          forget_if_unused(st, pos);
+          return err;
+        }
         e.kind = st.kinds->at(kind).get();
         e.key = &pos->first;
         spawn_host(self, e, id);
-        touch(st, e);
+        touch(*st.table, e);
         enforce_cap(self);
+      } else if (st.draining) {
+        return make_error(errc::unavailable, "the node is shutting down");
       } else if (e.state == entry::phase::live) {
-        touch(st, e);
+        touch(*st.table, e);
       }
       // Forward the caller's message as it is (same tuple, no copy).
       auto call = self->current_mailbox_element()->move_content_to_message();
@@ -490,8 +530,9 @@ caf::behavior directory_shard(shard_actor* self, std::shared_ptr<const kind_tabl
     },
     [self](passivate_atom, const std::string& kind, const std::string& id) -> caf::result<bool> {
       auto& st = self->state;
-      auto found = st.entries.find(make_key(kind, id));
-      if (found == st.entries.end()) return false;
+      std::lock_guard<std::mutex> guard{st.table->mutex};
+      auto found = st.table->entries.find(make_key(kind, id));
+      if (found == st.table->entries.end() || found->second.state == entry::phase::absent) return false;
       auto rp = self->make_response_promise<bool>();
       found->second.work().passivation_waiters.emplace_back(rp);
       start_passivation(self, found->second, false);
@@ -499,12 +540,13 @@ caf::behavior directory_shard(shard_actor* self, std::shared_ptr<const kind_tabl
     },
     [self](passivate_atom) -> caf::result<uint64_t> {
       auto& st = self->state;
+      std::lock_guard<std::mutex> guard{st.table->mutex};
       st.draining = true;
       st.drained = 0;
-      if (st.entries.empty()) return uint64_t{0};
       auto rp = self->make_response_promise<uint64_t>();
       st.drain_waiters.emplace_back(rp);
-      for (auto& [key, e] : st.entries) start_passivation(self, e, true);
+      for (auto& [key, e] : st.table->entries) start_passivation(self, e, true);
+      finish_drain_if_done(st);
       return rp;
     },
     [self](stats_atom) { return self->state.stats; },
@@ -512,13 +554,14 @@ caf::behavior directory_shard(shard_actor* self, std::shared_ptr<const kind_tabl
       auto& st = self->state;
       auto found = st.by_host.find(caf::actor_cast<caf::actor_addr>(self->current_sender()));
       if (found == st.by_host.end()) return;
+      std::lock_guard<std::mutex> guard{st.table->mutex};
       entry& e = *found->second;
       if (st.draining) {
         start_passivation(self, e, true);
         return;
       }
       e.state = entry::phase::live;
-      touch(st, e);
+      touch(*st.table, e);
       auto pending = std::move(e.pending);
       if (!pending) return;
       for (auto& rp : pending->passivation_waiters) rp.deliver(false);
@@ -527,13 +570,101 @@ caf::behavior directory_shard(shard_actor* self, std::shared_ptr<const kind_tabl
     [self](ask_atom) {
       auto& st = self->state;
       auto found = st.by_host.find(caf::actor_cast<caf::actor_addr>(self->current_sender()));
-      if (found != st.by_host.end()) start_passivation(self, *found->second, true);
+      if (found == st.by_host.end()) return;
+      std::lock_guard<std::mutex> guard{st.table->mutex};
+      start_passivation(self, *found->second, true);
     },
     [self](sweep_atom) {
-      sweep_idle(self);
+      {
+        std::lock_guard<std::mutex> guard{self->state.table->mutex};
+        sweep_idle(self);
+      }
       self->delayed_send(self, self->state.options.idle_check_granularity, sweep_atom::value);
     },
   };
+}
+
+size_t shard_index(const std::string& kind, const std::string& id, size_t shards) {
+  auto h = std::hash<std::string>{}(kind) * 31 + std::hash<std::string>{}(id);
+  return h % shards;
+}
+
+// -- the router -----------------------------------------------------------------------------
+
+/// The handle callers send calls to: not an actor with a mailbox but a function run in the
+/// sender's context when a message is enqueued (like CAF's actor_pool). A call for a live id
+/// with nothing of it waiting at the shard goes straight into the activation's mailbox: one
+/// delivery, as with a plain actor. Any other call goes into the shard's mailbox, counted in
+/// the entry's at_shard so later calls follow it there and per-sender order holds. Messages
+/// other than calls go to the front actor; when the directory has stopped they are bounced to
+/// their senders with errc::unavailable.
+class directory_router final : public caf::monitorable_actor {
+public:
+  directory_router(caf::actor_config& cfg, std::vector<caf::actor> shards,
+                   std::vector<std::shared_ptr<shard_table>> tables)
+      : caf::monitorable_actor(cfg), shards_(std::move(shards)), tables_(std::move(tables)) {}
+
+  const char* name() const override { return "triplane.directory_router"; }
+
+  /// Called once by directory::start before the router is handed out. When the front stops
+  /// (the directory stopped or failed), the router bounces everything with errc::unavailable.
+  void bind_front(const caf::actor& front) {
+    front_ = front.address();
+    caf::actor_addr self_addr = address();
+    front->attach_functor([self_addr] {
+      if (auto self = caf::actor_cast<caf::strong_actor_ptr>(self_addr))
+        static_cast<directory_router*>(caf::actor_cast<caf::abstract_actor*>(self))->mark_stopped();
+    });
+  }
+
+  void mark_stopped() { stopped_.store(true, std::memory_order_release); }
+
+  void enqueue(caf::mailbox_element_ptr what, caf::execution_unit* context) override {
+    if (stopped_.load(std::memory_order_acquire)) {
+      reject_request(what, make_error(errc::unavailable, "the actor directory has stopped; retry"), context);
+      return;
+    }
+    auto& content = what->content();
+    if (content.match_elements<call_atom, std::string, std::string, caf::message>()) {
+      route_call(content.get_as<std::string>(1), content.get_as<std::string>(2), what, context);
+      return;
+    }
+    if (auto front = caf::actor_cast<caf::strong_actor_ptr>(front_)) {
+      front->enqueue(std::move(what), context);
+      return;
+    }
+    reject_request(what, make_error(errc::unavailable, "the actor directory has stopped; retry"), context);
+  }
+
+private:
+  void route_call(const std::string& kind, const std::string& id, caf::mailbox_element_ptr& what,
+                  caf::execution_unit* context) {
+    size_t index = shard_index(kind, id, shards_.size());
+    auto& table = *tables_[index];
+    thread_local std::string key;  // reused: no allocation per call
+    key.clear();
+    append_key(key, kind, id);
+    std::lock_guard<std::mutex> guard{table.mutex};
+    auto pos = table.entries.find(key);
+    if (pos == table.entries.end()) {
+      pos = table.entries.try_emplace(key).first;
+    } else if (pos->second.state == entry::phase::live && pos->second.at_shard == 0) {
+      touch(table, pos->second);
+      pos->second.host->enqueue(std::move(what), context);
+      return;
+    }
+    ++pos->second.at_shard;
+    shards_[index]->enqueue(std::move(what), context);
+  }
+
+  std::vector<caf::actor> shards_;
+  std::vector<std::shared_ptr<shard_table>> tables_;
+  caf::actor_addr front_;  ///< weak: the front holds the router
+  std::atomic<bool> stopped_{false};
+};
+
+directory_router& router_of(const caf::actor& router) {
+  return *static_cast<directory_router*>(caf::actor_cast<caf::abstract_actor*>(router));
 }
 
 // -- the front ------------------------------------------------------------------------------
@@ -541,12 +672,8 @@ caf::behavior directory_shard(shard_actor* self, std::shared_ptr<const kind_tabl
 struct front_state {
   static inline const char* name = "triplane.directory";
   std::vector<caf::actor> shards;
+  caf::actor router;
 };
-
-size_t shard_index(const std::string& kind, const std::string& id, size_t shards) {
-  auto h = std::hash<std::string>{}(kind) * 31 + std::hash<std::string>{}(id);
-  return h % shards;
-}
 
 /// Asks every shard for a value and delivers the sum through `rp`.
 template <class Atom, class Value, class Add>
@@ -564,14 +691,14 @@ void fan_out(caf::stateful_actor<front_state>* self, caf::typed_response_promise
   }
 }
 
-caf::behavior directory_front(caf::stateful_actor<front_state>* self, std::vector<caf::actor> shards) {
+caf::behavior directory_front(caf::stateful_actor<front_state>* self, std::vector<caf::actor> shards,
+                              caf::actor router) {
   self->state.shards = std::move(shards);
+  self->state.router = std::move(router);
   for (auto& shard : self->state.shards) self->link_to(shard);
   return {
-    [self](call_atom, const std::string& kind, const std::string& id, const caf::message&) {
-      auto& shards = self->state.shards;
-      auto& shard = shards[shard_index(kind, id, shards.size())];
-      return self->delegate(shard, self->current_mailbox_element()->move_content_to_message());
+    [self](call_atom, const std::string&, const std::string&, const caf::message&) {
+      return self->delegate(self->state.router, self->current_mailbox_element()->move_content_to_message());
     },
     [self](passivate_atom atom, const std::string& kind, const std::string& id) {
       auto& shards = self->state.shards;
@@ -616,9 +743,7 @@ caf::error validate_kinds(const std::vector<kind_spec>& kinds) {
 
 } // namespace
 
-const caf::actor& directory::route(const std::string& kind, const std::string& id) const {
-  return shards_[shard_index(kind, id, shards_.size())];
-}
+const caf::actor& directory::route(const std::string&, const std::string&) const { return router_; }
 
 expected<directory> directory::start(caf::actor_system& system, storage::state_store& store,
                                       std::vector<kind_spec> kinds, directory_options options) {
@@ -635,9 +760,16 @@ expected<directory> directory::start(caf::actor_system& system, storage::state_s
   if (shard_count == 0) shard_count = std::max<size_t>(1, system.scheduler().num_workers());
   size_t per_shard = (options.max_live + shard_count - 1) / shard_count;
   directory result;
-  for (size_t i = 0; i < shard_count; ++i)
-    result.shards_.push_back(system.spawn(directory_shard, table, &store, options, per_shard));
-  result.front_ = system.spawn(directory_front, result.shards_);
+  std::vector<std::shared_ptr<shard_table>> tables;
+  for (size_t i = 0; i < shard_count; ++i) {
+    tables.push_back(std::make_shared<shard_table>());
+    result.shards_.push_back(system.spawn(directory_shard, table, &store, options, per_shard, tables.back()));
+  }
+  caf::actor_config router_config;
+  result.router_ = caf::make_actor<directory_router, caf::actor>(system.next_actor_id(), system.node(), &system,
+                                                                 router_config, result.shards_, std::move(tables));
+  result.front_ = system.spawn(directory_front, result.shards_, result.router_);
+  router_of(result.router_).bind_front(result.front_);
   return result;
 }
 
@@ -657,10 +789,12 @@ expected<uint64_t> directory::drain(caf::actor_system& system, std::chrono::mill
 expected<uint64_t> directory::stop(caf::actor_system& system, std::chrono::milliseconds deadline) {
   if (!front_) return uint64_t{0};
   auto result = drain(system, deadline);
+  router_of(router_).mark_stopped();
   caf::scoped_actor self{system};
   for (auto& shard : shards_) self->send_exit(shard, caf::exit_reason::user_shutdown);
   self->send_exit(front_, caf::exit_reason::user_shutdown);
   front_ = nullptr;
+  router_ = nullptr;
   shards_.clear();
   return result;
 }

@@ -2,6 +2,7 @@
 // failures, against a real RocksDB state store in a temporary directory.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <filesystem>
@@ -239,6 +240,75 @@ TEST_CASE("order holds across a passivation that races with new messages", "[dir
   REQUIRE(log);
   CHECK(*log == expected_log);
   CHECK(f.stats().activations > 1);
+}
+
+TEST_CASE("calls through route() keep each sender's order while passivations race with them",
+          "[directory]") {
+  fixture f;
+  static constexpr int32_t senders = 4;
+  static constexpr int32_t per_sender = 500;
+  caf::scoped_actor self{*f.sys};
+  // Each sender fires its calls without waiting, so they meet the id live (delivered straight to
+  // the activation), passivating (buffered at the shard) and absent (queued at the shard).
+  auto route = f.dir_handle.route("counter", "braided");
+  std::vector<caf::actor> spawned;
+  for (int32_t s = 0; s < senders; ++s)
+    spawned.push_back(f.sys->spawn([route, s](caf::event_based_actor* me) -> caf::behavior {
+      // Bursts of 25 calls a millisecond apart, so that passivations fall between and inside them.
+      me->send(me, int32_t{0});
+      return {[me, route, s](int32_t from) {
+        int32_t to = std::min(from + 25, per_sender);
+        for (int32_t i = from; i < to; ++i)
+          me->send(route, call_atom::value, std::string{"counter"}, std::string{"braided"},
+                   caf::make_message(log_atom::value, s * 100000 + i));
+        if (to < per_sender) me->delayed_send(me, 1ms, to);
+        else me->quit();
+      },
+      [](int64_t) {}};  // the activation's replies (plain sends are answered too)
+    }));
+  // Passivations from another sender, while the senders run.
+  for (int i = 0; i < 40; ++i) {
+    self->send(f.dir_handle.front(), passivate_atom::value, std::string{"counter"}, std::string{"braided"});
+    std::this_thread::sleep_for(1ms);
+  }
+  for (auto& a : spawned) self->wait_for(a);
+  // Every call has reached the directory; wait until all are applied, then check the log.
+  std::string log;
+  for (int attempt = 0; attempt < 200; ++attempt) {
+    auto got = f.call<std::string>("counter", "braided", log_atom::value);
+    REQUIRE(got);
+    log = *got;
+    if (std::count(log.begin(), log.end(), ',') == senders * per_sender) break;
+    std::this_thread::sleep_for(10ms);
+  }
+  std::vector<int32_t> next(senders, 0);
+  size_t start = 0;
+  bool in_order = true;
+  while (start < log.size()) {
+    auto comma = log.find(',', start);
+    int32_t v = std::stoi(log.substr(start, comma - start));
+    int32_t s = v / 100000;
+    if (v % 100000 != next[static_cast<size_t>(s)]) in_order = false;
+    ++next[static_cast<size_t>(s)];
+    start = comma + 1;
+  }
+  CHECK(in_order);
+  for (int32_t s = 0; s < senders; ++s) CHECK(next[static_cast<size_t>(s)] == per_sender);
+  CHECK(f.stats().activations > 1);
+}
+
+TEST_CASE("a stopped directory answers calls through route() with unavailable", "[directory]") {
+  fixture f;
+  REQUIRE(f.call<int64_t>("counter", "gone", incr_atom::value, int64_t{1}));
+  auto route = f.dir_handle.route("counter", "gone");
+  REQUIRE(f.dir_handle.stop(*f.sys, 5s));
+  caf::scoped_actor self{*f.sys};
+  caf::error got;
+  self->request(route, 5s, call_atom::value, std::string{"counter"}, std::string{"gone"},
+                caf::make_message(caf::get_atom::value))
+    .receive([](int64_t) {}, [&](caf::error& e) { got = std::move(e); });
+  INFO(describe(got));
+  CHECK(code_of(got) == errc::unavailable);
 }
 
 TEST_CASE("state survives passivation and rehydration exactly", "[directory]") {

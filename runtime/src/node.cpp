@@ -9,7 +9,15 @@
 #include <caf/all.hpp>
 #include <spdlog/spdlog.h>
 
+#include "reject_request.hpp"
+
 namespace triplane::runtime {
+
+/// The directory incarnation the node's proxy delivers to; replaced when the directory restarts.
+struct directory_slot {
+  mutable std::mutex mutex;
+  directory current;
+};
 
 struct node::impl {
   node_options options;
@@ -18,21 +26,43 @@ struct node::impl {
   std::unique_ptr<caf::actor_system> system;
   caf::actor root;
   caf::actor proxy;
-  mutable std::mutex mutex;  ///< guards `actors`, replaced when the directory restarts
-  directory actors;
+  std::shared_ptr<directory_slot> slot = std::make_shared<directory_slot>();
   uint16_t port = 0;
   bool stopped = false;
 };
 
 namespace {
 
-/// Forwards everything to the root supervisor's "directory" child, whatever incarnation is live.
-caf::behavior directory_proxy_actor(caf::event_based_actor* self, caf::actor root) {
-  self->set_default_handler([self, root](caf::scheduled_actor*, caf::message_view& view) -> caf::result<caf::message> {
-    return self->delegate(root, sup::route_atom::value, std::string{"directory"}, view.move_content_to_message());
-  });
-  return {[](caf::unit_t) {}};
-}
+/// The node's stable directory handle: passes each message to the current incarnation's router
+/// on the sender's thread (like CAF's actor_pool, no mailbox of its own). An exit message stops
+/// the proxy itself; afterwards, and while no directory is running, requests are bounced.
+class directory_proxy_actor final : public caf::monitorable_actor {
+public:
+  directory_proxy_actor(caf::actor_config& cfg, std::shared_ptr<const directory_slot> slot)
+      : caf::monitorable_actor(cfg), slot_(std::move(slot)) {}
+
+  const char* name() const override { return "triplane.directory_proxy"; }
+
+  void enqueue(caf::mailbox_element_ptr what, caf::execution_unit* context) override {
+    if (what->content().match_elements<caf::exit_msg>()) {
+      cleanup(caf::error{what->content().get_as<caf::exit_msg>(0).reason}, context);
+      return;
+    }
+    caf::actor target;
+    if (!getf(is_terminated_flag)) {
+      std::lock_guard<std::mutex> guard{slot_->mutex};
+      target = slot_->current.route({}, {});
+    }
+    if (!target) {
+      reject_request(what, make_error(errc::unavailable, "the actor directory is not running; retry"), context);
+      return;
+    }
+    target->enqueue(std::move(what), context);
+  }
+
+private:
+  std::shared_ptr<const directory_slot> slot_;
+};
 
 } // namespace
 
@@ -104,8 +134,8 @@ expected<std::unique_ptr<node>> node::start(node_config& config, const node_opti
       spdlog::error("directory failed to start: {}", describe(started.error()));
       return nullptr;
     }
-    std::lock_guard<std::mutex> guard{shared->mutex};
-    shared->actors = *started;
+    std::lock_guard<std::mutex> guard{shared->slot->mutex};
+    shared->slot->current = *started;
     return started->front();
   };
   root_spec.children.push_back(std::move(directory_child));
@@ -114,7 +144,9 @@ expected<std::unique_ptr<node>> node::start(node_config& config, const node_opti
   auto root = spawn_supervisor(*st.system, std::move(root_spec));
   if (!root) return std::move(root.error());
   st.root = *root;
-  st.proxy = st.system->spawn(directory_proxy_actor, st.root);
+  caf::actor_config proxy_config;
+  st.proxy = caf::make_actor<directory_proxy_actor, caf::actor>(st.system->next_actor_id(), st.system->node(),
+                                                                 st.system.get(), proxy_config, st.slot);
   // The root supervisor starts its children asynchronously: wait until the tree answers, which
   // also surfaces a child that failed to start.
   auto tree = fetch_tree(*st.system, st.root, std::chrono::seconds{30});
@@ -137,8 +169,8 @@ caf::actor node::directory_proxy() const { return impl_->proxy; }
 caf::actor node::root_supervisor() const { return impl_->root; }
 
 directory node::actors() const {
-  std::lock_guard<std::mutex> guard{impl_->mutex};
-  return impl_->actors;
+  std::lock_guard<std::mutex> guard{impl_->slot->mutex};
+  return impl_->slot->current;
 }
 
 std::string node::supervision_tree(std::chrono::milliseconds timeout) const {
@@ -165,8 +197,8 @@ expected<uint64_t> node::shutdown(std::chrono::milliseconds deadline) {
       st.proxy = nullptr;
     }
     {
-      std::lock_guard<std::mutex> guard{st.mutex};
-      st.actors = directory{};
+      std::lock_guard<std::mutex> guard{st.slot->mutex};
+      st.slot->current = directory{};
     }
     st.system.reset();  // waits for every actor to finish
   }

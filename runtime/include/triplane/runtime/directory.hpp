@@ -66,25 +66,30 @@ struct directory_options {
 
 /// A running directory. Copyable; every member is thread-safe.
 ///
-/// Messages for one id always go through the same shard, which is the only actor that
-/// activates that id: so at most one activation per id exists on a node, messages that arrive
-/// while it activates wait in its mailbox, and they are delivered in the order sent (CAF keeps
-/// per-sender order). Activations stop when their shard stops; the shard is their supervisor:
-/// an activation that fails is stopped and the next message activates the id again from its
-/// last persisted state.
+/// Each id belongs to one shard, the only actor that activates, passivates and evicts it: so at
+/// most one activation per id exists on a node. Calls sent to route() are delivered by the
+/// sender's own thread: straight into the live activation's mailbox (one delivery, like a plain
+/// actor), or into the shard's mailbox while the id is absent, activating or passivating, where
+/// they wait and are handed over in order. Calls from one sender to one id are delivered in the
+/// order sent (CAF keeps per-sender order; a call never overtakes an earlier one waiting at the
+/// shard). Activations stop when their shard stops; the shard is their supervisor: an
+/// activation that fails is stopped and the next message activates the id again from its last
+/// persisted state.
 class directory {
 public:
   directory() = default;
 
-  /// The actor to send `(call_atom, kind, id, msg)` to for (kind, id). Sending there directly
-  /// saves the hop through front().
+  /// The handle to send `(call_atom, kind, id, msg)` to, for any (kind, id): a router that runs
+  /// in the sender's context rather than an actor with a mailbox, so a call to a live id costs
+  /// no extra hop. It passes other messages (stats_atom, passivate_atom) to front(). Once the
+  /// directory has stopped it answers everything with errc::unavailable. Keep to one of route()
+  /// and front() per sender when the order of that sender's calls matters: a call through
+  /// front() takes one more hop and can be overtaken by a later call through route().
   const caf::actor& route(const std::string& kind, const std::string& id) const;
 
-  /// One actor for everything: forwards calls to the right shard, and answers stats_atom and
-  /// passivate_atom for the whole directory.
+  /// The directory's actor: forwards calls to route(), answers stats_atom and passivate_atom for
+  /// the whole directory, and stops with the shards (a supervisor can watch it).
   const caf::actor& front() const { return front_; }
-
-  const std::vector<caf::actor>& shards() const { return shards_; }
 
   /// Starts the directory's actors. `store` must outlive them (stop them first, with
   /// `passivate_atom` then an exit, or by destroying the actor system).
@@ -104,6 +109,7 @@ public:
 
 private:
   caf::actor front_;
+  caf::actor router_;
   std::vector<caf::actor> shards_;
 };
 

@@ -51,8 +51,10 @@ public:
   /// The directory as it is now (it is recreated if its supervisor restarts it).
   directory actors() const;
 
-  /// A stable actor that forwards every message to the current directory front (see
-  /// directory.hpp for its protocol): hand this to front ends, it survives directory restarts.
+  /// A stable handle that passes every message to the current directory's route() (see
+  /// directory.hpp for its protocol) in the sender's context, without a hop of its own: hand it
+  /// to front ends, it survives directory restarts. While the directory restarts, and after
+  /// shutdown, requests are answered with errc::unavailable (retry).
   caf::actor directory_proxy() const;
 
   /// The root supervisor (`triplane.node`).
