@@ -18,6 +18,7 @@
 
 #include "triplane/gpu/backend.hpp"
 #include "triplane/gpu/checkpoint.hpp"
+#include "triplane/gpu/random_model.hpp"
 #include "triplane/gpu/safetensors.hpp"
 #include "triplane/gpu/sampler.hpp"
 
@@ -80,44 +81,20 @@ double read_bandwidth(size_t bytes, int threads) {
   return best;
 }
 
-// Writes a random BF16 Llama model (tied embeddings) to `dir`.
+// Writes a random BF16 Llama model (tied embeddings) to `dir`: weights ~ N(0, 0.02), norms 1.
 void write_random_model(const std::string& dir, int64_t vocab, int64_t hidden, int64_t layers, int64_t heads,
                         int64_t kv_heads, int64_t mlp) {
-  std::filesystem::create_directories(dir);
-  std::ofstream(dir + "/config.json")
-      << "{\"model_type\": \"llama\", \"vocab_size\": " << vocab << ", \"hidden_size\": " << hidden
-      << ", \"intermediate_size\": " << mlp << ", \"num_hidden_layers\": " << layers
-      << ", \"num_attention_heads\": " << heads << ", \"num_key_value_heads\": " << kv_heads
-      << ", \"max_position_embeddings\": 4096, \"rms_norm_eps\": 1e-5, \"rope_theta\": 500000.0,"
-      << " \"tie_word_embeddings\": true}";
+  random_llama_spec spec;
+  spec.vocab_size = vocab;
+  spec.hidden_size = hidden;
+  spec.intermediate_size = mlp;
+  spec.num_layers = layers;
+  spec.num_heads = heads;
+  spec.num_kv_heads = kv_heads;
+  spec.head_dim = hidden / heads;
   std::mt19937 rng(1);
   std::normal_distribution<float> normal(0.0f, 0.02f);
-  std::vector<tensor_to_write> tensors;
-  auto add = [&](const std::string& name, std::vector<int64_t> shape, bool ones) {
-    int64_t n = 1;
-    for (auto d : shape) n *= d;
-    tensor_to_write t{name, dtype::bf16, std::move(shape), std::vector<unsigned char>(static_cast<size_t>(n) * 2)};
-    for (int64_t i = 0; i < n; ++i) {
-      uint16_t b = f32_to_bf16(ones ? 1.0f : normal(rng));
-      std::memcpy(t.data.data() + 2 * i, &b, 2);
-    }
-    tensors.push_back(std::move(t));
-  };
-  const int64_t hd = hidden / heads;
-  add(tensor_names::embed_tokens(), {vocab, hidden}, false);
-  for (int64_t l = 0; l < layers; ++l) {
-    add(tensor_names::layer(l, "input_layernorm.weight"), {hidden}, true);
-    add(tensor_names::layer(l, "self_attn.q_proj.weight"), {heads * hd, hidden}, false);
-    add(tensor_names::layer(l, "self_attn.k_proj.weight"), {kv_heads * hd, hidden}, false);
-    add(tensor_names::layer(l, "self_attn.v_proj.weight"), {kv_heads * hd, hidden}, false);
-    add(tensor_names::layer(l, "self_attn.o_proj.weight"), {hidden, heads * hd}, false);
-    add(tensor_names::layer(l, "post_attention_layernorm.weight"), {hidden}, true);
-    add(tensor_names::layer(l, "mlp.gate_proj.weight"), {mlp, hidden}, false);
-    add(tensor_names::layer(l, "mlp.up_proj.weight"), {mlp, hidden}, false);
-    add(tensor_names::layer(l, "mlp.down_proj.weight"), {hidden, mlp}, false);
-  }
-  add(tensor_names::final_norm(), {hidden}, true);
-  if (auto err = write_safetensors(dir + "/model.safetensors", tensors)) {
+  if (auto err = write_random_llama(dir, spec, [&](bool norm) { return norm ? 1.0f : normal(rng); })) {
     std::fprintf(stderr, "%s\n", triplane::describe(err).c_str());
     std::exit(1);
   }

@@ -27,6 +27,7 @@
 
 #include "triplane/gpu/backend.hpp"
 #include "triplane/gpu/checkpoint.hpp"
+#include "triplane/gpu/random_model.hpp"
 #include "triplane/gpu/cuda_device.hpp"
 #include "triplane/gpu/safetensors.hpp"
 #include "triplane/gpu/sampler.hpp"
@@ -53,51 +54,28 @@ struct shape {
 // Writes the random bf16 model unless `dir` already holds one (reused between runs).
 void ensure_random_model(const std::string& dir, const shape& s) {
   if (std::filesystem::exists(dir + "/model.safetensors") && std::filesystem::exists(dir + "/config.json")) return;
-  std::filesystem::create_directories(dir);
-  std::ofstream(dir + "/config.json")
-      << "{\"model_type\": \"llama\", \"vocab_size\": " << s.vocab << ", \"hidden_size\": " << s.hidden
-      << ", \"intermediate_size\": " << s.mlp << ", \"num_hidden_layers\": " << s.layers
-      << ", \"num_attention_heads\": " << s.heads << ", \"num_key_value_heads\": " << s.kv_heads
-      << ", \"head_dim\": " << s.head_dim << ", \"max_position_embeddings\": 131072, \"rms_norm_eps\": 1e-5,"
-      << " \"rope_theta\": 500000.0, \"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 32.0,"
-      << " \"low_freq_factor\": 1.0, \"high_freq_factor\": 4.0, \"original_max_position_embeddings\": 8192},"
-      << " \"tie_word_embeddings\": true}";
+  random_llama_spec spec;
+  spec.vocab_size = s.vocab;
+  spec.hidden_size = s.hidden;
+  spec.intermediate_size = s.mlp;
+  spec.num_layers = s.layers;
+  spec.num_heads = s.heads;
+  spec.num_kv_heads = s.kv_heads;
+  spec.head_dim = s.head_dim;
+  spec.max_position_embeddings = 131072;
+  spec.llama3_rope_scaling = true;
   // Uniform in +-0.02*sqrt(3) (standard deviation 0.02, as transformers' initializer_range), drawn
-  // with xorshift64 and rounded to bf16 directly: 1.2 G values in seconds.
+  // with xorshift64 and rounded to bf16 directly: 1.2 G values in seconds. Norms are 1.
   uint64_t state = 0x9E3779B97F4A7C15ull;
   const float bound = 0.02f * std::sqrt(3.0f);
-  std::vector<tensor_to_write> tensors;
-  auto add = [&](const std::string& name, std::vector<int64_t> dims, bool ones) {
-    int64_t n = 1;
-    for (auto d : dims) n *= d;
-    tensor_to_write t{name, dtype::bf16, std::move(dims), std::vector<unsigned char>(static_cast<size_t>(n) * 2)};
-    for (int64_t i = 0; i < n; ++i) {
-      float v = 1.0f;
-      if (!ones) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        v = (static_cast<float>(state >> 40) / 16777216.0f * 2.0f - 1.0f) * bound;
-      }
-      const uint16_t b = f32_to_bf16(v);
-      std::memcpy(t.data.data() + 2 * i, &b, 2);
-    }
-    tensors.push_back(std::move(t));
+  auto next = [&](bool norm) {
+    if (norm) return 1.0f;
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    return (static_cast<float>(state >> 40) / 16777216.0f * 2.0f - 1.0f) * bound;
   };
-  add(tensor_names::embed_tokens(), {s.vocab, s.hidden}, false);
-  for (int64_t l = 0; l < s.layers; ++l) {
-    add(tensor_names::layer(l, "input_layernorm.weight"), {s.hidden}, true);
-    add(tensor_names::layer(l, "self_attn.q_proj.weight"), {s.heads * s.head_dim, s.hidden}, false);
-    add(tensor_names::layer(l, "self_attn.k_proj.weight"), {s.kv_heads * s.head_dim, s.hidden}, false);
-    add(tensor_names::layer(l, "self_attn.v_proj.weight"), {s.kv_heads * s.head_dim, s.hidden}, false);
-    add(tensor_names::layer(l, "self_attn.o_proj.weight"), {s.hidden, s.heads * s.head_dim}, false);
-    add(tensor_names::layer(l, "post_attention_layernorm.weight"), {s.hidden}, true);
-    add(tensor_names::layer(l, "mlp.gate_proj.weight"), {s.mlp, s.hidden}, false);
-    add(tensor_names::layer(l, "mlp.up_proj.weight"), {s.mlp, s.hidden}, false);
-    add(tensor_names::layer(l, "mlp.down_proj.weight"), {s.hidden, s.mlp}, false);
-  }
-  add(tensor_names::final_norm(), {s.hidden}, true);
-  if (auto err = write_safetensors(dir + "/model.safetensors", tensors)) fail(triplane::describe(err));
+  if (auto err = write_random_llama(dir, spec, next)) fail(triplane::describe(err));
 }
 
 // Bytes one batch-1 decode step must read: every weight once (the tied head reads the whole

@@ -29,27 +29,6 @@ bool file_exists(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0;
 }
 
-// name -> required shape, for a config.
-std::vector<std::pair<std::string, std::vector<int64_t>>> required_tensors(const model_config& c) {
-  std::vector<std::pair<std::string, std::vector<int64_t>>> out;
-  out.push_back({tensor_names::embed_tokens(), {c.vocab_size, c.hidden_size}});
-  for (int64_t l = 0; l < c.num_layers; ++l) {
-    using tensor_names::layer;
-    out.push_back({layer(l, "input_layernorm.weight"), {c.hidden_size}});
-    out.push_back({layer(l, "self_attn.q_proj.weight"), {c.q_size(), c.hidden_size}});
-    out.push_back({layer(l, "self_attn.k_proj.weight"), {c.kv_size(), c.hidden_size}});
-    out.push_back({layer(l, "self_attn.v_proj.weight"), {c.kv_size(), c.hidden_size}});
-    out.push_back({layer(l, "self_attn.o_proj.weight"), {c.hidden_size, c.q_size()}});
-    out.push_back({layer(l, "post_attention_layernorm.weight"), {c.hidden_size}});
-    out.push_back({layer(l, "mlp.gate_proj.weight"), {c.intermediate_size, c.hidden_size}});
-    out.push_back({layer(l, "mlp.up_proj.weight"), {c.intermediate_size, c.hidden_size}});
-    out.push_back({layer(l, "mlp.down_proj.weight"), {c.hidden_size, c.intermediate_size}});
-  }
-  out.push_back({tensor_names::final_norm(), {c.hidden_size}});
-  if (!c.tie_word_embeddings) out.push_back({tensor_names::lm_head(), {c.vocab_size, c.hidden_size}});
-  return out;
-}
-
 expected<std::string> read_text(const std::string& path) {
   std::ifstream file(path, std::ios::binary);
   if (!file) return make_error(errc::not_found, path + ": cannot open");
@@ -146,6 +125,26 @@ expected<std::unique_ptr<checkpoint>> checkpoint::open(const std::string& model_
   }
   if (mixed) ckpt->weight_dtype_ = dtype::f32;
   return ckpt;
+}
+
+std::vector<tensor_requirement> checkpoint::required_tensors(const model_config& c) {
+  std::vector<tensor_requirement> out;
+  out.push_back({tensor_names::embed_tokens(), {c.vocab_size, c.hidden_size}});
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    using tensor_names::layer;
+    out.push_back({layer(l, "input_layernorm.weight"), {c.hidden_size}});
+    out.push_back({layer(l, "self_attn.q_proj.weight"), {c.q_size(), c.hidden_size}});
+    out.push_back({layer(l, "self_attn.k_proj.weight"), {c.kv_size(), c.hidden_size}});
+    out.push_back({layer(l, "self_attn.v_proj.weight"), {c.kv_size(), c.hidden_size}});
+    out.push_back({layer(l, "self_attn.o_proj.weight"), {c.hidden_size, c.q_size()}});
+    out.push_back({layer(l, "post_attention_layernorm.weight"), {c.hidden_size}});
+    out.push_back({layer(l, "mlp.gate_proj.weight"), {c.intermediate_size, c.hidden_size}});
+    out.push_back({layer(l, "mlp.up_proj.weight"), {c.intermediate_size, c.hidden_size}});
+    out.push_back({layer(l, "mlp.down_proj.weight"), {c.hidden_size, c.intermediate_size}});
+  }
+  out.push_back({tensor_names::final_norm(), {c.hidden_size}});
+  if (!c.tie_word_embeddings) out.push_back({tensor_names::lm_head(), {c.vocab_size, c.hidden_size}});
+  return out;
 }
 
 located_tensor checkpoint::get(const std::string& name) const {

@@ -24,6 +24,7 @@
 #include "gpu_test_support.hpp"
 #include "test_support.hpp"
 #include "triplane/gpu/generate.hpp"
+#include "triplane/gpu/random_model.hpp"
 
 using namespace triplane::gpu;
 using namespace triplane::gpu::testing;
@@ -99,41 +100,19 @@ void check_tokens(const std::vector<int32_t>& got, const std::vector<int32_t>& w
 // A random bf16 Llama like Llama 3.2's family in small: tied embeddings, llama3 RoPE scaling,
 // head_dim 64 (the fixtures are untied with standard RoPE and head_dim 16).
 void write_random_llama3(const std::string& dir) {
-  const int64_t vocab = 1000, hidden = 256, layers = 2, heads = 4, kv_heads = 2, hd = 64, mlp = 512;
-  std::ofstream(dir + "/config.json")
-      << "{\"model_type\": \"llama\", \"vocab_size\": " << vocab << ", \"hidden_size\": " << hidden
-      << ", \"intermediate_size\": " << mlp << ", \"num_hidden_layers\": " << layers
-      << ", \"num_attention_heads\": " << heads << ", \"num_key_value_heads\": " << kv_heads << ", \"head_dim\": " << hd
-      << ", \"max_position_embeddings\": 131072, \"rms_norm_eps\": 1e-5, \"rope_theta\": 500000.0,"
-      << " \"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 32.0, \"low_freq_factor\": 1.0,"
-      << " \"high_freq_factor\": 4.0, \"original_max_position_embeddings\": 8192}, \"tie_word_embeddings\": true}";
+  random_llama_spec spec;
+  spec.vocab_size = 1000;
+  spec.hidden_size = 256;
+  spec.intermediate_size = 512;
+  spec.num_layers = 2;
+  spec.num_heads = 4;
+  spec.num_kv_heads = 2;
+  spec.head_dim = 64;
+  spec.max_position_embeddings = 131072;
+  spec.llama3_rope_scaling = true;
   std::mt19937 rng(11);
   std::normal_distribution<float> normal(0.0f, 0.05f);
-  std::vector<tensor_to_write> tensors;
-  auto add = [&](const std::string& name, std::vector<int64_t> dims, bool norm) {
-    int64_t n = 1;
-    for (auto d : dims) n *= d;
-    tensor_to_write t{name, dtype::bf16, std::move(dims), std::vector<unsigned char>(static_cast<size_t>(n) * 2)};
-    for (int64_t i = 0; i < n; ++i) {
-      const uint16_t b = f32_to_bf16(norm ? 1.0f + normal(rng) : normal(rng));
-      std::memcpy(t.data.data() + 2 * i, &b, 2);
-    }
-    tensors.push_back(std::move(t));
-  };
-  add(tensor_names::embed_tokens(), {vocab, hidden}, false);
-  for (int64_t l = 0; l < layers; ++l) {
-    add(tensor_names::layer(l, "input_layernorm.weight"), {hidden}, true);
-    add(tensor_names::layer(l, "self_attn.q_proj.weight"), {heads * hd, hidden}, false);
-    add(tensor_names::layer(l, "self_attn.k_proj.weight"), {kv_heads * hd, hidden}, false);
-    add(tensor_names::layer(l, "self_attn.v_proj.weight"), {kv_heads * hd, hidden}, false);
-    add(tensor_names::layer(l, "self_attn.o_proj.weight"), {hidden, heads * hd}, false);
-    add(tensor_names::layer(l, "post_attention_layernorm.weight"), {hidden}, true);
-    add(tensor_names::layer(l, "mlp.gate_proj.weight"), {mlp, hidden}, false);
-    add(tensor_names::layer(l, "mlp.up_proj.weight"), {mlp, hidden}, false);
-    add(tensor_names::layer(l, "mlp.down_proj.weight"), {hidden, mlp}, false);
-  }
-  add(tensor_names::final_norm(), {hidden}, true);
-  REQUIRE_FALSE(write_safetensors(dir + "/model.safetensors", tensors));
+  REQUIRE_FALSE(write_random_llama(dir, spec, [&](bool norm) { return norm ? 1.0f + normal(rng) : normal(rng); }));
 }
 
 } // namespace

@@ -2,6 +2,7 @@
 // the shards named by model.safetensors.index.json, mapped and checked against the config.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -29,8 +30,19 @@ struct located_tensor {
 /// Every tensor the config requires is present, float-typed (F32/F16/BF16) and of the shape the
 /// config implies; otherwise open() fails with an error naming the file and the tensor. Extra
 /// tensors are ignored. The mapped files stay open (and views valid) while the checkpoint lives.
+/// A tensor a checkpoint must hold: its name (see tensor_names) and shape.
+struct tensor_requirement {
+  std::string name;
+  std::vector<int64_t> shape;
+};
+
 class checkpoint {
 public:
+  /// The tensors a checkpoint of `config` must hold, in a fixed order: the embedding, each
+  /// layer's nine, the final norm, and lm_head unless the embeddings are tied. open() requires
+  /// exactly these names and shapes; writers of synthetic models use the same list.
+  static std::vector<tensor_requirement> required_tensors(const model_config& config);
+
   /// Opens `model_dir`. `config_name` selects the config file inside it (tests use
   /// "config.legacy.json"). Errors: not_found (missing files), corrupted (bad safetensors),
   /// invalid_argument (bad config, missing/mis-shaped/mis-typed tensors).
