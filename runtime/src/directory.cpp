@@ -205,6 +205,12 @@ caf::behavior activation_host(caf::stateful_actor<host_state>* self, const kind_
     spdlog::warn("activation of {} failed: {}", st.describe_self(), describe(st.activation_error));
     self->send(st.shard, ask_atom::value);
   }
+  // An error arriving as a plain message (typically the failed reply to a plain send, which CAF
+  // sends back as a message) would stop the actor under CAF's default handler and lose its
+  // unsaved state; it is logged instead. Handlers that care use request().then(..., on_error).
+  self->set_error_handler([self](caf::error& err) {
+    spdlog::warn("actor {} ignored an error message: {}", self->state.describe_self(), describe(err));
+  });
   // Messages sent to the activation directly (its own timers, replies it asked for through
   // send) reach the user's handlers too, but do not count as use: only routed calls do.
   self->set_default_handler([self](caf::scheduled_actor*, caf::message_view& view)

@@ -27,6 +27,7 @@ using boom_atom = caf::atom_constant<caf::atom("boom")>;
 using pin_atom = caf::atom_constant<caf::atom("pin")>;
 using log_atom = caf::atom_constant<caf::atom("log")>;
 using tick_atom_t = caf::atom_constant<caf::atom("ticktock")>;
+using poke_atom = caf::atom_constant<caf::atom("poke")>;
 
 /// Counts activations of the test kinds across the whole process.
 std::atomic<int> constructed{0};
@@ -62,6 +63,11 @@ public:
       [c](pin_atom, bool on) {
         if (on) c->pin(); else c->release_pin();
         return on;
+      },
+      [c](poke_atom, const caf::actor& target) {
+        // A plain send: whatever `target` answers comes back as a message, an error included.
+        c->self()->send(target, poke_atom::value);
+        return true;
       },
       [c](tick_atom_t) {
         // A self-sent timer: arrives directly, not through the directory.
@@ -309,6 +315,23 @@ TEST_CASE("a stopped directory answers calls through route() with unavailable", 
     .receive([](int64_t) {}, [&](caf::error& e) { got = std::move(e); });
   INFO(describe(got));
   CHECK(code_of(got) == errc::unavailable);
+}
+
+TEST_CASE("an error that comes back as a plain message does not stop the activation", "[directory]") {
+  fixture f;
+  constructed = 0;
+  REQUIRE(f.call<int64_t>("counter", "poker", incr_atom::value, int64_t{5}).value() == 5);
+  // An actor that answers every message with an error.
+  auto grump = f.sys->spawn([](caf::event_based_actor*) -> caf::behavior {
+    return {[](poke_atom) -> caf::result<bool> { return make_error(errc::internal, "no pokes, please"); }};
+  });
+  REQUIRE(f.call<bool>("counter", "poker", poke_atom::value, grump).value());
+  std::this_thread::sleep_for(100ms);  // the error reaches the activation as a message
+  // Same activation, unsaved state intact (the kind persists only at passivation).
+  CHECK(f.call<int64_t>("counter", "poker", caf::get_atom::value).value() == 5);
+  CHECK(constructed == 1);
+  CHECK(f.stats().failures == 0);
+  caf::anon_send_exit(grump, caf::exit_reason::user_shutdown);
 }
 
 TEST_CASE("state survives passivation and rehydration exactly", "[directory]") {
