@@ -363,7 +363,7 @@ void bench_throughput(const std::filesystem::path& base, bench::report& rep, siz
   };
   // Interleaved rounds, so that load from elsewhere on the machine hits all three alike; the
   // overhead is the median of the per-round ratios.
-  constexpr int rounds = 5;
+  constexpr int rounds = 9;
   size_t per_round = std::max<size_t>(calls / rounds, 1000);
   std::vector<double> raw_rates, route_rates, front_rates, route_ratios, front_ratios;
   std::vector<double> raw_lat, route_lat, front_lat;
@@ -384,8 +384,8 @@ void bench_throughput(const std::filesystem::path& base, bench::report& rep, siz
   add_row("raw CAF request/response", raw_rates, raw_lat, raw_cpu);
   add_row("directory (via route())", route_rates, route_lat, route_cpu);
   add_row("directory (via front actor)", front_rates, front_lat, front_cpu);
-  rep.add("overhead vs raw CAF (median of 5 rounds)", "via_route_x", percentile(route_ratios, 50));
-  rep.add("overhead vs raw CAF (median of 5 rounds)", "via_front_x", percentile(front_ratios, 50));
+  rep.add("overhead vs raw CAF (median of 9 rounds)", "via_route_x", percentile(route_ratios, 50));
+  rep.add("overhead vs raw CAF (median of 9 rounds)", "via_front_x", percentile(front_ratios, 50));
   rep.add("CPU per call vs raw CAF", "via_route_x", percentile(route_cpu, 50) / percentile(raw_cpu, 50));
   rep.add("CPU per call vs raw CAF", "via_front_x", percentile(front_cpu, 50) / percentile(raw_cpu, 50));
   caf::scoped_actor self{*env.sys};
