@@ -415,7 +415,9 @@ bool sandbox_process::drain_step(std::chrono::steady_clock::time_point until) {
   // the deadline and kill_tree() end it.
   bool stalled = (wants_read(out_fd_, output_stream::out) || wants_read(err_fd_, output_stream::err))
                  && now - last_output_ > seconds(2);
-  if (output_dropped_ || past_deadline || stalled || (out_fd_ < 0 && err_fd_ < 0)) {
+  // A tree we killed (cancel, timeout, CPU or quota) does not wait for credit: what its pipes
+  // still hold is dropped.
+  if (killed_ || output_dropped_ || past_deadline || stalled || (out_fd_ < 0 && err_fd_ < 0)) {
     if (out_fd_ >= 0 || err_fd_ >= 0) {
       output_dropped_ = true;
       if (out_fd_ >= 0) result_.stdout_truncated = true;
@@ -660,10 +662,8 @@ void sandbox_process::release() {
 
 void sandbox_process::kill_tree() {
   if (finished_) return;
-  if (reaped_) {  // the tree has ended (its pid may be reused): only its output is left
-    output_dropped_ = true;
-    return;
-  }
+  killed_ = true;
+  if (reaped_) return;  // the tree has ended (its pid may be reused): only its output is left
   // bwrap's pid-1 child holds PR_SET_PDEATHSIG(SIGKILL) (--die-with-parent): killing bwrap
   // kills it, and the kernel then kills every process of the pid namespace. The cgroup sweep
   // covers the window in which the namespace is still being set up.

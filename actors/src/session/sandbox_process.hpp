@@ -69,7 +69,7 @@ public:
   /// to the sink only: result()'s stdout_data/stderr_data stay empty (the truncated flags still
   /// say where the caps cut). After the command has ended its pipes are drained under the
   /// same credit, until the wall-clock deadline (then the rest is dropped and the result says
-  /// so) or kill_tree().
+  /// so); a tree ended by kill_tree() (cancel, timeout, limits) has the rest dropped at once.
   static expected<std::unique_ptr<sandbox_process>> start(
     const sandbox_config& config, launch_spec spec, output_sink sink,
     std::shared_ptr<output_credit> credit = nullptr);
@@ -114,6 +114,7 @@ private:
   uint64_t out_bytes_ = 0, err_bytes_ = 0;  ///< bytes given to the sink or kept, per stream
   bool reaped_ = false;        ///< bwrap reaped; pipes still being drained (flow control)
   bool output_dropped_ = false;///< the drain was cut short (kill_tree or deadline)
+  bool killed_ = false;        ///< kill_tree() was called
   int reaped_status_ = 0;
   std::unique_ptr<::rusage> reaped_usage_;
   std::chrono::steady_clock::time_point last_output_;

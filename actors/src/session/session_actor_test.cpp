@@ -378,6 +378,42 @@ TEST_CASE("a sink that grants no more credit holds a fast command in its pipe un
   f.passivate(a);
 }
 
+TEST_CASE("a flow-controlled exec held by a sink that grants nothing ends at once when cancelled, "
+          "not at its timeout", "[session][actor][flow][cancel]") {
+  fixture f;
+  auto a = f.activate("held");
+  caf::scoped_actor self{*f.sys};
+  auto req = shell("yes | head -c 100000000");
+  req.limits.stdout_cap_bytes = 200u << 20;
+  req.timeout_ms = 30000;
+  const uint64_t window = 8192;
+  self->send(a.handle, exec_stream_atom::value, req, caf::actor{self}, window);
+  uint64_t received = 0;
+  // The window arrives, then nothing: the command waits on its full pipe.
+  while (received < window)
+    self->receive([&](exec_chunk_atom, const exec_chunk& c) { received += c.data.size(); },
+                  caf::after(10s) >> [] { FAIL("no output"); });
+  std::this_thread::sleep_for(300ms);
+  auto start = std::chrono::steady_clock::now();
+  CHECK(call<bool>(*f.sys, a.handle, exec_cancel_atom::value, self->address()));
+  bool done = false;
+  while (!done)
+    self->receive([&](exec_chunk_atom, const exec_chunk& c) { received += c.data.size(); },
+                  [&](exec_result& r) {
+                    CHECK(r.term_signal == 9);
+                    CHECK(r.message.find("cancelled") != std::string::npos);
+                    done = true;
+                  },
+                  caf::after(20s) >> [&] {
+                    FAIL("no result");
+                    done = true;
+                  });
+  CHECK(std::chrono::steady_clock::now() - start < 5s);
+  CHECK(received == window);
+  CHECK(a.ctx->pins == 0);
+  f.passivate(a);
+}
+
 TEST_CASE("credit is a bound on what the session sends, not a kill: a sink that stalls and then "
           "resumes gets everything", "[session][actor][flow]") {
   fixture f;

@@ -305,7 +305,7 @@ expected<exec_result> session_core::exec(const exec_request& req, sandbox_proces
   exec_running_ = true;
   auto next_check = std::chrono::steady_clock::now() + std::chrono::seconds(1);
   while (!(*proc)->pump(50)) {
-    if (cancel_requested_.exchange(false) && !cancelled) {
+    if (cancel_requested_.exchange(false)) {  // again after the first: see kill_tree
       cancelled = true;
       (*proc)->kill_tree();
     }
