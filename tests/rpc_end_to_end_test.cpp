@@ -760,4 +760,8 @@ TEST_CASE("a client that disconnects mid-generation has its call cancelled, the 
   for (const auto& [c, n] : m->errors)
     if (c == "cancelled") cancelled = n;
   CHECK(cancelled == 1);
+  // Operators see the worker's counters in `triplane-cli stats`.
+  auto cli = output_of("TRIPLANE_ENDPOINT=" + node.endpoint() + " TRIPLANE_TOKEN="
+                       + node.tokens().ops + " " + TRIPLANE_CLI + " stats 2>&1");
+  CHECK(cli.find("completed 1, cancelled 1,") != std::string::npos);
 }
