@@ -16,6 +16,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -418,11 +419,13 @@ bool sandbox_process::drain_step(std::chrono::steady_clock::time_point until) {
   // A tree we killed (cancel, timeout, CPU or quota) does not wait for credit: what its pipes
   // still hold is dropped.
   if (killed_ || output_dropped_ || past_deadline || stalled || (out_fd_ < 0 && err_fd_ < 0)) {
-    if (out_fd_ >= 0 || err_fd_ >= 0) {
-      output_dropped_ = true;
-      if (out_fd_ >= 0) result_.stdout_truncated = true;
-      if (err_fd_ >= 0) result_.stderr_truncated = true;
-    }
+    // Only output that was there counts as dropped (an open pipe may just not have shown EOF).
+    auto holds_data = [](int fd) {
+      int n = 0;
+      return fd >= 0 && (::ioctl(fd, FIONREAD, &n) != 0 || n > 0);
+    };
+    if (holds_data(out_fd_)) result_.stdout_truncated = output_dropped_ = true;
+    if (holds_data(err_fd_)) result_.stderr_truncated = output_dropped_ = true;
     finish(reaped_status_, *reaped_usage_);
     return true;
   }
@@ -626,7 +629,9 @@ void sandbox_process::finish(int wait_status, const ::rusage& usage) {
   if (r.term_signal == SIGXFSZ) note += "file size limit hit; ";
   if (r.stdout_truncated) note += "stdout truncated; ";
   if (r.stderr_truncated) note += "stderr truncated; ";
-  if (output_dropped_) note += "output after the command ended was not delivered (the sink took no more before the deadline, or the exec was cancelled); ";
+  if (output_dropped_)
+    note += "output still in the pipes when the command ended was dropped (it was killed, or "
+            "the sink took no more before the deadline); ";
   if (!note.empty()) note.resize(note.size() - 2);
   r.message = note;
   cgroup_.reset();

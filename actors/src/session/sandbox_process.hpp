@@ -113,7 +113,7 @@ private:
   std::shared_ptr<output_credit> credit_;  ///< null: no flow control
   uint64_t out_bytes_ = 0, err_bytes_ = 0;  ///< bytes given to the sink or kept, per stream
   bool reaped_ = false;        ///< bwrap reaped; pipes still being drained (flow control)
-  bool output_dropped_ = false;///< the drain was cut short (kill_tree or deadline)
+  bool output_dropped_ = false;///< output was left in the pipes (killed, or the deadline)
   bool killed_ = false;        ///< kill_tree() was called
   int reaped_status_ = 0;
   std::unique_ptr<::rusage> reaped_usage_;

@@ -414,6 +414,42 @@ TEST_CASE("a flow-controlled exec held by a sink that grants nothing ends at onc
   f.passivate(a);
 }
 
+TEST_CASE("output still in the pipe when the command has ended is delivered as credit comes, and "
+          "dropped at the deadline when none comes", "[session][actor][flow]") {
+  fixture f;
+  auto a = f.activate("tail");
+  caf::scoped_actor self{*f.sys};
+  // 40000 bytes: the window, the rest fits the pipe, so the command exits at once.
+  auto req = shell("head -c 40000 /dev/zero | tr '\\0' 'q'");
+  req.limits.stdout_cap_bytes = 1u << 20;
+  req.timeout_ms = 1500;
+  const uint64_t window = 8192;
+  SECTION("credit after the exit gets the rest") {
+    bool paused = false;
+    auto run = run_with_credit(self, a.handle, req, window, [&](size_t) {
+      if (!paused) {
+        paused = true;
+        std::this_thread::sleep_for(500ms);  // the command ends meanwhile
+      }
+      return true;
+    });
+    REQUIRE_FALSE(run.error);
+    CHECK(run.result.exit_code == 0);
+    CHECK_FALSE(run.result.stdout_truncated);
+    CHECK(run.out == std::string(40000, 'q'));
+  }
+  SECTION("no credit: the rest is dropped at the deadline and the result says so") {
+    auto run = run_with_credit(self, a.handle, req, window, [](size_t) { return false; });
+    REQUIRE_FALSE(run.error);
+    CHECK(run.received == window);
+    CHECK(run.result.exited);
+    CHECK(run.result.exit_code == 0);
+    CHECK(run.result.stdout_truncated);
+    CHECK(run.result.message.find("dropped") != std::string::npos);
+  }
+  f.passivate(a);
+}
+
 TEST_CASE("credit is a bound on what the session sends, not a kill: a sink that stalls and then "
           "resumes gets everything", "[session][actor][flow]") {
   fixture f;
