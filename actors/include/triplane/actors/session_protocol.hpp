@@ -261,7 +261,8 @@ enum class output_stream : uint8_t { out = 1, err = 2 };
 
 /// A piece of a streaming exec's output, in order per stream. `seq` counts chunks of one exec
 /// from 0 so a sink can detect loss. Chunks stop at the caps; the final exec_result then says
-/// truncated (its stdout_data/stderr_data hold the same capped bytes).
+/// truncated (without flow control its stdout_data/stderr_data hold the same capped bytes; with
+/// it they are empty).
 struct exec_chunk {
   uint64_t seq = 0;
   output_stream stream = output_stream::out;
