@@ -373,9 +373,9 @@ TEST_CASE("a slow-reading client gets all of an exec output far larger than the 
   auto start = std::chrono::steady_clock::now();
   auto r = s->exec(opts, [&](triplane::client::output_stream st, std::string_view chunk) {
     (st == triplane::client::output_stream::out ? out : err) += chunk;
-    if (++chunks % 8 == 0) {
+    if (++chunks % 4 == 0) {
       rss_peak = std::max(rss_peak, node.rss_kib());
-      std::this_thread::sleep_for(20ms);  // a slow reader
+      std::this_thread::sleep_for(20ms);  // a slow reader: ~1 s of sleeps in all
     }
   });
   auto took = std::chrono::steady_clock::now() - start;
