@@ -233,6 +233,23 @@ struct RpcMetrics {
   authFailures @4 :UInt64;
 }
 
+struct InferenceStats {
+  # The node's inference worker: load as of its last engine step, counters since it (re)started.
+  running @0 :Int64;             # requests in the batch
+  queued @1 :Int64;              # accepted, waiting to join the batch
+  tokensGenerated @2 :UInt64;
+  promptTokensProcessed @3 :UInt64;
+  steps @4 :UInt64;              # engine forward steps
+  requestsAccepted @5 :UInt64;
+  requestsRejected @6 :UInt64;   # answered overloaded
+  requestsCompleted @7 :UInt64;  # finished by length or stop
+  requestsCancelled @8 :UInt64;  # cancelled call, or its client disconnected
+  requestsFailed @9 :UInt64;
+  preemptions @10 :UInt64;
+  kvBlocksFree @11 :Int64;
+  kvBlocksTotal @12 :Int64;
+}
+
 interface Admin {
   nodeStats @0 () -> (stats :NodeStats);
   supervisionTree @1 () -> (text :Text);
@@ -240,4 +257,6 @@ interface Admin {
   # Stops accepting new calls (they get `unavailable`), waits for in-flight calls up to the
   # deadline, then cancels the rest; answers how many were cancelled.
   rpcMetrics @3 () -> (metrics :RpcMetrics);
+  inferenceStats @4 () -> (stats :InferenceStats);
+  # unavailable when the node serves no model (or its worker is restarting).
 }

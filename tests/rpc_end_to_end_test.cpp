@@ -353,6 +353,96 @@ TEST_CASE("a client killed mid-exec gets its command cancelled on the node", "[r
   REQUIRE(s->kv_put("still", "serving"));
 }
 
+TEST_CASE("a slow-reading client gets all of an exec output far larger than the node's output "
+          "buffer, intact and in order", "[rpc][flow]") {
+  // A 1 MiB window; ~11 MB of output read at a few MB/s: the command waits on its pipe for the
+  // client instead of being killed.
+  node_process node({"--triplane.rpc-exec-output-buffer=1048576"});
+  auto alice = connect_as(node, node.tokens().alice);
+  auto s = alice->open_session("bulk", true);
+  REQUIRE(s);
+  std::string expected;
+  for (int i = 1; i <= 1500000; ++i) expected += std::to_string(i) + "\n";
+  triplane::client::exec_options opts;
+  opts.shell = "seq 1 1500000";
+  opts.output_cap_bytes = 32u << 20;
+  std::string out, err;
+  int chunks = 0;
+  auto rss_start = node.rss_kib();
+  long rss_peak = rss_start;
+  auto start = std::chrono::steady_clock::now();
+  auto r = s->exec(opts, [&](triplane::client::output_stream st, std::string_view chunk) {
+    (st == triplane::client::output_stream::out ? out : err) += chunk;
+    if (++chunks % 4 == 0) {
+      rss_peak = std::max(rss_peak, node.rss_kib());
+      std::this_thread::sleep_for(20ms);  // a slow reader: ~1 s of sleeps in all
+    }
+  });
+  auto took = std::chrono::steady_clock::now() - start;
+  REQUIRE(r);
+  INFO("took " << std::chrono::duration_cast<std::chrono::milliseconds>(took).count()
+               << " ms in " << chunks << " chunks; RSS start " << rss_start << " KiB, peak "
+               << rss_peak << " KiB");
+  CHECK(r->exit_code == 0);
+  CHECK(r->signal == 0);
+  CHECK_FALSE(r->truncated);
+  CHECK(out.size() == expected.size());
+  CHECK(out == expected);
+  CHECK(err.empty());
+  CHECK(took > 500ms);  // the client set the pace
+  // The node held about a window of it, not the whole output.
+  CHECK(rss_peak - rss_start < 8 * 1024);
+  auto ops = connect_as(node, node.tokens().ops);
+  auto m = ops->metrics();
+  REQUIRE(m);
+  for (const auto& [c, n] : m->errors) CHECK(c != "limit_exceeded");
+}
+
+TEST_CASE("a dropped exec call still queued behind another exec of its session never runs, and "
+          "the running exec is not disturbed", "[rpc][cancel]") {
+  node_process node;
+  auto io = kj::setupAsyncIo();
+  auto addr = io.provider->getNetwork().parseAddress(node.endpoint()).wait(io.waitScope);
+  auto stream = addr->connect().wait(io.waitScope);
+  capnp::TwoPartyClient rpc(*stream);
+  auto boot = rpc.bootstrap().castAs<triplane::api::Bootstrap>();
+  auto auth = boot.authenticateRequest();
+  auth.setToken(node.tokens().alice);
+  auto tenant = auth.send().getTenant();
+  auto open = tenant.sessionRequest();
+  open.setId("queued");
+  open.setCreate(true);
+  auto session = open.send().getSession();
+  auto wait_ms = [&](int ms) {
+    io.provider->getTimer().afterDelay(ms * kj::MILLISECONDS).wait(io.waitScope);
+  };
+  auto first = session.execRequest();
+  first.initRequest().setShell("sleep 2; echo first");
+  auto first_done = first.send();
+  wait_ms(500);  // the first command runs
+  {
+    auto second = session.execRequest();
+    second.initRequest().setShell("echo ran > marker.txt");
+    auto second_done = second.send();
+    wait_ms(300);  // the call has reached the session and waits behind the first command
+  }  // dropped here: the call is cancelled
+  auto r = first_done.wait(io.waitScope).getResult();
+  CHECK(r.getExitCode() == 0);
+  CHECK(r.getSignal() == 0);
+  auto first_out = r.getStdout();
+  CHECK(std::string(reinterpret_cast<const char*>(first_out.begin()), first_out.size())
+        == "first\n");
+  wait_ms(1000);  // room for anything still queued to run (it must not)
+  auto check = session.execRequest();
+  check.initRequest().setShell("test -e marker.txt && echo present || echo absent");
+  auto c = check.send().wait(io.waitScope).getResult();
+  auto text = c.getStdout();
+  CHECK(std::string(reinterpret_cast<const char*>(text.begin()), text.size()) == "absent\n");
+  auto ls = session.listFilesRequest();
+  auto files = ls.send().wait(io.waitScope).getEntries();
+  for (auto f : files) CHECK(std::string(f.getPath().cStr()) != "marker.txt");
+}
+
 TEST_CASE("per-tenant limits answer overloaded and limit_exceeded instead of queuing",
           "[rpc][limits]") {
   node_process node({"--triplane.rpc-max-calls=4", "--triplane.rpc-max-sessions=3"});
@@ -598,8 +688,8 @@ TEST_CASE("greedy tokens generated over RPC by the node's inference worker equal
   }
 }
 
-TEST_CASE("a client that disconnects mid-generation has its call cancelled and the worker keeps "
-          "serving", "[rpc][inference][cancel]") {
+TEST_CASE("a client that disconnects mid-generation has its call cancelled, the worker stops "
+          "generating for it and keeps serving", "[rpc][inference][cancel]") {
   if (!have_tiny_model()) return;
   node_process node({"--model", tiny_model});
   // A long generation from a child process that is killed once tokens flow.
@@ -624,8 +714,33 @@ TEST_CASE("a client that disconnects mid-generation has its call cancelled and t
   char x;
   REQUIRE(read(pipe_fds[0], &x, 1) == 1);
   close(pipe_fds[0]);
+  auto ops = connect_as(node, node.tokens().ops);
+  auto before = ops->inference_stats();
+  REQUIRE(before);
   kill(child, SIGKILL);
   waitpid(child, nullptr, 0);
+  // The worker stops generating for it: the request leaves the batch as cancelled (not
+  // completed) well short of its 1000 tokens, and the token counter stops moving.
+  INFO("before the kill: running " << before->running << ", tokens " << before->tokens_generated);
+  CHECK(before->requests_accepted == 1);
+  CHECK(before->requests_completed == 0);  // it was generating when the client was killed
+  triplane::client::inference_worker_stats after;
+  for (int i = 0; i < 100; ++i) {
+    auto st = ops->inference_stats();
+    REQUIRE(st);
+    after = *st;
+    if (after.running == 0 && after.queued == 0) break;
+    std::this_thread::sleep_for(50ms);
+  }
+  INFO("after: tokens " << after.tokens_generated << ", cancelled " << after.requests_cancelled);
+  CHECK(after.running == 0);
+  CHECK(after.requests_cancelled == 1);
+  CHECK(after.requests_completed == 0);
+  CHECK(after.tokens_generated < 1000);
+  std::this_thread::sleep_for(300ms);
+  auto later = ops->inference_stats();
+  REQUIRE(later);
+  CHECK(later->tokens_generated == after.tokens_generated);
   // The worker is free again: a short generation completes quickly, and with the same tokens
   // as before (nothing of the cancelled request leaks into it).
   auto alice = connect_as(node, node.tokens().alice);
@@ -638,13 +753,15 @@ TEST_CASE("a client that disconnects mid-generation has its call cancelled and t
   CHECK(r->generated_tokens == 4);
   CHECK(std::chrono::steady_clock::now() - start < 20s);
   // The node saw the disconnect as a cancelled call (the adapter then sends the worker
-  // inf_cancel and stops the sink actor, which the worker monitors). The worker's own counters
-  // are not exposed over RPC, so the kill on the worker is not observed here.
-  auto ops = connect_as(node, node.tokens().ops);
+  // inf_cancel and stops the sink actor, which the worker monitors).
   auto m = ops->metrics();
   REQUIRE(m);
   uint64_t cancelled = 0;
   for (const auto& [c, n] : m->errors)
     if (c == "cancelled") cancelled = n;
   CHECK(cancelled == 1);
+  // Operators see the worker's counters in `triplane-cli stats`.
+  auto cli = output_of("TRIPLANE_ENDPOINT=" + node.endpoint() + " TRIPLANE_TOKEN="
+                       + node.tokens().ops + " " + TRIPLANE_CLI + " stats 2>&1");
+  CHECK(cli.find("completed 1, cancelled 1,") != std::string::npos);
 }

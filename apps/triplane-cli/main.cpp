@@ -38,7 +38,8 @@ Other commands:
            [--seed S] [--stop ID,...] [--model NAME]
         stream generated token ids (comma-separated; the node has no tokenizer)
   models                                the served model(s)
-  stats                                 node stats and RPC metrics (admin token)
+  stats                                 node stats, RPC metrics, inference worker counters
+                                        (admin token)
   hash-token TENANT tenant|admin [TOKEN]
         prints a tokens-file line for TOKEN (a fresh random token when omitted, shown on
         stderr)
@@ -224,6 +225,16 @@ int run_stats(triplane::client::connection& conn) {
   for (const auto& [code, n] : m->errors) std::cout << " " << code << "=" << n;
   std::cout << "\nconnections total " << m->connections_total << ", auth failures "
             << m->auth_failures << "\n";
+  // Only on nodes that serve a model (unavailable otherwise: then nothing is printed).
+  if (auto inf = conn.inference_stats()) {
+    std::cout << "\ninference: running " << inf->running << ", queued " << inf->queued
+              << ", tokens generated " << inf->tokens_generated << ", requests accepted "
+              << inf->requests_accepted << ", completed " << inf->requests_completed
+              << ", cancelled " << inf->requests_cancelled << ", rejected "
+              << inf->requests_rejected << ", failed " << inf->requests_failed
+              << ", preemptions " << inf->preemptions << ", KV blocks free "
+              << inf->kv_blocks_free << "/" << inf->kv_blocks_total << "\n";
+  }
   return 0;
 }
 

@@ -179,12 +179,19 @@ std::string from_data(capnp::Data::Reader d) {
 }
 
 // ------------------------------------------------------------------------------------------
-// Exec output. A streaming exec (actors::exec_stream_atom) sends its chunks to a relay actor as
-// plain messages: the session protocol has no credit, what one exec can send is bounded only by
-// its output caps. The relay queues them here and the RPC thread drains the queue into the
-// client's sink (`-> stream` flow control). The queue is bounded by max_exec_output_buffer: a
-// client that reads slower than the command writes past it gets limit_exceeded and the command
-// is killed (actors::exec_cancel_atom), so the node's memory stays bounded either way.
+// Exec output. A streaming exec is flow-controlled end to end (actors::exec_stream_atom with a
+// window, see session_protocol.hpp): the session sends its chunks to a relay actor, which queues
+// them here; the RPC thread drains the queue into the client's sink (`OutputSink.write`,
+// `-> stream` flow control) and, as each write completes on the kj side (the stream's window
+// has room again), grants its size back to the session as credit through the relay. The
+// session stops reading the command's pipes while it has no credit, so a slow client slows the
+// command (it blocks in write()) instead of having it killed, and the queue never holds more
+// than the window (max_exec_output_buffer). A client that never reads holds its command until
+// the exec's timeout or the call's deadline, or until it disconnects (then the exec is
+// cancelled): node memory stays bounded by the window either way. The overflow check below is
+// only a safety net against a session that would ignore credit.
+using exec_grant_atom = caf::atom_constant<caf::atom("rpc_grant")>;
+using exec_drop_atom = caf::atom_constant<caf::atom("rpc_drop")>;
 
 struct exec_channel {
   explicit exec_channel(uint64_t cap) : max_bytes(cap) {}
@@ -235,46 +242,60 @@ struct exec_channel {
 
 using channel_ptr = std::shared_ptr<exec_channel>;
 
-/// Issues the exec request (streaming when the client gave a sink) and receives its chunks.
-/// Every chunk is enqueued in this actor's mailbox before the session sends its reply, so the
-/// reply is handled after the last chunk.
+/// Issues the exec request (streaming, flow-controlled by `window`, when the client gave a sink)
+/// and receives its chunks. Every chunk is enqueued in this actor's mailbox before the session
+/// sends its reply, so the reply is handled after the last chunk. Takes from the RPC thread
+/// `(exec_grant_atom, bytes)`: credit, passed on to the session (the chunks' sender); and
+/// `(exec_drop_atom)`: the call is gone, cancel the exec unless the session answered it, stop.
 caf::behavior exec_relay(caf::event_based_actor* self, channel_ptr ch, caf::actor directory,
                          std::string full_id, actors::exec_request req, bool streamed,
-                         milliseconds timeout) {
+                         uint64_t window, milliseconds timeout) {
   auto me = caf::actor_cast<caf::actor>(self);
-  auto msg = streamed ? caf::make_message(actors::exec_stream_atom::value, std::move(req), me)
-                      : caf::make_message(actors::exec_atom::value, std::move(req));
+  auto msg = streamed
+               ? caf::make_message(actors::exec_stream_atom::value, std::move(req), me, window)
+               : caf::make_message(actors::exec_atom::value, std::move(req));
+  struct relay_state {
+    caf::actor session;     ///< the chunks' sender: where credit goes
+    bool answered = false;  ///< the session replied (result or error): nothing to cancel
+  };
+  auto st = std::make_shared<relay_state>();
   self->request(directory, caf::duration{timeout}, runtime::call_atom::value,
-                std::string("session"), std::move(full_id), std::move(msg))
-    .then([ch](actors::exec_result& r) { ch->finish(std::move(r)); },
-          [ch](caf::error& e) { ch->fail(std::move(e)); });
+                std::string("session"), full_id, std::move(msg))
+    .then(
+      [ch, st](actors::exec_result& r) {
+        st->answered = true;
+        ch->finish(std::move(r));
+      },
+      [ch, st](caf::error& e) {
+        // A reply timeout is ours, not the session's: the exec may still be queued or running.
+        st->answered = e != caf::sec::request_timeout;
+        ch->fail(std::move(e));
+      });
   return {
-    [ch](actors::exec_chunk_atom, actors::exec_chunk& c) { ch->push(c.stream, std::move(c.data)); },
+    [self, ch, st](actors::exec_chunk_atom, actors::exec_chunk& c) {
+      if (!st->session) st->session = caf::actor_cast<caf::actor>(self->current_sender());
+      ch->push(c.stream, std::move(c.data));
+    },
+    [self, st](exec_grant_atom, uint64_t bytes) {
+      if (st->session) self->send(st->session, actors::exec_credit_atom::value, bytes);
+    },
+    [self, st, directory, full_id](exec_drop_atom) {
+      // Keyed by this relay (the exec's requester) and sent along the request's own path, so
+      // it cannot overtake the request: a queued exec is removed, a running one killed, and
+      // another call's exec in the same session is never touched.
+      if (!st->answered)
+        self->send(directory, runtime::call_atom::value, std::string("session"), full_id,
+                   caf::make_message(actors::exec_cancel_atom::value, self->address()));
+      self->quit();
+    },
   };
 }
 
-/// Kills the exec (actors::exec_cancel_atom) unless the session already answered it (result
-/// or error: then it is not running, and a cancel would hit another call's exec in the same
-/// session), and stops the relay actor. The session kills the exec it is running now: an exec
-/// of this call that is still queued behind another one of the same session is not removed
-/// from the queue (it then runs, its output going nowhere, bounded by its timeout).
+/// Ends the relay with the call (exec_drop_atom): the exec is cancelled unless the session
+/// already answered it.
 struct exec_guard {
-  exec_guard(server_core& c, std::string id, channel_ptr chan, caf::actor r)
-    : core(c), full_id(std::move(id)), ch(std::move(chan)), relay(std::move(r)) {}
-  ~exec_guard() {
-    bool answered = false;
-    {
-      std::lock_guard<std::mutex> lock{ch->mu};
-      answered = ch->result || (ch->error && *ch->error != caf::sec::request_timeout);
-    }
-    if (!answered)
-      caf::anon_send(core.directory, runtime::call_atom::value, std::string("session"), full_id,
-                     caf::make_message(actors::exec_cancel_atom::value));
-    caf::anon_send_exit(relay, caf::exit_reason::user_shutdown);
-  }
-  server_core& core;
-  std::string full_id;
-  channel_ptr ch;
+  explicit exec_guard(caf::actor r) : relay(std::move(r)) {}
+  ~exec_guard() { caf::anon_send(relay, exec_drop_atom::value); }
   caf::actor relay;
 };
 
@@ -339,10 +360,11 @@ public:
       req.limits.stdout_cap_bytes = req.limits.stderr_cap_bytes = cap;
       bool has_sink = params.hasSink();
       auto sink = params.getSink();
-      auto ch = std::make_shared<exec_channel>(core_.opts.limits.max_exec_output_buffer);
+      const auto window = core_.opts.limits.max_exec_output_buffer;
+      auto ch = std::make_shared<exec_channel>(window);
       auto relay = core_.bridge.system().spawn(exec_relay, ch, core_.directory, full_id_,
-                                               std::move(req), has_sink, deadline);
-      auto guard = kj::heap<exec_guard>(core_, full_id_, ch, relay);
+                                               std::move(req), has_sink, window, deadline);
+      auto guard = kj::heap<exec_guard>(relay);
       auto state = kj::heap<exec_output>();
       {
         auto paf = kj::newPromiseAndCrossThreadFulfiller<void>();
@@ -353,6 +375,7 @@ public:
       }
       state->has_sink = has_sink;
       if (has_sink) state->sink = sink;
+      state->relay = relay;
       auto* st = state.get();
       auto max_unstreamed = core_.opts.limits.max_unstreamed_output;
       return pump(ch, *st).then([ctx, st, max_unstreamed]() mutable {
@@ -544,6 +567,7 @@ private:
   struct exec_output {
     bool has_sink = false;
     api::OutputSink::Client sink{nullptr};
+    caf::actor relay;  ///< takes the credit granted as writes complete
     std::optional<actors::exec_result> result;
     kj::ForkedPromise<void> interrupted = nullptr;
   };
@@ -570,7 +594,7 @@ private:
       if (ch->overflow)
         return wire::make_exception(
           errc::limit_exceeded,
-          "the client did not read exec output fast enough (more than "
+          "the session sent more exec output than its credit (more than "
             + std::to_string(ch->max_bytes) + " bytes queued); the command was killed");
       batch.swap(ch->chunks);
       ch->queued_bytes = 0;
@@ -612,9 +636,12 @@ private:
     req.setStream(batch.front().first == actors::output_stream::err ? api::OutputStream::STDERR
                                                                     : api::OutputStream::STDOUT);
     req.setChunk(as_data(batch.front().second));
+    uint64_t bytes = batch.front().second.size();
     batch.pop_front();
-    // A streaming send resolves when the flow-control window has room, not on delivery.
-    return req.send().then([this, b = std::move(batch), &st]() mutable {
+    // A streaming send resolves when the flow-control window has room, not on delivery: then
+    // the session may send that much more.
+    return req.send().then([this, b = std::move(batch), &st, bytes]() mutable {
+      caf::anon_send(st.relay, exec_grant_atom::value, bytes);
       return send_batch(std::move(b), st);
     });
   }
@@ -929,6 +956,33 @@ public:
       return core_.drain(ms).then([ctx](size_t cancelled) mutable {
         ctx.getResults().setCancelled(static_cast<uint32_t>(cancelled));
       });
+    }, true);
+  }
+
+  kj::Promise<void> inferenceStats(InferenceStatsContext ctx) override {
+    return core_.run("Admin.inferenceStats", tenant_, deadline(), [this, ctx]() mutable {
+      if (!core_.opts.inference)
+        wire::fail(errc::unavailable, "inference is not available on this node (no model served)");
+      return core_.bridge
+        .ask<inf::worker_stats>(core_.opts.inference,
+                                routed(core_.opts, caf::make_message(inf::stats_atom::value)),
+                                deadline())
+        .then([ctx](inf::worker_stats&& s) mutable {
+          auto out = ctx.getResults().initStats();
+          out.setRunning(s.running);
+          out.setQueued(s.queued);
+          out.setTokensGenerated(s.tokens_generated);
+          out.setPromptTokensProcessed(s.prompt_tokens_processed);
+          out.setSteps(s.steps);
+          out.setRequestsAccepted(s.requests_accepted);
+          out.setRequestsRejected(s.requests_rejected);
+          out.setRequestsCompleted(s.requests_completed);
+          out.setRequestsCancelled(s.requests_cancelled);
+          out.setRequestsFailed(s.requests_failed);
+          out.setPreemptions(s.preemptions);
+          out.setKvBlocksFree(s.kv_blocks_free);
+          out.setKvBlocksTotal(s.kv_blocks_total);
+        });
     }, true);
   }
 

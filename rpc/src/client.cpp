@@ -226,6 +226,29 @@ expected<node_stats> connection::stats() {
     }));
 }
 
+expected<inference_worker_stats> connection::inference_stats() {
+  auto admin = impl_->tenant.adminRequest().send().getAdmin();
+  return impl_->wait(admin.inferenceStatsRequest().send().then(
+    [](capnp::Response<api::Admin::InferenceStatsResults>&& res) {
+      auto s = res.getStats();
+      inference_worker_stats out;
+      out.running = s.getRunning();
+      out.queued = s.getQueued();
+      out.kv_blocks_free = s.getKvBlocksFree();
+      out.kv_blocks_total = s.getKvBlocksTotal();
+      out.tokens_generated = s.getTokensGenerated();
+      out.prompt_tokens_processed = s.getPromptTokensProcessed();
+      out.steps = s.getSteps();
+      out.requests_accepted = s.getRequestsAccepted();
+      out.requests_rejected = s.getRequestsRejected();
+      out.requests_completed = s.getRequestsCompleted();
+      out.requests_cancelled = s.getRequestsCancelled();
+      out.requests_failed = s.getRequestsFailed();
+      out.preemptions = s.getPreemptions();
+      return out;
+    }));
+}
+
 expected<rpc_metrics> connection::metrics() {
   auto admin = impl_->tenant.adminRequest().send().getAdmin();
   return impl_->wait(admin.rpcMetricsRequest().send().then(

@@ -16,6 +16,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -200,9 +201,11 @@ expected<sandbox_config> sandbox_config::detect(const cgroup_host* cgroups,
 
 expected<std::unique_ptr<sandbox_process>> sandbox_process::start(const sandbox_config& config,
                                                                   launch_spec spec,
-                                                                  output_sink sink) {
+                                                                  output_sink sink,
+                                                                  std::shared_ptr<output_credit> credit) {
   if (spec.argv.empty() || spec.argv.front().empty())
     return make_error(errc::invalid_argument, "empty command");
+  if (credit && !sink) return make_error(errc::invalid_argument, "flow control without a sink");
   auto proc = std::unique_ptr<sandbox_process>(new sandbox_process);
   auto& r = proc->result_;
 
@@ -355,6 +358,7 @@ expected<std::unique_ptr<sandbox_process>> sandbox_process::start(const sandbox_
   if (spec.timeout_ms) proc->deadline_ = proc->started_ + std::chrono::milliseconds(spec.timeout_ms);
   proc->spec_ = std::move(spec);
   proc->sink_ = std::move(sink);
+  proc->credit_ = std::move(credit);
   (void)now_unix_ms;
   return proc;
 }
@@ -364,15 +368,25 @@ void sandbox_process::read_stream(int& fd, output_stream which) {
   bool is_out = which == output_stream::out;
   std::string& kept = is_out ? result_.stdout_data : result_.stderr_data;
   bool& truncated = is_out ? result_.stdout_truncated : result_.stderr_truncated;
+  uint64_t& seen = is_out ? out_bytes_ : err_bytes_;
   uint64_t cap = is_out ? spec_.limits.stdout_cap_bytes : spec_.limits.stderr_cap_bytes;
   for (int round = 0; round < 16; ++round) {  // bounded: a flood cannot starve the deadline
-    auto n = ::read(fd, buf, sizeof buf);
+    size_t want = sizeof buf;
+    if (credit_ && seen < cap) {
+      // Never read more than the sink may take (past the cap, output is read and dropped).
+      want = static_cast<size_t>(std::min<uint64_t>({want, credit_->available(), cap - seen}));
+      if (want == 0) return;
+    }
+    auto n = ::read(fd, buf, want);
     if (n > 0) {
-      size_t room = kept.size() < cap ? static_cast<size_t>(cap - kept.size()) : 0;
+      last_output_ = std::chrono::steady_clock::now();
+      size_t room = seen < cap ? static_cast<size_t>(cap - seen) : 0;
       size_t take = std::min(room, static_cast<size_t>(n));
       if (take < static_cast<size_t>(n)) truncated = true;
       if (take) {
-        kept.append(buf, take);
+        seen += take;
+        if (credit_) credit_->consume(take);
+        else kept.append(buf, take);
         if (sink_) sink_(which, std::string_view(buf, take));
       }
       continue;
@@ -383,6 +397,54 @@ void sandbox_process::read_stream(int& fd, output_stream which) {
     }
     return;
   }
+}
+
+bool sandbox_process::wants_read(int fd, output_stream which) const {
+  if (fd < 0) return false;
+  if (!credit_) return true;
+  uint64_t seen = which == output_stream::out ? out_bytes_ : err_bytes_;
+  uint64_t cap = which == output_stream::out ? spec_.limits.stdout_cap_bytes : spec_.limits.stderr_cap_bytes;
+  return seen >= cap || credit_->available() > 0;
+}
+
+bool sandbox_process::drain_step(std::chrono::steady_clock::time_point until) {
+  using namespace std::chrono;
+  auto now = steady_clock::now();
+  bool past_deadline = spec_.timeout_ms && now >= deadline_;
+  // Credit available but nothing arrives for 2 s: something outside the sandbox holds the
+  // pipe open (it cannot be the tree, which has ended). Waiting for credit has no such bound:
+  // the deadline and kill_tree() end it.
+  bool stalled = (wants_read(out_fd_, output_stream::out) || wants_read(err_fd_, output_stream::err))
+                 && now - last_output_ > seconds(2);
+  // A tree we killed (cancel, timeout, CPU or quota) does not wait for credit: what its pipes
+  // still hold is dropped.
+  if (killed_ || output_dropped_ || past_deadline || stalled || (out_fd_ < 0 && err_fd_ < 0)) {
+    // Only output that was there counts as dropped (an open pipe may just not have shown EOF).
+    auto holds_data = [](int fd) {
+      int n = 0;
+      return fd >= 0 && (::ioctl(fd, FIONREAD, &n) != 0 || n > 0);
+    };
+    if (holds_data(out_fd_)) result_.stdout_truncated = output_dropped_ = true;
+    if (holds_data(err_fd_)) result_.stderr_truncated = output_dropped_ = true;
+    finish(reaped_status_, *reaped_usage_);
+    return true;
+  }
+  pollfd fds[3];
+  int n = 0;
+  int idx_out = -1, idx_err = -1;
+  if (wants_read(out_fd_, output_stream::out)) { idx_out = n; fds[n++] = {out_fd_, POLLIN, 0}; }
+  if (wants_read(err_fd_, output_stream::err)) { idx_err = n; fds[n++] = {err_fd_, POLLIN, 0}; }
+  int idx_wake = n;
+  fds[n++] = {credit_->wake_fd(), POLLIN, 0};
+  auto limit = std::min(until, now + milliseconds(100));
+  if (spec_.timeout_ms) limit = std::min(limit, deadline_);
+  int timeout = static_cast<int>(std::max<int64_t>(0, duration_cast<milliseconds>(limit - now).count()));
+  if (::poll(fds, static_cast<nfds_t>(n), timeout) > 0) {
+    if (fds[idx_wake].revents) credit_->clear_wakeup();
+    if (idx_out >= 0 && fds[idx_out].revents) read_stream(out_fd_, output_stream::out);
+    if (idx_err >= 0 && fds[idx_err].revents) read_stream(err_fd_, output_stream::err);
+  }
+  return false;
 }
 
 void sandbox_process::feed_stdin() {
@@ -434,6 +496,11 @@ bool sandbox_process::pump(int wait_ms) {
   auto until = steady_clock::now() + milliseconds(wait_ms);
   bool exited = false;
   for (;;) {
+    if (reaped_) {
+      if (drain_step(until)) return true;
+      if (steady_clock::now() >= until) return false;
+      continue;
+    }
     auto now = steady_clock::now();
     if (spec_.timeout_ms && now >= deadline_ && !killed_for_timeout_) {
       killed_for_timeout_ = true;
@@ -446,11 +513,13 @@ bool sandbox_process::pump(int wait_ms) {
         kill_tree();
       }
     }
-    pollfd fds[5];
+    pollfd fds[6];
     int n = 0;
-    int idx_out = -1, idx_err = -1, idx_in = -1, idx_status = -1, idx_pid = -1;
-    if (out_fd_ >= 0) { idx_out = n; fds[n++] = {out_fd_, POLLIN, 0}; }
-    if (err_fd_ >= 0) { idx_err = n; fds[n++] = {err_fd_, POLLIN, 0}; }
+    int idx_out = -1, idx_err = -1, idx_in = -1, idx_status = -1, idx_pid = -1, idx_wake = -1;
+    // Out of credit: the pipe is left alone and fills, which blocks the command's writes.
+    if (wants_read(out_fd_, output_stream::out)) { idx_out = n; fds[n++] = {out_fd_, POLLIN, 0}; }
+    if (wants_read(err_fd_, output_stream::err)) { idx_err = n; fds[n++] = {err_fd_, POLLIN, 0}; }
+    if (credit_) { idx_wake = n; fds[n++] = {credit_->wake_fd(), POLLIN, 0}; }
     if (in_fd_ >= 0) { idx_in = n; fds[n++] = {in_fd_, POLLOUT, 0}; }
     if (status_fd_ >= 0) { idx_status = n; fds[n++] = {status_fd_, POLLIN, 0}; }
     if (pidfd_ >= 0 && !exited) { idx_pid = n; fds[n++] = {pidfd_, POLLIN, 0}; }
@@ -463,6 +532,7 @@ bool sandbox_process::pump(int wait_ms) {
     int ready = n ? ::poll(fds, static_cast<nfds_t>(n), timeout) : 0;
     if (n == 0 && timeout > 0) ::usleep(static_cast<useconds_t>(timeout) * 1000);
     if (ready > 0) {
+      if (idx_wake >= 0 && fds[idx_wake].revents) credit_->clear_wakeup();
       if (idx_out >= 0 && fds[idx_out].revents) read_stream(out_fd_, output_stream::out);
       if (idx_err >= 0 && fds[idx_err].revents) read_stream(err_fd_, output_stream::err);
       if (idx_in >= 0 && fds[idx_in].revents) feed_stdin();
@@ -474,6 +544,14 @@ bool sandbox_process::pump(int wait_ms) {
       int status = 0;
       ::rusage usage {};
       pid_t w = ::wait4(bwrap_pid_, &status, WNOHANG, &usage);
+      if (w == bwrap_pid_ && credit_) {
+        // Under flow control the pipes are drained as credit comes (drain_step).
+        reaped_ = true;
+        reaped_status_ = status;
+        reaped_usage_ = std::make_unique<::rusage>(usage);
+        last_output_ = steady_clock::now();
+        continue;
+      }
       if (w == bwrap_pid_) {
         // bwrap has gone, and with its pid-1 child the whole pid namespace. Drain what the
         // pipes still hold (their writers are dead, so this ends), then finish.
@@ -551,6 +629,9 @@ void sandbox_process::finish(int wait_status, const ::rusage& usage) {
   if (r.term_signal == SIGXFSZ) note += "file size limit hit; ";
   if (r.stdout_truncated) note += "stdout truncated; ";
   if (r.stderr_truncated) note += "stderr truncated; ";
+  if (output_dropped_)
+    note += "output still in the pipes when the command ended was dropped (it was killed, or "
+            "the sink took no more before the deadline); ";
   if (!note.empty()) note.resize(note.size() - 2);
   r.message = note;
   cgroup_.reset();
@@ -586,6 +667,8 @@ void sandbox_process::release() {
 
 void sandbox_process::kill_tree() {
   if (finished_) return;
+  killed_ = true;
+  if (reaped_) return;  // the tree has ended (its pid may be reused): only its output is left
   // bwrap's pid-1 child holds PR_SET_PDEATHSIG(SIGKILL) (--die-with-parent): killing bwrap
   // kills it, and the kernel then kills every process of the pid namespace. The cgroup sweep
   // covers the window in which the namespace is still being set up.
@@ -607,7 +690,7 @@ void sandbox_process::close_fds() {
 }
 
 sandbox_process::~sandbox_process() {
-  if (!finished_ && bwrap_pid_ > 0) {
+  if (!finished_ && bwrap_pid_ > 0 && !reaped_) {
     kill_tree();  // before the block fd closes: EOF on it would let a held command run
     if (block_fd_ >= 0) ::close(block_fd_);
     block_fd_ = -1;

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "session/cgroup_limits.hpp"
+#include "session/output_credit.hpp"
 #include "triplane/actors/session_protocol.hpp"
 #include "triplane/runtime/error.hpp"
 
@@ -61,8 +62,17 @@ public:
   /// Starts the command. Errors: invalid_argument (empty argv), io_error (pipes/fork failed).
   /// A command that cannot be executed inside the sandbox (missing, not executable) still
   /// starts and ends with exit code 126/127 and bwrap's message on stderr.
-  static expected<std::unique_ptr<sandbox_process>> start(const sandbox_config& config,
-                                                          launch_spec spec, output_sink sink);
+  ///
+  /// With `credit` (flow control; needs a sink) output below the caps is read from the pipes
+  /// only while credit lasts, each byte handed to the sink consuming one byte of credit, so a
+  /// command writing faster than the sink drains blocks on its full pipe. The output then goes
+  /// to the sink only: result()'s stdout_data/stderr_data stay empty (the truncated flags still
+  /// say where the caps cut). After the command has ended its pipes are drained under the
+  /// same credit, until the wall-clock deadline (then the rest is dropped and the result says
+  /// so); a tree ended by kill_tree() (cancel, timeout, limits) has the rest dropped at once.
+  static expected<std::unique_ptr<sandbox_process>> start(
+    const sandbox_config& config, launch_spec spec, output_sink sink,
+    std::shared_ptr<output_credit> credit = nullptr);
   ~sandbox_process();  ///< kills the tree if still running and reaps it
 
   /// Moves output, feeds stdin, enforces the deadline and CPU limit, for at most `wait_ms`.
@@ -72,7 +82,8 @@ public:
   const exec_result& wait();
   /// Sends `signo` to the command's process group inside the sandbox (SIGKILL: the whole tree).
   void signal(int signo);
-  /// Kills every process of the tree now (result gets term_signal 9).
+  /// Kills every process of the tree now (result gets term_signal 9). Once the tree has ended
+  /// and only its output is still being drained (flow control), drops that output instead.
   void kill_tree();
   /// Lets a held command (launch_spec::hold) run. No-op otherwise. A held process that is
   /// destroyed or killed before release() never runs the command.
@@ -88,6 +99,10 @@ public:
 private:
   sandbox_process() = default;
   void read_stream(int& fd, output_stream which);
+  /// Whether pump() should poll the stream's pipe now (open, and credit or past its cap).
+  bool wants_read(int fd, output_stream which) const;
+  /// One step of draining the pipes of an ended tree under flow control; true once finished.
+  bool drain_step(std::chrono::steady_clock::time_point until);
   void feed_stdin();
   void read_status();
   void finish(int wait_status, const ::rusage& usage);
@@ -95,6 +110,14 @@ private:
 
   launch_spec spec_;
   output_sink sink_;
+  std::shared_ptr<output_credit> credit_;  ///< null: no flow control
+  uint64_t out_bytes_ = 0, err_bytes_ = 0;  ///< bytes given to the sink or kept, per stream
+  bool reaped_ = false;        ///< bwrap reaped; pipes still being drained (flow control)
+  bool output_dropped_ = false;///< output was left in the pipes (killed, or the deadline)
+  bool killed_ = false;        ///< kill_tree() was called
+  int reaped_status_ = 0;
+  std::unique_ptr<::rusage> reaped_usage_;
+  std::chrono::steady_clock::time_point last_output_;
   std::unique_ptr<exec_cgroup> cgroup_;
   int bwrap_pid_ = -1;
   int pidfd_ = -1;

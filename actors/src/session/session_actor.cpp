@@ -45,12 +45,28 @@ caf::behavior session_worker(caf::stateful_actor<worker_state>* self, core_ptr c
   self->state.session = std::move(session);
   auto& c = *self->state.core;
   return {
-    [&c](exec_atom, const exec_request& req) { return to_result(c.exec(req)); },
-    [self, &c](exec_stream_atom, const exec_request& req, const caf::actor& sink) {
+    [&c](exec_atom, const exec_request& req, uint64_t ticket) {
+      return to_result(c.exec(req, nullptr, nullptr, ticket));
+    },
+    [self, &c](exec_stream_atom, const exec_request& req, const caf::actor& sink, uint64_t window,
+               uint64_t ticket) -> caf::result<exec_result> {
+      std::shared_ptr<session::output_credit> credit;
+      if (window > 0) {
+        auto made = session::output_credit::create(window);
+        if (!made) return std::move(made.error());
+        credit = std::move(*made);
+      }
+      // Chunks go out as sent by the session, so the sink knows where to send its credit.
+      auto from = caf::actor_cast<caf::actor>(self->state.session);
       uint64_t seq = 0;
-      auto r = c.exec(req, [&](output_stream which, std::string_view data) {
-        self->send(sink, exec_chunk_atom::value, exec_chunk{seq++, which, std::string(data)});
-      });
+      auto r = c.exec(
+        req,
+        [&](output_stream which, std::string_view data) {
+          exec_chunk chunk{seq++, which, std::string(data)};
+          if (from) caf::send_as(from, sink, exec_chunk_atom::value, std::move(chunk));
+          else self->send(sink, exec_chunk_atom::value, std::move(chunk));
+        },
+        std::move(credit), ticket);
       return to_result(std::move(r));
     },
     [self, &c](bg_start_atom, const exec_request& req) {
@@ -113,6 +129,17 @@ caf::behavior session_worker(caf::stateful_actor<worker_state>* self, core_ptr c
   };
 }
 
+/// The execs a session has handed to its worker and not yet seen answered (queued or running),
+/// by ticket. Lives on the session actor's thread only.
+struct exec_registry {
+  struct entry {
+    caf::actor_addr requester;  ///< who sent the exec request
+    caf::actor_addr sink;       ///< streaming execs: where chunks go (and credit comes from)
+  };
+  uint64_t next_ticket = 1;
+  std::map<uint64_t, entry> pending;
+};
+
 class session_actor final : public runtime::virtual_actor {
 public:
   session_actor(session_host::impl& host, std::string id) : host_(host), id_(std::move(id)) {}
@@ -153,10 +180,52 @@ public:
           });
       return rp;
     };
+    // Execs carry a ticket to the worker, so that one still queued there can be cancelled.
+    auto execs = std::make_shared<exec_registry>();
+    auto forward_exec = [self, c, worker, execs](caf::actor_addr sink, auto&&... xs) {
+      // Before make_response_promise: it takes the sender out of the current message.
+      auto requester = caf::actor_cast<caf::actor_addr>(self->current_sender());
+      auto rp = self->make_response_promise<exec_result>();
+      auto ticket = execs->next_ticket++;
+      execs->pending.emplace(ticket, exec_registry::entry{std::move(requester), std::move(sink)});
+      c->pin();
+      self->request(worker, caf::infinite, std::forward<decltype(xs)>(xs)..., ticket)
+        .then(
+          [c, rp, execs, ticket](exec_result& r) mutable {
+            execs->pending.erase(ticket);
+            c->release_pin();
+            rp.deliver(std::move(r));
+          },
+          [c, rp, execs, ticket](caf::error& e) mutable {
+            execs->pending.erase(ticket);
+            c->release_pin();
+            rp.deliver(std::move(e));
+          });
+      return rp;
+    };
     return {
-      [=](exec_atom a, const exec_request& r) { return forward(tag<exec_result>{}, a, r); },
+      [=](exec_atom a, const exec_request& r) { return forward_exec(caf::actor_addr{}, a, r); },
       [=](exec_stream_atom a, const exec_request& r, const caf::actor& sink) {
-        return forward(tag<exec_result>{}, a, r, sink);
+        return forward_exec(sink.address(), a, r, sink, uint64_t{0});
+      },
+      [=](exec_stream_atom a, const exec_request& r, const caf::actor& sink,
+          uint64_t window) -> caf::result<exec_result> {
+        if (window == 0)
+          return make_error(errc::invalid_argument, "a flow-controlled exec needs a window > 0");
+        return forward_exec(sink.address(), a, r, sink, window);
+      },
+      // Credit from a flow-controlled exec's sink (a plain send; anyone else's is ignored).
+      [=, core = core_](exec_credit_atom, uint64_t bytes) {
+        auto from = caf::actor_cast<caf::actor_addr>(self->current_sender());
+        for (auto& [ticket, e] : execs->pending)
+          if (e.sink && e.sink == from) core->grant_exec_credit(ticket, bytes);
+      },
+      [=, core = core_](exec_cancel_atom, const caf::actor_addr& owner) {
+        bool any = false;
+        for (auto& [ticket, e] : execs->pending)
+          if (owner && (e.requester == owner || e.sink == owner))
+            any = core->cancel_exec(ticket) || any;
+        return any;
       },
       [=](bg_start_atom a, const exec_request& r) {
         auto rp = self->make_response_promise<bg_status>();

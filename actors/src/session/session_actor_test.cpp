@@ -6,6 +6,8 @@
 
 #include <atomic>
 #include <filesystem>
+#include <optional>
+#include <thread>
 
 #include <unistd.h>
 
@@ -269,4 +271,243 @@ TEST_CASE("passivation at shutdown cancels a running exec instead of racing it",
   auto d = call<file_data>(*f.sys, b.handle, file_read_atom::value, file_read_request{"keep.txt", 0, 0});
   CHECK(d.data == "k");
   f.passivate(b);
+}
+
+namespace {
+
+/// A flow-controlled sink run by the test thread: receives chunks, passes `grant(chunk)` bytes
+/// back as credit, records what came and the most bytes ever outstanding.
+struct credit_sink_run {
+  std::string out;
+  uint64_t received = 0, granted = 0, max_outstanding = 0, next_seq = 0;
+  bool in_order = true;
+  exec_result result;
+  std::optional<caf::error> error;
+};
+
+template <class Pace>
+credit_sink_run run_with_credit(caf::scoped_actor& self, const caf::actor& session,
+                                exec_request req, uint64_t window, Pace&& pace) {
+  credit_sink_run run;
+  self->send(session, exec_stream_atom::value, std::move(req), caf::actor{self}, window);
+  bool done = false;
+  while (!done) {
+    self->receive(
+      [&](exec_chunk_atom, const exec_chunk& c) {
+        run.in_order = run.in_order && c.seq == run.next_seq++;
+        run.out += c.data;
+        run.received += c.data.size();
+        run.max_outstanding = std::max(run.max_outstanding, run.received - run.granted);
+        auto sender = caf::actor_cast<caf::actor>(self->current_sender());
+        if (pace(c.data.size())) {
+          self->send(sender, exec_credit_atom::value, uint64_t{c.data.size()});
+          run.granted += c.data.size();
+        }
+      },
+      [&](exec_result& r) {
+        run.result = std::move(r);
+        done = true;
+      },
+      [&](caf::error& e) {
+        run.error = e;
+        done = true;
+      },
+      caf::after(60s) >> [&] {
+        FAIL("no result");
+        done = true;
+      });
+  }
+  return run;
+}
+
+std::string numbers(int n) {
+  std::string s;
+  for (int i = 1; i <= n; ++i) s += std::to_string(i) + "\n";
+  return s;
+}
+
+} // namespace
+
+TEST_CASE("a sink that grants credit slowly receives all output in order with at most its window "
+          "outstanding and the exec succeeds", "[session][actor][flow]") {
+  fixture f;
+  auto a = f.activate("flow");
+  caf::scoped_actor self{*f.sys};
+  auto req = shell("seq 1 200000");  // ~1.3 MB
+  req.limits.stdout_cap_bytes = 8u << 20;
+  const uint64_t window = 16 * 1024;
+  int chunks = 0;
+  auto run = run_with_credit(self, a.handle, req, window, [&](size_t) {
+    if (++chunks % 4 == 0) std::this_thread::sleep_for(2ms);  // a slow consumer
+    return true;
+  });
+  REQUIRE_FALSE(run.error);
+  CHECK(run.result.exited);
+  CHECK(run.result.exit_code == 0);
+  CHECK_FALSE(run.result.stdout_truncated);
+  CHECK(run.in_order);
+  CHECK(run.out == numbers(200000));
+  CHECK(run.max_outstanding <= window);
+  CHECK(run.result.stdout_data.empty());  // under flow control the output went to the sink only
+  CHECK(a.ctx->pins == 0);
+  f.passivate(a);
+}
+
+TEST_CASE("a sink that grants no more credit holds a fast command in its pipe until its timeout",
+          "[session][actor][flow]") {
+  fixture f;
+  auto a = f.activate("stuck");
+  caf::scoped_actor self{*f.sys};
+  auto req = shell("yes | head -c 100000000");
+  req.limits.stdout_cap_bytes = 200u << 20;
+  req.timeout_ms = 1500;
+  const uint64_t window = 8192;
+  auto start = std::chrono::steady_clock::now();
+  auto run = run_with_credit(self, a.handle, req, window, [](size_t) { return false; });
+  REQUIRE_FALSE(run.error);
+  CHECK(run.received == window);  // exactly the window, nothing more was read from the pipe
+  CHECK(run.result.timed_out);
+  CHECK(run.result.term_signal == 9);
+  CHECK(std::chrono::steady_clock::now() - start < 10s);
+  SECTION("and a window of 0 is refused") {
+    self->send(a.handle, exec_stream_atom::value, shell("true"), caf::actor{self}, uint64_t{0});
+    self->receive([](exec_result&) { FAIL("ran"); },
+                  [](caf::error& e) { CHECK(code_of(e) == errc::invalid_argument); },
+                  caf::after(10s) >> [] { FAIL("no reply"); });
+  }
+  f.passivate(a);
+}
+
+TEST_CASE("a flow-controlled exec held by a sink that grants nothing ends at once when cancelled, "
+          "not at its timeout", "[session][actor][flow][cancel]") {
+  fixture f;
+  auto a = f.activate("held");
+  caf::scoped_actor self{*f.sys};
+  auto req = shell("yes | head -c 100000000");
+  req.limits.stdout_cap_bytes = 200u << 20;
+  req.timeout_ms = 30000;
+  const uint64_t window = 8192;
+  self->send(a.handle, exec_stream_atom::value, req, caf::actor{self}, window);
+  uint64_t received = 0;
+  // The window arrives, then nothing: the command waits on its full pipe.
+  while (received < window)
+    self->receive([&](exec_chunk_atom, const exec_chunk& c) { received += c.data.size(); },
+                  caf::after(10s) >> [] { FAIL("no output"); });
+  std::this_thread::sleep_for(300ms);
+  auto start = std::chrono::steady_clock::now();
+  CHECK(call<bool>(*f.sys, a.handle, exec_cancel_atom::value, self->address()));
+  bool done = false;
+  while (!done)
+    self->receive([&](exec_chunk_atom, const exec_chunk& c) { received += c.data.size(); },
+                  [&](exec_result& r) {
+                    CHECK(r.term_signal == 9);
+                    CHECK(r.message.find("cancelled") != std::string::npos);
+                    done = true;
+                  },
+                  caf::after(20s) >> [&] {
+                    FAIL("no result");
+                    done = true;
+                  });
+  CHECK(std::chrono::steady_clock::now() - start < 5s);
+  CHECK(received == window);
+  CHECK(a.ctx->pins == 0);
+  f.passivate(a);
+}
+
+TEST_CASE("output still in the pipe when the command has ended is delivered as credit comes, and "
+          "dropped at the deadline when none comes", "[session][actor][flow]") {
+  fixture f;
+  auto a = f.activate("tail");
+  caf::scoped_actor self{*f.sys};
+  // 40000 bytes: the window, the rest fits the pipe, so the command exits at once.
+  auto req = shell("head -c 40000 /dev/zero | tr '\\0' 'q'");
+  req.limits.stdout_cap_bytes = 1u << 20;
+  req.timeout_ms = 1500;
+  const uint64_t window = 8192;
+  SECTION("credit after the exit gets the rest") {
+    bool paused = false;
+    auto run = run_with_credit(self, a.handle, req, window, [&](size_t) {
+      if (!paused) {
+        paused = true;
+        std::this_thread::sleep_for(500ms);  // the command ends meanwhile
+      }
+      return true;
+    });
+    REQUIRE_FALSE(run.error);
+    CHECK(run.result.exit_code == 0);
+    CHECK_FALSE(run.result.stdout_truncated);
+    CHECK(run.out == std::string(40000, 'q'));
+  }
+  SECTION("no credit: the rest is dropped at the deadline and the result says so") {
+    auto run = run_with_credit(self, a.handle, req, window, [](size_t) { return false; });
+    REQUIRE_FALSE(run.error);
+    CHECK(run.received == window);
+    CHECK(run.result.exited);
+    CHECK(run.result.exit_code == 0);
+    CHECK(run.result.stdout_truncated);
+    CHECK(run.result.message.find("dropped") != std::string::npos);
+  }
+  f.passivate(a);
+}
+
+TEST_CASE("credit is a bound on what the session sends, not a kill: a sink that stalls and then "
+          "resumes gets everything", "[session][actor][flow]") {
+  fixture f;
+  auto a = f.activate("resume");
+  caf::scoped_actor self{*f.sys};
+  auto req = shell("head -c 3000000 /dev/zero | tr '\\0' 'z'; echo; echo done >&2");
+  req.limits.stdout_cap_bytes = 8u << 20;
+  const uint64_t window = 64 * 1024;
+  uint64_t seen = 0;
+  bool stalled = false;
+  auto run = run_with_credit(self, a.handle, req, window, [&](size_t n) {
+    seen += n;
+    if (!stalled && seen >= window) {  // hold the whole window for a while
+      stalled = true;
+      std::this_thread::sleep_for(500ms);
+    }
+    return true;
+  });
+  REQUIRE_FALSE(run.error);
+  CHECK(run.result.exit_code == 0);
+  CHECK(run.out == std::string(3000000, 'z') + "\ndone\n");  // stdout and stderr, each in order
+  CHECK(run.max_outstanding <= window);
+  f.passivate(a);
+}
+
+TEST_CASE("an exec queued behind another is cancelled by its requester and never runs, and the "
+          "running one is not touched", "[session][actor][cancel]") {
+  fixture f;
+  auto a = f.activate("queue");
+  caf::scoped_actor first{*f.sys};
+  caf::scoped_actor second{*f.sys};
+  first->send(a.handle, exec_atom::value, shell("sleep 1; echo first"));
+  std::this_thread::sleep_for(200ms);
+  second->send(a.handle, exec_atom::value, shell("echo ran > marker.txt"));
+  std::this_thread::sleep_for(100ms);
+  CHECK(call<bool>(*f.sys, a.handle, exec_cancel_atom::value, second->address()));
+  second->receive([](exec_result&) { FAIL("the queued exec ran"); },
+                  [](caf::error& e) { CHECK(code_of(e) == errc::cancelled); },
+                  caf::after(10s) >> [] { FAIL("no reply"); });
+  first->receive(
+    [](exec_result& r) {
+      CHECK(r.exit_code == 0);
+      CHECK(r.stdout_data == "first\n");
+    },
+    caf::after(10s) >> [] { FAIL("no reply"); });
+  auto err = call_error(*f.sys, a.handle, caf::make_message(file_stat_atom::value, std::string("marker.txt")));
+  CHECK(code_of(err) == errc::not_found);
+  // Nothing left to cancel for either of them now.
+  CHECK_FALSE(call<bool>(*f.sys, a.handle, exec_cancel_atom::value, second->address()));
+  CHECK_FALSE(call<bool>(*f.sys, a.handle, exec_cancel_atom::value, first->address()));
+  SECTION("cancelling by requester kills that requester's running exec") {
+    first->send(a.handle, exec_atom::value, shell("sleep 30"));
+    std::this_thread::sleep_for(500ms);  // the session is idle: it runs by now
+    CHECK(call<bool>(*f.sys, a.handle, exec_cancel_atom::value, first->address()));
+    first->receive([](exec_result& r) { CHECK(r.term_signal == 9); },
+                   [](caf::error& e) { FAIL("not run: " << describe(e)); },
+                   caf::after(10s) >> [] { FAIL("no reply"); });
+  }
+  CHECK(a.ctx->pins == 0);
+  f.passivate(a);
 }

@@ -241,8 +241,26 @@ void session_core::record_history(const std::vector<std::string>& argv, const ex
   dirty_ = true;
 }
 
-expected<exec_result> session_core::exec(const exec_request& req, sandbox_process::output_sink sink) {
+expected<exec_result> session_core::exec(const exec_request& req, sandbox_process::output_sink sink,
+                                         std::shared_ptr<output_credit> credit, uint64_t ticket) {
   std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  cancel_requested_ = false;  // before the ticket is visible: a cancel by ticket must stick
+  if (ticket) {
+    std::lock_guard<std::mutex> lock(ticket_mutex_);
+    last_started_ticket_ = ticket;
+    if (cancelled_tickets_.erase(ticket))
+      return make_error(errc::cancelled, "the exec was cancelled before it started");
+    running_ticket_ = ticket;
+    running_credit_ = credit;
+  }
+  struct ticket_reset {
+    session_core& core;
+    ~ticket_reset() {
+      std::lock_guard<std::mutex> lock(core.ticket_mutex_);
+      core.running_ticket_ = 0;
+      core.running_credit_ = nullptr;
+    }
+  } reset_ticket{*this};
   // First use after activation: bwrap sets the sandbox up (namespaces, mounts: milliseconds)
   // while the workspace is materialized into the directory it binds; the command starts once
   // both are done (bwrap --block-fd).
@@ -258,7 +276,8 @@ expected<exec_result> session_core::exec(const exec_request& req, sandbox_proces
   }
   auto argv = spec->argv;
   uint64_t started = now_ms();
-  auto proc = sandbox_process::start(*node_.sandbox, std::move(*spec), std::move(sink));
+  auto proc = sandbox_process::start(*node_.sandbox, std::move(*spec), std::move(sink),
+                                    std::move(credit));
   if (!proc) return proc.error();
   if (overlap) {
     auto t = std::chrono::steady_clock::now();
@@ -283,11 +302,10 @@ expected<exec_result> session_core::exec(const exec_request& req, sandbox_proces
   const uint64_t limit = quota();
   bool over_quota = false;
   bool cancelled = false;
-  cancel_requested_ = false;
   exec_running_ = true;
   auto next_check = std::chrono::steady_clock::now() + std::chrono::seconds(1);
   while (!(*proc)->pump(50)) {
-    if (cancel_requested_.exchange(false) && !cancelled) {
+    if (cancel_requested_.exchange(false)) {  // again after the first: see kill_tree
       cancelled = true;
       (*proc)->kill_tree();
     }
@@ -320,6 +338,25 @@ expected<exec_result> session_core::exec(const exec_request& req, sandbox_proces
 bool session_core::cancel_exec() {
   if (!exec_running_) return false;
   cancel_requested_ = true;
+  return true;
+}
+
+bool session_core::cancel_exec(uint64_t ticket) {
+  if (ticket == 0) return false;
+  std::lock_guard<std::mutex> lock(ticket_mutex_);
+  if (ticket == running_ticket_) {
+    cancel_requested_ = true;
+    return true;
+  }
+  if (ticket <= last_started_ticket_) return false;  // ended (tickets start in order)
+  cancelled_tickets_.insert(ticket);
+  return true;
+}
+
+bool session_core::grant_exec_credit(uint64_t ticket, uint64_t bytes) {
+  std::lock_guard<std::mutex> lock(ticket_mutex_);
+  if (ticket == 0 || ticket != running_ticket_ || !running_credit_) return false;
+  running_credit_->grant(bytes);
   return true;
 }
 

@@ -12,6 +12,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -55,9 +56,21 @@ public:
 
   const std::string& id() const { return record_.id; }
 
-  expected<exec_result> exec(const exec_request& req, sandbox_process::output_sink sink = nullptr);
+  /// Runs one command. `credit` (with a sink) puts its output under flow control, see
+  /// sandbox_process::start. A non-zero `ticket` names the exec for cancel_exec(ticket) and
+  /// grant_exec_credit; tickets must reach exec() in increasing order (the session actor
+  /// numbers execs in the order it hands them to the worker). An exec whose ticket was
+  /// cancelled before it started does not run: errc::cancelled.
+  expected<exec_result> exec(const exec_request& req, sandbox_process::output_sink sink = nullptr,
+                             std::shared_ptr<output_credit> credit = nullptr, uint64_t ticket = 0);
   /// Kills the exec running now, if any. Thread-safe: may be called while exec() blocks.
   bool cancel_exec();
+  /// Cancels the exec with `ticket`: kills it when it runs now, or marks it so that it never
+  /// runs when it has not started yet. false when it already ended. Thread-safe.
+  bool cancel_exec(uint64_t ticket);
+  /// Adds `bytes` of credit to the exec with `ticket` if it runs now under flow control;
+  /// false otherwise (credit for an ended exec is dropped). Thread-safe.
+  bool grant_exec_credit(uint64_t ticket, uint64_t bytes);
 
   /// Background processes. `on_end(bg_id)` runs on the process's own thread when it ends.
   expected<bg_status> bg_start(const exec_request& req, std::function<void(uint64_t)> on_end);
@@ -126,6 +139,12 @@ private:
   std::map<uint64_t, std::unique_ptr<background>> background_;
   bool scan_needed_ = false;
   std::atomic<bool> exec_running_{false};
+  /// Guards the ticket fields below (not op_mutex_: that one is held by the running exec).
+  std::mutex ticket_mutex_;
+  uint64_t running_ticket_ = 0;                  ///< 0: none (or an exec without a ticket)
+  uint64_t last_started_ticket_ = 0;
+  std::shared_ptr<output_credit> running_credit_;
+  std::set<uint64_t> cancelled_tickets_;         ///< cancelled before they started
   /// Held by every operation on the session's state, so the runtime's thread (snapshot and
   /// on_passivate at shutdown) never overlaps the worker's. Recursive: operations nest.
   mutable std::recursive_mutex op_mutex_;

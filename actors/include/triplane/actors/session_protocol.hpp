@@ -28,16 +28,49 @@ namespace triplane::actors {
 using exec_atom = caf::atom_constant<caf::atom("ss_exec")>;
 /// `(exec_stream_atom, exec_request, caf::actor sink)` -> exec_result. Like exec, and while the
 /// command runs sends `(exec_chunk_atom, exec_chunk)` messages to `sink` as output arrives; the
-/// reply (the final exec_result) comes after the last chunk was sent.
+/// reply (the final exec_result) comes after the last chunk was sent. No flow control: the
+/// session sends as fast as the command writes (bounded only by the output caps), and the
+/// result carries the output as well. For sinks that keep up (local consumers, tests).
+///
+/// `(exec_stream_atom, exec_request, caf::actor sink, uint64_t window)` -> exec_result. The
+/// same with end-to-end flow control by credit in bytes; `window` (> 0, else invalid_argument)
+/// is the sink's initial credit:
+///  - every chunk's data consumes its size in credit; the session never has more than the
+///    credit outstanding: bytes sent minus bytes granted back is at most `window`;
+///  - the sink grants more by sending `(exec_credit_atom, uint64_t bytes)` to the sender of the
+///    chunks (the session; chunks are sent with it as sender) as it has consumed them,
+///    typically each chunk's size once that chunk has been passed on. Credit from any actor
+///    but `sink`, or for an exec that has ended, is ignored;
+///  - while the session has no credit it stops reading the command's stdout/stderr pipes, so a
+///    command that writes faster than the sink drains blocks in write() (its wall clock goes
+///    on: exec_request.timeout_ms still kills it). Output after the caps is read and dropped
+///    without credit;
+///  - the final exec_result's stdout_data/stderr_data are empty (every byte went to the sink;
+///    the truncated flags still say whether the caps cut output). A sink that grants nothing
+///    more holds the command until its timeout or until it is cancelled (exec_cancel_atom);
+///    output still in the pipes when the command ends is delivered under the same credit until
+///    the timeout, then dropped (the result's message says so).
 using exec_stream_atom = caf::atom_constant<caf::atom("ss_execs")>;
-/// Tag of the chunk messages a streaming exec sends to its sink: `(exec_chunk_atom, exec_chunk)`.
-/// Chunks are plain sends (no flow control): what one exec can send is bounded by its output
-/// caps (exec_limits::stdout_cap_bytes / stderr_cap_bytes).
+/// Tag of the chunk messages a streaming exec sends to its sink: `(exec_chunk_atom, exec_chunk)`,
+/// sent with the session as sender. Without a window (see exec_stream_atom) chunks are plain
+/// sends (no flow control): what one exec can send is bounded by its output caps
+/// (exec_limits::stdout_cap_bytes / stderr_cap_bytes).
 using exec_chunk_atom = caf::atom_constant<caf::atom("ss_chunk")>;
+/// `(exec_credit_atom, uint64_t bytes)`, no reply: a flow-controlled streaming exec's sink grants
+/// `bytes` more credit. Sent straight to the chunks' sender (not through the directory).
+using exec_credit_atom = caf::atom_constant<caf::atom("ss_credit")>;
 
 /// `(exec_cancel_atom)` -> bool: kills the process tree of the exec or streaming exec running
 /// now (its reply then says term_signal 9 and "cancelled"); false when none was running.
 /// Answered at once, also while that exec runs.
+///
+/// `(exec_cancel_atom, caf::actor_addr owner)` -> bool: cancels only the execs whose request
+/// came from `owner` (the sender of the exec/exec_stream request as the session saw it: the
+/// directory forwards the caller's own address) or that stream to the sink `owner`. One that
+/// runs is killed as above; one still queued behind other operations of the session is removed:
+/// it never runs and its requester gets errc::cancelled. false when no such exec was queued or
+/// running. Send it after the exec request, from the same actor and along the same path (e.g.
+/// both through the directory): then it cannot overtake the request.
 using exec_cancel_atom = caf::atom_constant<caf::atom("ss_cancel")>;
 
 /// `(bg_start_atom, exec_request)` -> bg_status. Starts a background process; the session stays
@@ -228,7 +261,8 @@ enum class output_stream : uint8_t { out = 1, err = 2 };
 
 /// A piece of a streaming exec's output, in order per stream. `seq` counts chunks of one exec
 /// from 0 so a sink can detect loss. Chunks stop at the caps; the final exec_result then says
-/// truncated (its stdout_data/stderr_data hold the same capped bytes).
+/// truncated (without flow control its stdout_data/stderr_data hold the same capped bytes; with
+/// it they are empty).
 struct exec_chunk {
   uint64_t seq = 0;
   output_stream stream = output_stream::out;

@@ -96,6 +96,15 @@ struct node_stats {
   bool draining = false;
 };
 
+/// The node's inference worker (Admin.inferenceStats): load as of its last engine step and
+/// counters since it (re)started.
+struct inference_worker_stats {
+  int64_t running = 0, queued = 0, kv_blocks_free = 0, kv_blocks_total = 0;
+  uint64_t tokens_generated = 0, prompt_tokens_processed = 0, steps = 0;
+  uint64_t requests_accepted = 0, requests_rejected = 0, requests_completed = 0;
+  uint64_t requests_cancelled = 0, requests_failed = 0, preemptions = 0;
+};
+
 struct rpc_metrics {
   std::vector<method_metrics> methods;
   std::vector<std::pair<std::string, uint64_t>> errors;  ///< (code, count)
@@ -167,6 +176,8 @@ public:
   // Admin tokens only (else permission_denied).
   expected<node_stats> stats();
   expected<rpc_metrics> metrics();
+  /// unavailable when the node serves no model.
+  expected<inference_worker_stats> inference_stats();
   expected<std::string> supervision_tree();
   /// Number of calls the node cancelled at the deadline.
   expected<uint32_t> drain(std::chrono::milliseconds deadline);

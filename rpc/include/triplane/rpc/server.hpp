@@ -26,10 +26,10 @@ struct limits {
   std::chrono::milliseconds generate_deadline{600000};  ///< one Inference.generate call
   std::chrono::milliseconds exec_default_timeout{60000};  ///< exec without a timeout
   std::chrono::milliseconds exec_max_timeout{600000};     ///< a longer request is clamped
-  uint64_t max_exec_output_buffer = 8u << 20;  ///< exec output queued for a client that reads
-                                               ///< slower than the command writes (the session
-                                               ///< has no credit): beyond it the exec is killed,
-                                               ///< `limit_exceeded`
+  uint64_t max_exec_output_buffer = 8u << 20;  ///< flow-control window of a streamed exec:
+                                               ///< the most output the node holds for a client
+                                               ///< that reads slower than the command writes
+                                               ///< (the command then waits, see api_impl.cpp)
   uint64_t max_exec_output_cap = 64u << 20;    ///< largest ExecRequest.outputCapBytes accepted
   uint64_t max_unstreamed_output = 16u << 20;  ///< output returned in the result (no sink)
   uint32_t auth_failures_before_close = 5;     ///< per connection
