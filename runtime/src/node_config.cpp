@@ -60,7 +60,8 @@ node_config::node_config() {
     .add(rpc_max_sessions_, "rpc-max-sessions", "RPC Session capabilities held per tenant")
     .add(rpc_call_deadline_, "rpc-call-deadline", "deadline of an RPC call (not exec/generate)")
     .add(rpc_exec_output_buffer_, "rpc-exec-output-buffer",
-         "bytes of exec output queued for a slow RPC client before the exec is killed");
+         "flow-control window of a streamed exec: bytes of output held for a slow RPC client; "
+         "the command then waits on its pipe");
   // A node on a small machine should not spin up more scheduler threads than cores.
   set("scheduler.max-threads", std::max(2u, std::thread::hardware_concurrency()));
   set("logger.verbosity", caf::atom("quiet"));
@@ -106,9 +107,10 @@ Config file keys ([triplane] section; CAF's own sections such as [scheduler] als
   rpc-max-sessions=1024      Session capabilities a tenant holds at once; beyond:
                              `limit_exceeded`
   rpc-call-deadline=10s      deadline of one RPC call (exec and generate have their own)
-  rpc-exec-output-buffer=8388608  bytes of exec output queued for a client that reads slower
-                             than the command writes; beyond: the command is killed and the
-                             call fails with `limit_exceeded`
+  rpc-exec-output-buffer=8388608  flow-control window of a streamed exec: the most output held
+                             for a client that reads slower than the command writes; the
+                             command then waits on its pipe (until the client reads, its
+                             timeout, or a disconnect cancels it)
 )";
 }
 
