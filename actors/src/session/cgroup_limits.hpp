@@ -65,6 +65,14 @@ public:
   /// creation failed (reason in *why).
   std::unique_ptr<exec_cgroup> create(const std::string& name, const exec_limits& limits,
                                       std::string* why) const;
+  /// Which controllers create() would join for `limits` (a bit mask of joins_*): a group made
+  /// for limits A can take limits B (set_limits) when joins(B) is a subset of joins(A).
+  unsigned joins(const exec_limits& limits) const;
+  static constexpr unsigned joins_memory = 1, joins_pids = 2, joins_cpu = 4;
+  /// Replaces the limits of a group made by create() (0 = unlimited), e.g. a group joined
+  /// ahead of time by a pre-started sandbox. False (reason in *why) when `limits` need a
+  /// controller the group did not join, or a write fails.
+  bool set_limits(exec_cgroup& group, const exec_limits& limits, std::string* why) const;
 
 private:
   limit_mechanism mechanism_ = limit_mechanism::none;

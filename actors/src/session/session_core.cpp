@@ -84,6 +84,7 @@ expected<std::unique_ptr<session_core>> session_core::activate(const node_resour
     core->record_.last_used_unix_ms = core->record_.created_unix_ms;
   }
   core->workspace_dir_ = node.workspaces_dir + "/" + to_hex(sha256(id));
+  core->default_workspace_dir_ = core->workspace_dir_;
   // A workspace left from an earlier activation (crash) is only a cache: RocksDB is the truth.
   if (auto err = remove_tree(core->workspace_dir_)) return err;
   return core;
@@ -243,23 +244,44 @@ void session_core::record_history(const std::vector<std::string>& argv, const ex
 
 expected<exec_result> session_core::exec(const exec_request& req, sandbox_process::output_sink sink) {
   std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  using steady = std::chrono::steady_clock;
+  auto us_since = [](steady::time_point t) {
+    return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(steady::now() - t).count());
+  };
+  phases_ = {};
+  auto phase_start = steady::now();
   // First use after activation: bwrap sets the sandbox up (namespaces, mounts: milliseconds)
   // while the workspace is materialized into the directory it binds; the command starts once
   // both are done (bwrap --block-fd).
   const bool overlap = !workspace_;
   auto spec = resolve(req);
   if (!spec) return spec.error();
-  if (overlap) {
-    if (auto err = remove_tree(workspace_dir_)) return err;
-    std::error_code ec;
-    std::filesystem::create_directories(workspace_dir_, ec);
-    if (ec) return make_error(errc::io_error, "cannot create workspace '" + workspace_dir_ + "': " + ec.message());
-    spec->hold = true;
-  }
   auto argv = spec->argv;
   uint64_t started = now_ms();
-  auto proc = sandbox_process::start(*node_.sandbox, std::move(*spec), std::move(sink));
+  std::unique_ptr<sandbox_process> pooled;
+  if (overlap) {
+    if (auto err = remove_tree(workspace_dir_)) return err;
+    // A pre-started sandbox, when one is ready: its setup is already done, and the workspace
+    // becomes the directory it binds.
+    std::string pooled_dir;
+    if (node_.pool) pooled = node_.pool->take(*spec, sink, &pooled_dir);
+    if (pooled) {
+      workspace_dir_ = pooled_dir;
+      phases_.pooled = true;
+    } else {
+      std::error_code ec;
+      std::filesystem::create_directories(workspace_dir_, ec);
+      if (ec) return make_error(errc::io_error, "cannot create workspace '" + workspace_dir_ + "': " + ec.message());
+      spec->hold = true;
+    }
+  }
+  phases_.prepare_us = us_since(phase_start);
+  phase_start = steady::now();
+  auto proc = pooled ? expected<std::unique_ptr<sandbox_process>>(std::move(pooled))
+                     : sandbox_process::start(*node_.sandbox, std::move(*spec), std::move(sink));
   if (!proc) return proc.error();
+  phases_.spawn_us = us_since(phase_start);
+  phase_start = steady::now();
   if (overlap) {
     auto t = std::chrono::steady_clock::now();
     caf::error err = materialize(workspace_dir_, record_.files, *node_.store);
@@ -276,7 +298,9 @@ expected<exec_result> session_core::exec(const exec_request& req, sandbox_proces
     stats_.materialize_us = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(
                                                       std::chrono::steady_clock::now() - t)
                                                       .count());
+    phases_.materialize_us = stats_.materialize_us;
     (*proc)->release();
+    phase_start = steady::now();
   }
   // Pump, and about once a second check the workspace's size with a stat walk: a command that
   // writes many files is stopped near the quota instead of filling the host's disk first.
@@ -301,6 +325,8 @@ expected<exec_result> session_core::exec(const exec_request& req, sandbox_proces
   exec_running_ = false;
   exec_result result = (*proc)->result();
   proc->reset();
+  phases_.run_us = us_since(phase_start);
+  phase_start = steady::now();
   if (cancelled) result.message += std::string(result.message.empty() ? "" : "; ") + "cancelled";
   if (over_quota) result.message += std::string(result.message.empty() ? "" : "; ") +
                                     "killed: workspace grew past its quota while running";
@@ -314,6 +340,7 @@ expected<exec_result> session_core::exec(const exec_request& req, sandbox_proces
     result.message += (result.message.empty() ? "" : "; ") + why;
     if (auto err = sync_and_save(nullptr, nullptr)) return err;  // store the history entry
   }
+  phases_.sync_us = us_since(phase_start);
   return result;
 }
 
@@ -640,7 +667,9 @@ caf::error session_core::passivate() {
   if (auto err = persist()) return err;
   workspace_.reset();
   stats_.materialized = false;
-  return remove_tree(workspace_dir_);
+  auto err = remove_tree(workspace_dir_);
+  workspace_dir_ = default_workspace_dir_;
+  return err;
 }
 
 expected<session_info> session_core::fork(const std::string& new_id) {
@@ -670,6 +699,7 @@ caf::error session_core::destroy() {
   background_.clear();
   workspace_.reset();
   if (auto err = remove_tree(workspace_dir_)) return err;
+  workspace_dir_ = default_workspace_dir_;
   bool was_stored = stored_;
   // From here on the object is a fresh, empty session with the same id (the id is free to be
   // used again); nothing is stored for it until something changes.

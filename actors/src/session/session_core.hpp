@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "session/sandbox_pool.hpp"
 #include "session/sandbox_process.hpp"
 #include "session/session_store.hpp"
 #include "session/workspace.hpp"
@@ -27,6 +28,8 @@ namespace triplane::actors::session {
 struct node_resources {
   session_store* store = nullptr;
   const sandbox_config* sandbox = nullptr;
+  /// Pre-started sandboxes for first execs (nullptr = each exec starts its own).
+  sandbox_pool* pool = nullptr;
   std::string workspaces_dir;         ///< each session's workspace is workspaces_dir/<hex id>
   session_settings defaults;          ///< where a session's own settings leave 0
   size_t history_limit = 100;         ///< commands kept in the history
@@ -43,6 +46,16 @@ struct persistence_stats {
   uint64_t files_read = 0;       ///< files hashed by the last sync
   uint64_t chunks_written = 0;   ///< chunks supplied to the store by the last sync
   bool materialized = false;
+};
+
+/// Where the last exec's wall time went, in microseconds (benchmarks read it).
+struct exec_phases {
+  uint64_t prepare_us = 0;      ///< resolving the request, preparing the workspace directory
+  uint64_t spawn_us = 0;        ///< sandbox_process::start (clone + exec of bwrap)
+  uint64_t materialize_us = 0;  ///< filling the workspace while bwrap sets up (first exec only)
+  uint64_t run_us = 0;          ///< release (or start) until bwrap and its tree have ended
+  uint64_t sync_us = 0;         ///< change detection and storing the record afterwards
+  bool pooled = false;          ///< ran in a pre-started sandbox (sandbox_pool)
 };
 
 class session_core {
@@ -101,7 +114,9 @@ public:
   caf::error destroy();
 
   const persistence_stats& stats() const { return stats_; }
-  /// The workspace directory on the host (materialized or not).
+  const exec_phases& last_exec_phases() const { return phases_; }
+  /// The workspace directory on the host (materialized or not). A first exec through a
+  /// pre-started sandbox moves it to the directory that sandbox binds.
   const std::string& workspace_dir() const { return workspace_dir_; }
 
 private:
@@ -120,8 +135,10 @@ private:
   bool stored_ = false;          ///< a record exists in the store
   bool dirty_ = false;           ///< non-file state changed since the last save
   std::string workspace_dir_;
+  std::string default_workspace_dir_;  ///< workspaces_dir/<hex of sha256(id)>
   std::unique_ptr<workspace> workspace_;
   persistence_stats stats_;
+  exec_phases phases_;
   uint64_t launches_ = 0;
   std::map<uint64_t, std::unique_ptr<background>> background_;
   bool scan_needed_ = false;
