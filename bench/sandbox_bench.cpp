@@ -13,6 +13,7 @@
 #include <sys/wait.h>
 #include <vector>
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include "session/cgroup_limits.hpp"
@@ -88,6 +89,23 @@ uint64_t dir_bytes(const fs::path& p) {
   for (auto& e : fs::recursive_directory_iterator(p))
     if (e.is_regular_file()) n += e.file_size();
   return n;
+}
+
+/// Creates `n` files of `bytes` each in a fresh directory `dir` (open, write, close), removes
+/// them again, returns the creation time: the filesystem's floor for materialization.
+double create_files(const std::string& dir, int n, size_t bytes) {
+  std::string data(bytes, 'x');
+  fs::create_directories(dir);
+  auto t = clk::now();
+  for (int i = 0; i < n; ++i) {
+    std::string path = dir + "/f" + std::to_string(i);
+    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0 || ::write(fd, data.data(), data.size()) != static_cast<ssize_t>(data.size())) std::exit(3);
+    ::close(fd);
+  }
+  double us = since_us(t);
+  fs::remove_all(dir);
+  return us;
 }
 
 struct row {
@@ -198,7 +216,7 @@ int main(int argc, char** argv) {
                "write");
         must(s->passivate(), "passivate");
       }
-      series pooled, fresh, activation, prepare, materialize, run, sync, raw_get, bare, plain;
+      series pooled, fresh, activation, prepare, materialize, run, sync, raw_get, bare, plain, create;
       int pool_hits = 0;
       exec_request req;
       // `true` would not show that the files are there; the shell's builtins keep it as cheap.
@@ -230,6 +248,7 @@ int main(int argc, char** argv) {
         first_exec(false, fresh);
         bare.us.push_back(spawn_and_wait(bwrap_args));
         plain.us.push_back(spawn_and_wait({"/bin/true"}));
+        create.us.push_back(create_files(root + "/.peer", 100, 10486));
         auto g = clk::now();
         must(db->get_raw(*db->column("sandbox.sessions"), "rehydrate"), "raw get");
         raw_get.us.push_back(since_us(g));
@@ -249,6 +268,8 @@ int main(int argc, char** argv) {
                       target + (fresh.pct(99) < 25000 ? "met" : "MISSED") + "; bwrap setup overlaps materialization"});
       rows.push_back({"  bare bwrap --unshare-all true (peer)", bare.pct(50), bare.pct(99), "us", "same loop"});
       rows.push_back({"  fork/exec of true (peer)", plain.pct(50), plain.pct(99), "us", "same loop"});
+      rows.push_back({"  create+write 100 files, 1 MiB (peer)", create.pct(50), create.pct(99), "us",
+                      "same filesystem, one thread, no hashing"});
       rows.push_back({"  bare RocksDB get of the record (floor)", raw_get.pct(50), raw_get.pct(99), "us", ""});
       if (label == "tmpfs") fs::remove_all(root);
     }

@@ -243,6 +243,11 @@ void session_core::record_history(const std::vector<std::string>& argv, const ex
 }
 
 expected<exec_result> session_core::exec(const exec_request& req, sandbox_process::output_sink sink) {
+  return run_command(req, std::move(sink), true);
+}
+
+expected<exec_result> session_core::run_command(const exec_request& req, sandbox_process::output_sink sink,
+                                                bool sync_after) {
   std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   using steady = std::chrono::steady_clock;
   auto us_since = [](steady::time_point t) {
@@ -328,10 +333,14 @@ expected<exec_result> session_core::exec(const exec_request& req, sandbox_proces
   phases_.run_us = us_since(phase_start);
   phase_start = steady::now();
   if (cancelled) result.message += std::string(result.message.empty() ? "" : "; ") + "cancelled";
-  if (over_quota) result.message += std::string(result.message.empty() ? "" : "; ") +
-                                    "killed: workspace grew past its quota while running";
+  if (over_quota) {
+    result.quota_exceeded = true;
+    result.message += std::string(result.message.empty() ? "" : "; ") +
+                      "killed: workspace grew past its quota while running";
+  }
   result.enforced.workspace_quota = limit_mechanism::supervisor;
   record_history(argv, result, started);
+  if (!sync_after) return result;
   bool over = false;
   std::string why;
   if (auto err = sync_and_save(&over, &why)) return err;
@@ -531,21 +540,46 @@ expected<uint64_t> session_core::tar_in(const tar_in_request& req) {
   auto names = split_path(req.dir, true);
   if (!names) return names.error();
   if (!names->empty()) {
-    auto d = workspace_->make_directory({req.dir, true, 0755});
-    if (!d) return d.error();
+    auto st = workspace_->stat(req.dir);
+    if (st && st->type != file_type::directory)
+      return make_error(errc::invalid_argument, "'" + req.dir + "' is not a directory");
   }
-  std::string dir = "/workspace";
-  for (const auto& n : *names) dir += "/" + n;
-  // GNU tar inside the sandbox: it strips leading '/' and skips members with '..' (exit 2),
-  // cannot create devices (no capabilities) and can only write the workspace anyway.
+  // All or nothing: GNU tar (inside the sandbox: it strips leading '/', skips members with
+  // '..' (exit 2), cannot create devices, can only write the workspace) extracts into a fresh
+  // staging directory, which is merged into place only when tar succeeded and the merge can
+  // succeed in full. Nothing is stored until then; any failure removes the staging directory.
+  std::string staging = ".triplane-tar-in-" + to_hex(sha256(record_.id + std::to_string(now_ms()) +
+                                                             std::to_string(++launches_)))
+                                                   .substr(0, 16);
+  auto made = workspace_->make_directory({staging, false, 0700});
+  if (!made) return made.error();
+  auto discard = [&](caf::error why) -> caf::error {
+    (void)workspace_->remove({staging, true});
+    if (auto err = sync_and_save(nullptr, nullptr)) return err;  // the history entry
+    return why;
+  };
   exec_request x;
-  x.argv = {"tar", "-xvf", "-", "-C", dir, "--no-same-owner", "--no-overwrite-dir"};
+  x.argv = {"tar", "-xvf", "-", "-C", "/workspace/" + staging, "--no-same-owner", "--no-overwrite-dir"};
   x.stdin_data = req.archive;
-  auto r = exec(x);
-  if (!r) return r.error();
-  if (r->quota_exceeded) return make_error(errc::limit_exceeded, r->message);
+  auto r = run_command(x, nullptr, false);
+  if (!r) return discard(r.error());
+  if (r->quota_exceeded) return discard(make_error(errc::limit_exceeded, r->message));
   if (!r->exited || r->exit_code != 0)
-    return make_error(errc::invalid_argument, "tar refused the archive: " + r->stderr_data);
+    return discard(make_error(errc::invalid_argument, "tar refused the archive: " + r->stderr_data));
+  if (!names->empty()) {
+    auto d = workspace_->make_directory({req.dir, true, 0755});
+    if (!d) return discard(d.error());
+  }
+  if (auto err = workspace_->merge_into(staging, req.dir)) return discard(std::move(err));
+  (void)workspace_->remove({staging, true});
+  // Over the quota, the workspace goes back to its stored state: nothing of the archive stays.
+  bool over = false;
+  std::string why;
+  if (auto err = sync_and_save(&over, &why)) return err;
+  if (over) {
+    if (auto err = sync_and_save(nullptr, nullptr)) return err;  // the history entry
+    return make_error(errc::limit_exceeded, why);
+  }
   return static_cast<uint64_t>(std::count(r->stdout_data.begin(), r->stdout_data.end(), '\n'));
 }
 

@@ -123,6 +123,10 @@ private:
   struct background;
   explicit session_core(const node_resources& node);
   caf::error ensure_materialized();
+  /// exec(); with !sync_after the workspace's changes are left for the caller to store (or
+  /// discard) and the result's quota check is the caller's too.
+  expected<exec_result> run_command(const exec_request& req, sandbox_process::output_sink sink,
+                                    bool sync_after);
   expected<launch_spec> resolve(const exec_request& req);
   caf::error sync_and_save(bool* quota_exceeded, std::string* quota_message);
   void record_history(const std::vector<std::string>& argv, const exec_result& r, uint64_t started);

@@ -277,6 +277,74 @@ TEST_CASE("a directory goes out and back in as a tar archive", "[session]") {
   CHECK(code_of(s->tar_out("../x").error()) == errc::invalid_argument);
 }
 
+TEST_CASE("an archive that fails part-way extracts nothing", "[session][bad-input]") {
+  node_fixture f;
+  auto s = f.activate("tar-atomic");
+  REQUIRE(s->write_file(file("keep/existing.txt", "old")));
+  REQUIRE(s->write_file(file("clash/inside.txt", "i")));
+  REQUIRE(s->write_file(file("make_tars.py",
+                             "import tarfile, io\n"
+                             "def make(path, members):\n"
+                             "  with tarfile.open(path, 'w') as t:\n"
+                             "    for name in members:\n"
+                             "      info = tarfile.TarInfo(name); info.size = 1; t.addfile(info, io.BytesIO(b'x'))\n"
+                             "make('midway.tar', ['first.txt', 'sub/second.txt', '../../escape.txt', 'last.txt'])\n"
+                             "make('clash.tar', ['new.txt', 'clash'])\n"
+                             "make('merge.tar', ['keep/added.txt', 'top.txt'])\n")));
+  auto made = s->exec(shell("python3 make_tars.py"));
+  REQUIRE(made);
+  REQUIRE(made->exit_code == 0);
+  auto archive = [&](const std::string& name) {
+    auto d = s->read_file({name, 0, 0});
+    REQUIRE(d);
+    return d->data;
+  };
+  auto root_names = [&] {
+    std::string out;
+    auto l = s->list_files({"", false});
+    REQUIRE(l);
+    for (const auto& e : *l) out += e.path + " ";
+    return out;
+  };
+  const std::string before = root_names();
+
+  SECTION("tar fails on a member after others were written") {
+    auto r = s->tar_in({"unpack", archive("midway.tar")});
+    REQUIRE_FALSE(r);
+    CHECK(code_of(r.error()) == errc::invalid_argument);
+    CHECK(code_of(s->stat_file("unpack").error()) == errc::not_found);
+    CHECK(root_names() == before);  // no staging directory left either
+    r = s->tar_in({"", archive("midway.tar")});
+    REQUIRE_FALSE(r);
+    CHECK(code_of(s->stat_file("first.txt").error()) == errc::not_found);
+    CHECK(root_names() == before);
+  }
+  SECTION("a member would replace a directory by a file") {
+    auto r = s->tar_in({"", archive("clash.tar")});
+    REQUIRE_FALSE(r);
+    CHECK(code_of(r.error()) == errc::invalid_argument);
+    CHECK(describe(r.error()).find("clash") != std::string::npos);
+    CHECK(code_of(s->stat_file("new.txt").error()) == errc::not_found);
+    CHECK(read_all(*s, "clash/inside.txt") == "i");
+    CHECK(root_names() == before);
+  }
+  SECTION("a valid archive merges into existing directories") {
+    auto r = s->tar_in({"", archive("merge.tar")});
+    REQUIRE(r);
+    CHECK(read_all(*s, "keep/existing.txt") == "old");
+    CHECK(read_all(*s, "keep/added.txt") == "x");
+    CHECK(read_all(*s, "top.txt") == "x");
+  }
+  // What was (not) extracted is what was stored.
+  bool merged = static_cast<bool>(s->stat_file("top.txt"));
+  REQUIRE_FALSE(s->passivate());
+  auto back = f.activate("tar-atomic");
+  CHECK(code_of(back->stat_file("first.txt").error()) == errc::not_found);
+  CHECK(code_of(back->stat_file("unpack/first.txt").error()) == errc::not_found);
+  CHECK(code_of(back->stat_file("new.txt").error()) == errc::not_found);
+  CHECK(static_cast<bool>(back->stat_file("keep/added.txt")) == merged);
+}
+
 TEST_CASE("a Python project and a C program survive passivation and see a one-file change", "[session][workload]") {
   node_fixture f;
   std::map<std::string, std::string> files = {

@@ -73,8 +73,10 @@ using move_atom = caf::atom_constant<caf::atom("ss_move")>;
 using tar_out_atom = caf::atom_constant<caf::atom("ss_tarout")>;
 /// `(tar_in_atom, tar_in_request)` -> uint64_t: number of entries extracted. GNU tar runs
 /// inside the sandbox (so it can only write the workspace); it strips leading '/', skips members
-/// with '..' and cannot create devices. A tar failure is invalid_argument with tar's message;
-/// members before the failure may have been extracted (and are kept).
+/// with '..' and cannot create devices. All or nothing: a tar failure is invalid_argument with
+/// tar's message, a member that would replace a directory by a non-directory (or the reverse)
+/// is invalid_argument naming it, a workspace over its quota is limit_exceeded; in each case
+/// nothing of the archive is extracted.
 using tar_in_atom = caf::atom_constant<caf::atom("ss_tarin")>;
 
 /// `(kv_get_atom, std::string key)` -> kv_value (found = false when absent). (Not a
