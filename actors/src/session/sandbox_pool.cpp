@@ -87,7 +87,7 @@ std::unique_ptr<sandbox_process> sandbox_pool::take(launch_spec& spec, sandbox_p
   while (!ready_.empty()) {
     entry e = std::move(ready_.front());
     ready_.pop_front();
-    changed_.notify_all();
+    if (ready_.empty()) changed_.notify_all();  // else the taker's replenish() asks, later
     lock.unlock();
     auto err = e.proc->assign(spec, sink);
     if (!err) {
@@ -100,6 +100,10 @@ std::unique_ptr<sandbox_process> sandbox_pool::take(launch_spec& spec, sandbox_p
     lock.lock();
   }
   return nullptr;
+}
+
+void sandbox_pool::replenish() {
+  changed_.notify_all();
 }
 
 size_t sandbox_pool::ready() const {

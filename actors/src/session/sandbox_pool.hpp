@@ -39,6 +39,11 @@ public:
   std::unique_ptr<sandbox_process> take(launch_spec& spec, sandbox_process::output_sink sink,
                                         std::string* workspace_dir);
 
+  /// Starts replacements for the sandboxes taken. Takers call it once their command has ended:
+  /// a sandbox's setup costs CPU (namespaces, mounts) that would otherwise compete with the
+  /// command it was taken for. (take() itself only asks for one when the pool ran empty.)
+  void replenish();
+
   /// Sandboxes ready now (tests, benchmarks).
   size_t ready() const;
   /// Waits until `n` sandboxes are ready or `timeout_ms` passed; true when they are.

@@ -297,6 +297,7 @@ expected<exec_result> session_core::run_command(const exec_request& req, sandbox
     }
     if (err) {
       (*proc)->kill_tree();  // before release: the command never runs on a partial workspace
+      if (phases_.pooled) node_.pool->replenish();
       return err;
     }
     stats_.materialized = true;
@@ -330,6 +331,7 @@ expected<exec_result> session_core::run_command(const exec_request& req, sandbox
   exec_running_ = false;
   exec_result result = (*proc)->result();
   proc->reset();
+  if (phases_.pooled) node_.pool->replenish();
   phases_.run_us = us_since(phase_start);
   phase_start = steady::now();
   if (cancelled) result.message += std::string(result.message.empty() ? "" : "; ") + "cancelled";
