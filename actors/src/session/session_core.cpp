@@ -259,6 +259,11 @@ expected<exec_result> session_core::run_command(const exec_request& req, sandbox
   // while the workspace is materialized into the directory it binds; the command starts once
   // both are done (bwrap --block-fd).
   const bool overlap = !workspace_;
+  // Without an output stream, the chunks' SHA-256 check runs while the command does (another
+  // core) instead of before it: nothing the command produces leaves the sandbox (no result, no
+  // stored change) until the check has passed, and a mismatch kills it and drops the workspace.
+  // A stream would hand out output before the check, so then the check comes first.
+  const bool verify_later = overlap && !sink;
   auto spec = resolve(req);
   if (!spec) return spec.error();
   auto argv = spec->argv;
@@ -289,7 +294,7 @@ expected<exec_result> session_core::run_command(const exec_request& req, sandbox
   phase_start = steady::now();
   if (overlap) {
     auto t = std::chrono::steady_clock::now();
-    caf::error err = materialize(workspace_dir_, record_.files, *node_.store);
+    caf::error err = materialize(workspace_dir_, record_.files, *node_.store, !verify_later);
     if (!err) {
       auto ws = workspace::open(workspace_dir_, node_.use_openat2);
       if (ws) workspace_ = std::move(*ws);
@@ -298,6 +303,9 @@ expected<exec_result> session_core::run_command(const exec_request& req, sandbox
     if (err) {
       (*proc)->kill_tree();  // before release: the command never runs on a partial workspace
       if (phases_.pooled) node_.pool->replenish();
+      workspace_.reset();
+      (void)remove_tree(workspace_dir_);
+      workspace_dir_ = default_workspace_dir_;
       return err;
     }
     stats_.materialized = true;
@@ -307,6 +315,18 @@ expected<exec_result> session_core::run_command(const exec_request& req, sandbox
     phases_.materialize_us = stats_.materialize_us;
     (*proc)->release();
     phase_start = steady::now();
+    if (verify_later) {
+      if (auto err = verify_chunks(record_.files, *node_.store)) {
+        proc->reset();  // kills and reaps the whole tree
+        if (phases_.pooled) node_.pool->replenish();
+        workspace_.reset();
+        stats_.materialized = false;
+        (void)remove_tree(workspace_dir_);
+        workspace_dir_ = default_workspace_dir_;
+        return err;
+      }
+      phases_.verify_us = us_since(phase_start);
+    }
   }
   // Pump, and about once a second check the workspace's size with a stat walk: a command that
   // writes many files is stopped near the quota instead of filling the host's disk first.

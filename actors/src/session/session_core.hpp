@@ -54,6 +54,7 @@ struct exec_phases {
   uint64_t spawn_us = 0;        ///< sandbox_process::start (clone + exec of bwrap)
   uint64_t materialize_us = 0;  ///< filling the workspace while bwrap sets up (first exec only)
   uint64_t run_us = 0;          ///< release (or start) until bwrap and its tree have ended
+  uint64_t verify_us = 0;       ///< of run_us: the chunks' SHA-256 check beside the command
   uint64_t sync_us = 0;         ///< change detection and storing the record afterwards
   bool pooled = false;          ///< ran in a pre-started sandbox (sandbox_pool)
 };

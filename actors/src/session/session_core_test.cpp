@@ -404,3 +404,36 @@ TEST_CASE("a Python project and a C program survive passivation and see a one-fi
   REQUIRE(again);
   CHECK(again->stdout_data.find("up to date") != std::string::npos);
 }
+
+TEST_CASE("a corrupted chunk fails the first exec and nothing the command did is returned or stored",
+          "[session][bad-input]") {
+  node_fixture f;
+  {
+    auto s = f.activate("rotten");
+    REQUIRE(s->write_file(file("a.txt", "hello")));
+    REQUIRE_FALSE(s->passivate());
+  }
+  auto chunks = f.db->column("sandbox.chunks");
+  REQUIRE(chunks);
+  REQUIRE_FALSE(f.db->put(*chunks, sha256("hello"), "HELLO", storage::durability::process_crash));
+  auto s = f.activate("rotten");
+  SECTION("checked beside the command") {
+    auto r = s->exec(shell("cat a.txt; echo made > marker.txt"));
+    REQUIRE_FALSE(r);
+    CHECK(code_of(r.error()) == errc::corrupted);
+  }
+  SECTION("checked before a streaming command starts") {
+    std::string streamed;
+    auto r = s->exec(shell("cat a.txt; echo made > marker.txt"),
+                     [&](output_stream, std::string_view data) { streamed.append(data); });
+    REQUIRE_FALSE(r);
+    CHECK(code_of(r.error()) == errc::corrupted);
+    CHECK(streamed.empty());
+  }
+  CHECK_FALSE(std::filesystem::exists(s->workspace_dir()));
+  auto stored = f.store->load("rotten");
+  REQUIRE(stored);
+  REQUIRE(*stored);
+  CHECK((*stored)->files.count("marker.txt") == 0);
+  CHECK((*stored)->history.empty());
+}

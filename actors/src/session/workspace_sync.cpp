@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <functional>
 #include <mutex>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -176,7 +177,7 @@ namespace {
 /// One regular file of the manifest: created exclusively, contents from the store (verified
 /// against their hash), mode and mtime as recorded, stat cache refreshed.
 caf::error write_regular(const std::string& root, const std::string& path, manifest_entry& e,
-                         const session_store& store) {
+                         const session_store& store, bool verify) {
   std::string full = root + "/" + path;
   int fd = ::open(full.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
   if (fd < 0) return make_error(errc::io_error, "cannot create '" + path + "': " + std::strerror(errno));
@@ -193,7 +194,7 @@ caf::error write_regular(const std::string& root, const std::string& path, manif
         }
         done += static_cast<size_t>(n);
       }
-    });
+    }, verify);
     if (!err) err = std::move(write_error);
     if (err) {
       ::close(fd);
@@ -214,7 +215,16 @@ caf::error write_regular(const std::string& root, const std::string& path, manif
 
 } // namespace
 
-caf::error materialize(const std::string& root, manifest& m, const session_store& store) {
+caf::error verify_chunks(const manifest& m, const session_store& store) {
+  std::set<std::string_view> seen;
+  for (const auto& [path, e] : m)
+    for (const auto& hash : e.chunks)
+      if (seen.insert(hash).second)
+        if (auto err = store.with_chunk(hash, [](std::string_view) {})) return err;
+  return {};
+}
+
+caf::error materialize(const std::string& root, manifest& m, const session_store& store, bool verify) {
   std::error_code ec;
   std::filesystem::create_directories(root, ec);
   if (ec) return make_error(errc::io_error, "cannot create workspace '" + root + "': " + ec.message());
@@ -262,7 +272,7 @@ caf::error materialize(const std::string& root, manifest& m, const session_store
   std::atomic<bool> failed{false};
   auto work = [&] {
     for (size_t i = next++; i < files.size() && !failed; i = next++) {
-      if (auto err = write_regular(root, *files[i].first, *files[i].second, store)) {
+      if (auto err = write_regular(root, *files[i].first, *files[i].second, store, verify)) {
         std::lock_guard<std::mutex> lock(error_mutex);
         if (!first_error) first_error = std::move(err);
         failed = true;
