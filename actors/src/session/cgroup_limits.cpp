@@ -300,6 +300,43 @@ bool exec_cgroup::kill_all() {
   return pids().empty();
 }
 
+bool exec_cgroup::try_remove() {
+  bool all = true;
+  for (auto i = dirs_.rbegin(); i != dirs_.rend(); ++i)
+    if (::rmdir(i->c_str()) != 0 && errno != ENOENT) all = false;
+  return all;
+}
+
+void cgroup_host::retire(std::unique_ptr<exec_cgroup> group) const {
+  if (!group || group->try_remove()) return;
+  std::lock_guard<std::mutex> lock(retire_mutex_);
+  retired_.push_back(std::move(group));
+  if (!reaper_.joinable()) reaper_ = std::thread([this] { reap(); });
+  retire_cv_.notify_one();
+}
+
+void cgroup_host::reap() const {
+  std::unique_lock<std::mutex> lock(retire_mutex_);
+  for (;;) {
+    retire_cv_.wait(lock, [this] { return stopping_ || !retired_.empty(); });
+    if (retired_.empty()) return;  // stopping, nothing left
+    auto group = std::move(retired_.front());
+    retired_.pop_front();
+    lock.unlock();
+    group.reset();  // kills what is left, retries rmdir until the kernel let the last one go
+    lock.lock();
+  }
+}
+
+cgroup_host::~cgroup_host() {
+  {
+    std::lock_guard<std::mutex> lock(retire_mutex_);
+    stopping_ = true;
+  }
+  retire_cv_.notify_all();
+  if (reaper_.joinable()) reaper_.join();
+}
+
 exec_cgroup::~exec_cgroup() {
   kill_all();
   for (auto i = dirs_.rbegin(); i != dirs_.rend(); ++i) {

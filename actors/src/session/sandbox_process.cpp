@@ -659,6 +659,7 @@ void sandbox_process::finish(int wait_status, const ::rusage& usage) {
   if (r.stderr_truncated) note += "stderr truncated; ";
   if (!note.empty()) note.resize(note.size() - 2);
   r.message = note;
+  if (cgroups_) cgroups_->retire(std::move(cgroup_));  // without waiting for the kernel's reaping
   cgroup_.reset();
   close_fds();
 }
