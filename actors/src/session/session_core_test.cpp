@@ -171,6 +171,19 @@ TEST_CASE("filling the disk past the quota is refused and the workspace restored
     auto st = s->stat_file("big");
     if (st) CHECK(st->size <= (1u << 20));
   }
+  SECTION("one file stops at what is left of the quota") {
+    REQUIRE(s->write_file(file("half", std::string(600000, 'h'))));
+    auto r = s->exec(shell("head -c 700000 /dev/zero > big; wc -c < big"));
+    REQUIRE(r);
+    INFO(r->stdout_data << r->stderr_data << r->message);
+    const uint64_t left = (1u << 20) - 600000 - 4;  // keep.txt holds 4 bytes
+    CHECK(r->stdout_data == std::to_string(left) + "\n");
+    CHECK_FALSE(r->quota_exceeded);
+    auto st = s->stat_file("big");
+    REQUIRE(st);
+    CHECK(st->size == left);
+    CHECK(read_all(*s, "half").size() == 600000);
+  }
   SECTION("a write through the files API") {
     auto w = s->write_file(file("huge", std::string(2 << 20, 'h')));
     REQUIRE_FALSE(w);
