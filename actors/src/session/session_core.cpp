@@ -602,6 +602,10 @@ expected<uint64_t> session_core::tar_in(const tar_in_request& req) {
   auto r = run_command(x, nullptr, false);
   if (!r) return discard(r.error());
   if (r->quota_exceeded) return discard(make_error(errc::limit_exceeded, r->message));
+  // A member larger than what is left of the quota hits the file size limit (resolve()).
+  if (r->term_signal == SIGXFSZ || r->stderr_data.find("File too large") != std::string::npos)
+    return discard(make_error(errc::limit_exceeded, "the archive does not fit in what is left of the workspace quota: " +
+                                                        r->stderr_data));
   if (!r->exited || r->exit_code != 0)
     return discard(make_error(errc::invalid_argument, "tar refused the archive: " + r->stderr_data));
   if (!names->empty()) {

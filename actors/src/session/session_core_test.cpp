@@ -184,6 +184,18 @@ TEST_CASE("filling the disk past the quota is refused and the workspace restored
     CHECK(st->size == left);
     CHECK(read_all(*s, "half").size() == 600000);
   }
+  SECTION("an archive larger than what is left") {
+    REQUIRE(s->write_file(file("half", std::string(600000, 'h'))));
+    auto make = shell("head -c 500000 /dev/zero > /tmp/z && tar -cf - -C /tmp z");
+    make.limits.max_file_bytes = 10 << 20;  // /tmp is under the derived limit too
+    auto made = s->exec(make);
+    REQUIRE(made);
+    REQUIRE(made->stdout_data.size() > 500000);
+    auto r = s->tar_in({"in", made->stdout_data});
+    REQUIRE_FALSE(r);
+    CHECK(code_of(r.error()) == errc::limit_exceeded);
+    CHECK(code_of(s->stat_file("in").error()) == errc::not_found);
+  }
   SECTION("a write through the files API") {
     auto w = s->write_file(file("huge", std::string(2 << 20, 'h')));
     REQUIRE_FALSE(w);
