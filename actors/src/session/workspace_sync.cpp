@@ -216,12 +216,35 @@ caf::error write_regular(const std::string& root, const std::string& path, manif
 } // namespace
 
 caf::error verify_chunks(const manifest& m, const session_store& store) {
+  // Distinct chunks, hashed on up to min(cores, 4) threads (one per 256 KiB): this runs beside
+  // the command, and the command's result waits for it.
   std::set<std::string_view> seen;
-  for (const auto& [path, e] : m)
+  std::vector<std::string_view> hashes;
+  uint64_t bytes = 0;
+  for (const auto& [path, e] : m) {
     for (const auto& hash : e.chunks)
-      if (seen.insert(hash).second)
-        if (auto err = store.with_chunk(hash, [](std::string_view) {})) return err;
-  return {};
+      if (seen.insert(hash).second) hashes.push_back(hash);
+    bytes += e.size;
+  }
+  size_t cores = std::max(1u, std::thread::hardware_concurrency());
+  size_t threads = std::min<size_t>({cores, 4, std::max<uint64_t>(1, bytes / (256u << 10)), hashes.size()});
+  std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
+  std::mutex error_mutex;
+  caf::error first_error;
+  auto work = [&] {
+    for (size_t i = next++; i < hashes.size() && !failed; i = next++)
+      if (auto err = store.with_chunk(hashes[i], [](std::string_view) {})) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!first_error) first_error = std::move(err);
+        failed = true;
+      }
+  };
+  std::vector<std::thread> helpers;
+  for (size_t t = 1; t < threads; ++t) helpers.emplace_back(work);
+  work();
+  for (auto& h : helpers) h.join();
+  return first_error;
 }
 
 caf::error materialize(const std::string& root, manifest& m, const session_store& store, bool verify) {
