@@ -208,8 +208,9 @@ struct exec_result {
   bool timed_out = false;           ///< the wall-clock timeout killed the process tree
   bool memory_exceeded = false;     ///< the memory limit was hit (cgroup OOM kill observed)
   bool cpu_time_exceeded = false;   ///< the CPU time limit killed it
-  bool quota_exceeded = false;      ///< after the command the workspace was over its quota; the
-                                    ///< files it created beyond it were not kept (see message)
+  bool quota_exceeded = false;      ///< the workspace went over its quota (the command was killed
+                                    ///< for it, or it was over afterwards); what the command
+                                    ///< changed was not kept (see message)
   std::string message;              ///< human-readable note on the above, empty when clean
   uint64_t duration_us = 0;         ///< wall clock from start to the tree's end
   uint64_t cpu_user_us = 0;         ///< CPU time of the tree (cgroup, else the direct child's)
