@@ -58,6 +58,7 @@ struct node_fixture {
     runtime::directory_options opts;
     opts.idle_check_granularity = 20ms;
     auto started = runtime::directory::start(*sys, *state, {sessions->kind()}, opts);
+    INFO((started ? std::string() : describe(started.error())));
     REQUIRE(started);
     dir = std::move(*started);
   }

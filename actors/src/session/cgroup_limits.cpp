@@ -201,6 +201,51 @@ std::unique_ptr<exec_cgroup> cgroup_host::create(const std::string& name,
   return group;
 }
 
+unsigned cgroup_host::joins(const exec_limits& limits) const {
+  if (mechanism_ == limit_mechanism::cgroup_v2) return joins_memory | joins_pids | joins_cpu;
+  unsigned mask = 0;
+  if (mechanism_ != limit_mechanism::cgroup_v1) return mask;
+  if (!v1_memory_.empty() && limits.memory_bytes) mask |= joins_memory;
+  if (!v1_pids_.empty() && limits.max_processes) mask |= joins_pids;
+  if (!v1_cpuacct_.empty() && limits.cpu_time_ms) mask |= joins_cpu;
+  return mask;
+}
+
+bool cgroup_host::set_limits(exec_cgroup& group, const exec_limits& limits, std::string* why) const {
+  auto fail = [&](const std::string& reason) {
+    if (why) *why = reason;
+    return false;
+  };
+  if (limits.memory_bytes && group.memory_dir_.empty() && (joins(limits) & joins_memory))
+    return fail("the group has no memory controller");
+  if (limits.max_processes && group.pids_dir_.empty() && (joins(limits) & joins_pids))
+    return fail("the group has no pids controller");
+  if (limits.cpu_time_ms && group.cpu_dir_.empty() && (joins(limits) & joins_cpu))
+    return fail("the group has no cpuacct controller");
+  const auto& dir = group.memory_dir_;
+  group.memory = limit_mechanism::none;
+  if (!dir.empty()) {
+    std::string value = limits.memory_bytes ? std::to_string(limits.memory_bytes) : (group.v2_ ? "max" : "-1");
+    if (group.v2_) {
+      if (!write_file(dir + "/memory.max", value)) return fail("cannot set memory.max");
+    } else {
+      // memsw must stay >= the memory limit: lift it first, then set both.
+      write_file(dir + "/memory.memsw.limit_in_bytes", "-1");
+      if (!write_file(dir + "/memory.limit_in_bytes", value)) return fail("cannot set memory.limit_in_bytes");
+      write_file(dir + "/memory.memsw.limit_in_bytes", value);
+    }
+    if (limits.memory_bytes) group.memory = mechanism_;
+  }
+  group.processes = limit_mechanism::none;
+  if (!group.pids_dir_.empty()) {
+    std::string value = limits.max_processes ? std::to_string(limits.max_processes) : "max";
+    if (!write_file(group.pids_dir_ + "/pids.max", value)) return fail("cannot set pids.max");
+    if (limits.max_processes) group.processes = mechanism_;
+  }
+  group.cpu = group.cpu_dir_.empty() ? limit_mechanism::none : mechanism_;
+  return true;
+}
+
 cgroup_usage exec_cgroup::usage() const {
   cgroup_usage u;
   if (v2_) {
@@ -253,6 +298,43 @@ bool exec_cgroup::kill_all() {
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
   return pids().empty();
+}
+
+bool exec_cgroup::try_remove() {
+  bool all = true;
+  for (auto i = dirs_.rbegin(); i != dirs_.rend(); ++i)
+    if (::rmdir(i->c_str()) != 0 && errno != ENOENT) all = false;
+  return all;
+}
+
+void cgroup_host::retire(std::unique_ptr<exec_cgroup> group) const {
+  if (!group || group->try_remove()) return;
+  std::lock_guard<std::mutex> lock(retire_mutex_);
+  retired_.push_back(std::move(group));
+  if (!reaper_.joinable()) reaper_ = std::thread([this] { reap(); });
+  retire_cv_.notify_one();
+}
+
+void cgroup_host::reap() const {
+  std::unique_lock<std::mutex> lock(retire_mutex_);
+  for (;;) {
+    retire_cv_.wait(lock, [this] { return stopping_ || !retired_.empty(); });
+    if (retired_.empty()) return;  // stopping, nothing left
+    auto group = std::move(retired_.front());
+    retired_.pop_front();
+    lock.unlock();
+    group.reset();  // kills what is left, retries rmdir until the kernel let the last one go
+    lock.lock();
+  }
+}
+
+cgroup_host::~cgroup_host() {
+  {
+    std::lock_guard<std::mutex> lock(retire_mutex_);
+    stopping_ = true;
+  }
+  retire_cv_.notify_all();
+  if (reaper_.joinable()) reaper_.join();
 }
 
 exec_cgroup::~exec_cgroup() {

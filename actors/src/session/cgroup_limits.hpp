@@ -2,9 +2,13 @@
 // whole process tree, on cgroup v1 (this machine) or v2 (most production hosts).
 #pragma once
 
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "triplane/actors/session_protocol.hpp"
@@ -47,6 +51,8 @@ public:
 private:
   friend class cgroup_host;
   exec_cgroup() = default;
+  /// One rmdir of each directory, no waiting. True when every one is gone.
+  bool try_remove();
   bool v2_ = false;
   std::vector<std::string> dirs_;  ///< group directories, one per v1 controller or one for v2
   std::vector<std::string> join_files_;
@@ -58,6 +64,8 @@ private:
 class cgroup_host {
 public:
   static std::unique_ptr<cgroup_host> detect();
+  /// Waits for the groups retire() left to its thread.
+  ~cgroup_host();
   limit_mechanism mechanism() const { return mechanism_; }
   /// A group named `name` (unique per node) with `limits` applied (0 = unlimited). On v1 only
   /// the controllers of requested limits are used (joining each costs the child an RCU grace
@@ -65,11 +73,31 @@ public:
   /// creation failed (reason in *why).
   std::unique_ptr<exec_cgroup> create(const std::string& name, const exec_limits& limits,
                                       std::string* why) const;
+  /// Which controllers create() would join for `limits` (a bit mask of joins_*): a group made
+  /// for limits A can take limits B (set_limits) when joins(B) is a subset of joins(A).
+  unsigned joins(const exec_limits& limits) const;
+  static constexpr unsigned joins_memory = 1, joins_pids = 2, joins_cpu = 4;
+  /// Replaces the limits of a group made by create() (0 = unlimited), e.g. a group joined
+  /// ahead of time by a pre-started sandbox. False (reason in *why) when `limits` need a
+  /// controller the group did not join, or a write fails.
+  bool set_limits(exec_cgroup& group, const exec_limits& limits, std::string* why) const;
+  /// Removes `group` (killing whatever is left in it) without making the caller wait: a group
+  /// stays busy until the kernel has reaped its last process, which can be milliseconds after
+  /// the command's end (its pid namespace is still being torn down). What cannot be removed at
+  /// once is removed by the host's own thread. Thread-safe.
+  void retire(std::unique_ptr<exec_cgroup> group) const;
 
 private:
   limit_mechanism mechanism_ = limit_mechanism::none;
   std::string v1_memory_, v1_pids_, v1_cpuacct_;  ///< parent dirs under which groups are made
   std::string v2_parent_;
+  // retire(): groups still busy, and the thread that removes them (started on first use).
+  void reap() const;
+  mutable std::mutex retire_mutex_;
+  mutable std::condition_variable retire_cv_;
+  mutable std::deque<std::unique_ptr<exec_cgroup>> retired_;
+  mutable std::thread reaper_;
+  mutable bool stopping_ = false;
 };
 
 } // namespace triplane::actors::session

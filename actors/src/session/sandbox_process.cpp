@@ -158,6 +158,25 @@ expected<sandbox_config> sandbox_config::detect(const cgroup_host* cgroups,
   if (cfg.bwrap_path.empty())
     return make_error(errc::unavailable, "bubblewrap (bwrap) is not installed");
   cfg.cgroups = cgroups;
+  {
+    char self[4096];
+    auto n = ::readlink("/proc/self/exe", self, sizeof self - 1);
+    std::string beside;
+    if (n > 0)
+      beside = (std::filesystem::path(std::string(self, static_cast<size_t>(n))).parent_path() /
+                "triplane-sandbox-exec")
+                   .string();
+#ifdef TRIPLANE_SANDBOX_EXEC_PATH
+    std::string built = TRIPLANE_SANDBOX_EXEC_PATH;
+#else
+    std::string built;
+#endif
+    for (const auto& candidate : {beside, built})
+      if (!candidate.empty() && ::access(candidate.c_str(), X_OK) == 0) {
+        cfg.exec_shim = candidate;
+        break;
+      }
+  }
   cfg.ro_binds.push_back("/usr");
   for (const char* top : {"/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"}) {
     std::string target;
@@ -206,8 +225,108 @@ expected<std::unique_ptr<sandbox_process>> sandbox_process::start(const sandbox_
   if (spec.argv.empty() || spec.argv.front().empty())
     return make_error(errc::invalid_argument, "empty command");
   if (credit && !sink) return make_error(errc::invalid_argument, "flow control without a sink");
+  auto proc = launch(config, std::move(spec), std::move(sink), false);
+  if (proc) (*proc)->credit_ = std::move(credit);
+  return proc;
+}
+
+expected<std::unique_ptr<sandbox_process>> sandbox_process::prestart(const sandbox_config& config,
+                                                                     const std::string& workspace,
+                                                                     const exec_limits& cgroup_limits,
+                                                                     const std::string& group_name) {
+  if (config.exec_shim.empty())
+    return make_error(errc::unavailable, "triplane-sandbox-exec was not found: no pre-started sandboxes");
+  launch_spec spec;
+  spec.workspace = workspace;
+  spec.argv = {"/run/triplane-exec"};
+  spec.env = {"PATH=/usr/bin:/bin"};
+  spec.limits.memory_bytes = cgroup_limits.memory_bytes;
+  spec.limits.max_processes = cgroup_limits.max_processes;
+  spec.limits.cpu_time_ms = cgroup_limits.cpu_time_ms;
+  spec.network = network_policy::none;
+  spec.group_name = group_name;
+  spec.hold = true;
+  return launch(config, std::move(spec), nullptr, true);
+}
+
+void sandbox_process::note_enforced(bool memory_by_cgroup) {
+  const auto& lim = spec_.limits;
+  auto& e = result_.enforced;
+  e = {};
+  if (lim.memory_bytes) e.memory = memory_by_cgroup ? cgroup_->memory : limit_mechanism::rlimit;
+  if (lim.max_processes && cgroup_ && cgroup_->processes != limit_mechanism::none)
+    e.processes = cgroup_->processes;
+  if (lim.cpu_time_ms)
+    e.cpu_time = (cgroup_ && cgroup_->cpu != limit_mechanism::none) ? cgroup_->cpu : limit_mechanism::rlimit;
+  if (lim.max_file_bytes) e.file_size = limit_mechanism::rlimit;
+  if (spec_.timeout_ms) e.wall_clock = limit_mechanism::supervisor;
+}
+
+caf::error sandbox_process::assign(launch_spec& spec_in, output_sink sink,
+                                   std::shared_ptr<output_credit> credit) {
+  if (!deferred_ || assigned_)
+    return make_error(errc::internal, "assign() needs a pre-started sandbox without a command");
+  if (spec_in.argv.empty() || spec_in.argv.front().empty())
+    return make_error(errc::invalid_argument, "empty command");
+  if (credit && !sink) return make_error(errc::invalid_argument, "flow control without a sink");
+  if (pump(0)) return make_error(errc::unavailable, "the pre-started sandbox has ended");
+  const exec_limits lim = spec_in.limits;
+  if (cgroup_) {
+    std::string why;
+    if (!cgroups_->set_limits(*cgroup_, lim, &why))
+      return make_error(errc::unavailable, "pre-started sandbox: " + why);
+  } else if (cgroups_ && cgroups_->joins(lim) != 0) {
+    return make_error(errc::unavailable, "pre-started sandbox: the limits need a cgroup it did not join");
+  }
+  launch_spec spec = std::move(spec_in);
+  bool memory_by_cgroup = cgroup_ && cgroup_->memory != limit_mechanism::none;
+  const uint64_t cpu_s = lim.cpu_time_ms ? (lim.cpu_time_ms + 999) / 1000 + 1 : 0;
+  const uint64_t as_bytes = (!memory_by_cgroup && lim.memory_bytes) ? lim.memory_bytes : 0;
+  // The header triplane-sandbox-exec reads from stdin before the command's own input.
+  std::string fields;
+  auto field = [&](const std::string& f) {
+    fields += f;
+    fields.push_back('\0');
+  };
+  field(spec.cwd);
+  field(std::to_string(lim.max_file_bytes));
+  field(std::to_string(cpu_s));
+  field(std::to_string(as_bytes));
+  field(std::to_string(spec.argv.size()));
+  for (const auto& a : spec.argv) field(a);
+  // As bwrap does for the command it runs: PWD names the working directory.
+  size_t envc = 1;
+  for (const auto& e : spec.env)
+    if (e.compare(0, 4, "PWD=") != 0) ++envc;
+  field(std::to_string(envc));
+  for (const auto& e : spec.env)
+    if (e.compare(0, 4, "PWD=") != 0) field(e);
+  field("PWD=" + spec.cwd);
+  std::string header(8, '\0');
+  uint64_t len = fields.size();
+  for (int i = 0; i < 8; ++i) header[static_cast<size_t>(i)] = static_cast<char>((len >> (8 * i)) & 0xff);
+  spec.stdin_data.insert(0, header + fields);
+  spec.workspace = spec_.workspace;
+  spec.network = spec_.network;
+  spec.group_name = spec_.group_name;
+  spec.hold = true;
+  spec_ = std::move(spec);
+  sink_ = std::move(sink);
+  credit_ = std::move(credit);
+  note_enforced(memory_by_cgroup);
+  started_ = std::chrono::steady_clock::now();
+  if (spec_.timeout_ms) deadline_ = started_ + std::chrono::milliseconds(spec_.timeout_ms);
+  assigned_ = true;
+  return {};
+}
+
+expected<std::unique_ptr<sandbox_process>> sandbox_process::launch(const sandbox_config& config,
+                                                                   launch_spec spec,
+                                                                   output_sink sink,
+                                                                   bool deferred) {
   auto proc = std::unique_ptr<sandbox_process>(new sandbox_process);
-  auto& r = proc->result_;
+  proc->deferred_ = deferred;
+  proc->cgroups_ = config.cgroups;
 
   // Limits: cgroups where the host has them, rlimits otherwise (per process only).
   std::string cgroup_why;
@@ -215,16 +334,6 @@ expected<std::unique_ptr<sandbox_process>> sandbox_process::start(const sandbox_
     proc->cgroup_ = config.cgroups->create(spec.group_name, spec.limits, &cgroup_why);
   const auto& lim = spec.limits;
   bool memory_by_cgroup = proc->cgroup_ && proc->cgroup_->memory != limit_mechanism::none;
-  if (lim.memory_bytes)
-    r.enforced.memory = memory_by_cgroup ? proc->cgroup_->memory : limit_mechanism::rlimit;
-  if (lim.max_processes && proc->cgroup_ && proc->cgroup_->processes != limit_mechanism::none)
-    r.enforced.processes = proc->cgroup_->processes;
-  if (lim.cpu_time_ms)
-    r.enforced.cpu_time = (proc->cgroup_ && proc->cgroup_->cpu != limit_mechanism::none)
-                              ? proc->cgroup_->cpu
-                              : limit_mechanism::rlimit;
-  if (lim.max_file_bytes) r.enforced.file_size = limit_mechanism::rlimit;
-  if (spec.timeout_ms) r.enforced.wall_clock = limit_mechanism::supervisor;
 
   // Arguments, built before fork: the child may only make async-signal-safe calls.
   std::vector<std::string> args{config.bwrap_path,
@@ -239,6 +348,7 @@ expected<std::unique_ptr<sandbox_process>> sandbox_process::start(const sandbox_
     args.insert(args.end(), {"--ro-bind", path, path});
   }
   if (!config.etc_dir.empty()) args.insert(args.end(), {"--ro-bind", config.etc_dir, "/etc"});
+  if (deferred) args.insert(args.end(), {"--ro-bind", config.exec_shim, spec.argv.front()});
   for (const auto& [target, link] : config.symlinks) args.insert(args.end(), {"--symlink", target, link});
   args.insert(args.end(), {"--proc", "/proc", "--dev", "/dev", "--size",
                            std::to_string(config.tmp_bytes), "--tmpfs", "/tmp",
@@ -297,12 +407,12 @@ expected<std::unique_ptr<sandbox_process>> sandbox_process::start(const sandbox_
   ::close(status_pipe[1]);
   if (seccomp_fd >= 0) ::close(seccomp_fd);
 
-  const uint64_t fsize = lim.max_file_bytes;
-  const uint64_t cpu_s = lim.cpu_time_ms ? (lim.cpu_time_ms + 999) / 1000 + 1 : 0;
-  const uint64_t as_bytes = (!memory_by_cgroup && lim.memory_bytes) ? lim.memory_bytes : 0;
+  // A pre-started sandbox's rlimits are set by triplane-sandbox-exec once the command is known.
+  const uint64_t fsize = deferred ? 0 : lim.max_file_bytes;
+  const uint64_t cpu_s = !deferred && lim.cpu_time_ms ? (lim.cpu_time_ms + 999) / 1000 + 1 : 0;
+  const uint64_t as_bytes = (!deferred && !memory_by_cgroup && lim.memory_bytes) ? lim.memory_bytes : 0;
 
   proc->started_ = std::chrono::steady_clock::now();
-  r.enforced.workspace_quota = limit_mechanism::none;
   child_setup setup;
   setup.c_in = c_in;
   setup.c_out = c_out;
@@ -351,14 +461,14 @@ expected<std::unique_ptr<sandbox_process>> sandbox_process::start(const sandbox_
   proc->out_fd_ = set_nonblock_cloexec(out_pipe[0]);
   proc->err_fd_ = set_nonblock_cloexec(err_pipe[0]);
   proc->status_fd_ = set_nonblock_cloexec(status_pipe[0]);
-  if (spec.stdin_data.empty()) {
+  if (spec.stdin_data.empty() && !deferred) {  // a pre-started one gets its command on stdin
     ::close(proc->in_fd_);
     proc->in_fd_ = -1;
   }
   if (spec.timeout_ms) proc->deadline_ = proc->started_ + std::chrono::milliseconds(spec.timeout_ms);
   proc->spec_ = std::move(spec);
   proc->sink_ = std::move(sink);
-  proc->credit_ = std::move(credit);
+  proc->note_enforced(memory_by_cgroup);
   (void)now_unix_ms;
   return proc;
 }
@@ -520,7 +630,8 @@ bool sandbox_process::pump(int wait_ms) {
     if (wants_read(out_fd_, output_stream::out)) { idx_out = n; fds[n++] = {out_fd_, POLLIN, 0}; }
     if (wants_read(err_fd_, output_stream::err)) { idx_err = n; fds[n++] = {err_fd_, POLLIN, 0}; }
     if (credit_) { idx_wake = n; fds[n++] = {credit_->wake_fd(), POLLIN, 0}; }
-    if (in_fd_ >= 0) { idx_in = n; fds[n++] = {in_fd_, POLLOUT, 0}; }
+    // A pre-started sandbox gets its stdin (command header first) only once assigned.
+    if (in_fd_ >= 0 && (!deferred_ || assigned_)) { idx_in = n; fds[n++] = {in_fd_, POLLOUT, 0}; }
     if (status_fd_ >= 0) { idx_status = n; fds[n++] = {status_fd_, POLLIN, 0}; }
     if (pidfd_ >= 0 && !exited) { idx_pid = n; fds[n++] = {pidfd_, POLLIN, 0}; }
     auto limit = until;
@@ -634,6 +745,7 @@ void sandbox_process::finish(int wait_status, const ::rusage& usage) {
             "the sink took no more before the deadline); ";
   if (!note.empty()) note.resize(note.size() - 2);
   r.message = note;
+  if (cgroups_) cgroups_->retire(std::move(cgroup_));  // without waiting for the kernel's reaping
   cgroup_.reset();
   close_fds();
 }

@@ -30,8 +30,12 @@ struct sandbox_config {
   std::string etc_dir;                     ///< staged copy bound read-only as /etc ("" = none)
   uint64_t tmp_bytes = 64u << 20;          ///< size of the private /tmp tmpfs
   const cgroup_host* cgroups = nullptr;    ///< borrowed; nullptr = rlimits only
+  /// Host path of triplane-sandbox-exec, the first program of a pre-started sandbox
+  /// (sandbox_process::prestart); "" = none found, no sandboxes are pre-started.
+  std::string exec_shim;
 
-  /// Finds bwrap and the system paths to expose. Errors: unavailable when bwrap is missing.
+  /// Finds bwrap, triplane-sandbox-exec (beside the running program, else at its build path)
+  /// and the system paths to expose. Errors: unavailable when bwrap is missing.
   /// With a non-empty `staging_dir`, the needed /etc files are copied there once (symlinks as
   /// symlinks) and bound as /etc with a single mount instead of one mount pair per file: bwrap
   /// spends most of its time in mount(2), so this roughly halves the cost of an exec.
@@ -73,6 +77,23 @@ public:
   static expected<std::unique_ptr<sandbox_process>> start(
     const sandbox_config& config, launch_spec spec, output_sink sink,
     std::shared_ptr<output_credit> credit = nullptr);
+  /// Starts a sandbox before its command is known (sandbox_pool): network none, `workspace`
+  /// bound at /workspace, the cgroup made for `cgroup_limits` already joined (the cost of
+  /// joining is paid now, not by the command). It sets itself up and waits for assign() and
+  /// release(). Errors: unavailable without config.exec_shim; otherwise as start(). `config`
+  /// must outlive the process.
+  static expected<std::unique_ptr<sandbox_process>> prestart(const sandbox_config& config,
+                                                             const std::string& workspace,
+                                                             const exec_limits& cgroup_limits,
+                                                             const std::string& group_name);
+  /// Gives a pre-started sandbox its command: argv, env, cwd, stdin, timeout and limits of
+  /// `spec` (its workspace, network and group_name are the sandbox's own), with `credit` as in
+  /// start(). Limits are enforced as start() would enforce them; the clock starts now; the
+  /// command runs after release(). Errors: invalid_argument (empty argv, credit without a
+  /// sink); unavailable when the sandbox has ended or its cgroup cannot take spec's limits
+  /// (start a fresh one instead); internal when not pre-started or already assigned. `spec` is
+  /// moved from only on success.
+  caf::error assign(launch_spec& spec, output_sink sink, std::shared_ptr<output_credit> credit = nullptr);
   ~sandbox_process();  ///< kills the tree if still running and reaps it
 
   /// Moves output, feeds stdin, enforces the deadline and CPU limit, for at most `wait_ms`.
@@ -98,6 +119,10 @@ public:
 
 private:
   sandbox_process() = default;
+  static expected<std::unique_ptr<sandbox_process>> launch(const sandbox_config& config,
+                                                           launch_spec spec, output_sink sink,
+                                                           bool deferred);
+  void note_enforced(bool memory_by_cgroup);
   void read_stream(int& fd, output_stream which);
   /// Whether pump() should poll the stream's pipe now (open, and credit or past its cap).
   bool wants_read(int fd, output_stream which) const;
@@ -126,6 +151,9 @@ private:
   int child_pid_ = -1;            ///< the command's host pid (from bwrap's status fd)
   std::string status_buf_;
   bool finished_ = false;
+  bool deferred_ = false;          ///< pre-started: the command comes with assign()
+  bool assigned_ = false;
+  const cgroup_host* cgroups_ = nullptr;
   bool killed_for_timeout_ = false, killed_for_cpu_ = false;
   std::chrono::steady_clock::time_point started_, deadline_;
   exec_result result_;

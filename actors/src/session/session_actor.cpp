@@ -18,6 +18,7 @@ using bg_done_atom = caf::atom_constant<caf::atom("ss_bgdone")>;
 struct session_host::impl {
   std::unique_ptr<session::cgroup_host> cgroups;
   session::sandbox_config sandbox;
+  std::unique_ptr<session::sandbox_pool> pool;  ///< nullptr when sandboxes cannot be pre-started
   std::unique_ptr<session::session_store> store;
   session::node_resources node;
   session_host_options options;
@@ -334,6 +335,13 @@ expected<std::unique_ptr<session_host>> session_host::create(storage::database& 
   n.sandbox = &state->sandbox;
   n.workspaces_dir = options.workspaces_dir;
   n.defaults = options.defaults;
+  if (options.prestarted_sandboxes > 0) {
+    // Without triplane-sandbox-exec every exec starts its own sandbox: slower, not wrong.
+    auto pool = session::sandbox_pool::create(state->sandbox, options.workspaces_dir + "/.sandbox-pool",
+                                              options.defaults.default_limits, options.prestarted_sandboxes);
+    if (pool) state->pool = std::move(*pool);
+    n.pool = state->pool.get();
+  }
   n.history_limit = options.history_limit;
   n.max_workspace_bytes = options.max_workspace_bytes;
   n.max_kv_bytes = options.max_kv_bytes;

@@ -84,6 +84,7 @@ expected<std::unique_ptr<session_core>> session_core::activate(const node_resour
     core->record_.last_used_unix_ms = core->record_.created_unix_ms;
   }
   core->workspace_dir_ = node.workspaces_dir + "/" + to_hex(sha256(id));
+  core->default_workspace_dir_ = core->workspace_dir_;
   // A workspace left from an earlier activation (crash) is only a cache: RocksDB is the truth.
   if (auto err = remove_tree(core->workspace_dir_)) return err;
   return core;
@@ -212,8 +213,18 @@ expected<launch_spec> session_core::resolve(const exec_request& req) {
   l.max_processes = static_cast<uint32_t>(pick(req.limits.max_processes, s.default_limits.max_processes,
                                                d.default_limits.max_processes));
   l.cpu_time_ms = pick(req.limits.cpu_time_ms, s.default_limits.cpu_time_ms, d.default_limits.cpu_time_ms);
+  // Unless a file size limit was asked for, no file may grow past what is left of the quota
+  // (RLIMIT_FSIZE, enforced by the kernel on every write): a single runaway file stops at the
+  // quota at once instead of at the next check. (A file larger than what is left cannot be
+  // appended to then: the command gets EFBIG, as on a full disk; an explicit limit lifts this.)
   l.max_file_bytes = pick(req.limits.max_file_bytes, s.default_limits.max_file_bytes,
-                          d.default_limits.max_file_bytes ? d.default_limits.max_file_bytes : quota());
+                          d.default_limits.max_file_bytes);
+  if (!l.max_file_bytes) {
+    uint64_t used = 0;
+    for (const auto& [path, e] : record_.files)
+      if (e.type == file_type::regular) used += e.size;
+    l.max_file_bytes = used < quota() ? quota() - used : 1;  // 0 would mean "no limit"
+  }
   l.stdout_cap_bytes = pick(req.limits.stdout_cap_bytes, s.default_limits.stdout_cap_bytes,
                             d.default_limits.stdout_cap_bytes ? d.default_limits.stdout_cap_bytes : default_output_cap);
   l.stderr_cap_bytes = pick(req.limits.stderr_cap_bytes, s.default_limits.stderr_cap_bytes,
@@ -261,27 +272,59 @@ expected<exec_result> session_core::exec(const exec_request& req, sandbox_proces
       core.running_credit_ = nullptr;
     }
   } reset_ticket{*this};
+  return run_command(req, std::move(sink), std::move(credit), true);
+}
+
+expected<exec_result> session_core::run_command(const exec_request& req, sandbox_process::output_sink sink,
+                                                std::shared_ptr<output_credit> credit, bool sync_after) {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  using steady = std::chrono::steady_clock;
+  auto us_since = [](steady::time_point t) {
+    return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(steady::now() - t).count());
+  };
+  phases_ = {};
+  auto phase_start = steady::now();
   // First use after activation: bwrap sets the sandbox up (namespaces, mounts: milliseconds)
   // while the workspace is materialized into the directory it binds; the command starts once
   // both are done (bwrap --block-fd).
   const bool overlap = !workspace_;
+  // Without an output stream, the chunks' SHA-256 check runs while the command does (another
+  // core) instead of before it: nothing the command produces leaves the sandbox (no result, no
+  // stored change) until the check has passed, and a mismatch kills it and drops the workspace.
+  // A stream would hand out output before the check, so then the check comes first.
+  const bool verify_later = overlap && !sink;
   auto spec = resolve(req);
   if (!spec) return spec.error();
-  if (overlap) {
-    if (auto err = remove_tree(workspace_dir_)) return err;
-    std::error_code ec;
-    std::filesystem::create_directories(workspace_dir_, ec);
-    if (ec) return make_error(errc::io_error, "cannot create workspace '" + workspace_dir_ + "': " + ec.message());
-    spec->hold = true;
-  }
   auto argv = spec->argv;
   uint64_t started = now_ms();
-  auto proc = sandbox_process::start(*node_.sandbox, std::move(*spec), std::move(sink),
-                                    std::move(credit));
+  std::unique_ptr<sandbox_process> pooled;
+  if (overlap) {
+    if (auto err = remove_tree(workspace_dir_)) return err;
+    // A pre-started sandbox, when one is ready: its setup is already done, and the workspace
+    // becomes the directory it binds.
+    std::string pooled_dir;
+    if (node_.pool) pooled = node_.pool->take(*spec, sink, credit, &pooled_dir);
+    if (pooled) {
+      workspace_dir_ = pooled_dir;
+      phases_.pooled = true;
+    } else {
+      std::error_code ec;
+      std::filesystem::create_directories(workspace_dir_, ec);
+      if (ec) return make_error(errc::io_error, "cannot create workspace '" + workspace_dir_ + "': " + ec.message());
+      spec->hold = true;
+    }
+  }
+  phases_.prepare_us = us_since(phase_start);
+  phase_start = steady::now();
+  auto proc = pooled ? expected<std::unique_ptr<sandbox_process>>(std::move(pooled))
+                     : sandbox_process::start(*node_.sandbox, std::move(*spec), std::move(sink),
+                                              std::move(credit));
   if (!proc) return proc.error();
+  phases_.spawn_us = us_since(phase_start);
+  phase_start = steady::now();
   if (overlap) {
     auto t = std::chrono::steady_clock::now();
-    caf::error err = materialize(workspace_dir_, record_.files, *node_.store);
+    caf::error err = materialize(workspace_dir_, record_.files, *node_.store, !verify_later);
     if (!err) {
       auto ws = workspace::open(workspace_dir_, node_.use_openat2);
       if (ws) workspace_ = std::move(*ws);
@@ -289,29 +332,53 @@ expected<exec_result> session_core::exec(const exec_request& req, sandbox_proces
     }
     if (err) {
       (*proc)->kill_tree();  // before release: the command never runs on a partial workspace
+      if (phases_.pooled) node_.pool->replenish();
+      workspace_.reset();
+      (void)remove_tree(workspace_dir_);
+      workspace_dir_ = default_workspace_dir_;
       return err;
     }
     stats_.materialized = true;
     stats_.materialize_us = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(
                                                       std::chrono::steady_clock::now() - t)
                                                       .count());
+    phases_.materialize_us = stats_.materialize_us;
     (*proc)->release();
+    phase_start = steady::now();
+    if (verify_later) {
+      if (auto err = verify_chunks(record_.files, *node_.store)) {
+        proc->reset();  // kills and reaps the whole tree
+        if (phases_.pooled) node_.pool->replenish();
+        workspace_.reset();
+        stats_.materialized = false;
+        (void)remove_tree(workspace_dir_);
+        workspace_dir_ = default_workspace_dir_;
+        return err;
+      }
+      phases_.verify_us = us_since(phase_start);
+    }
   }
-  // Pump, and about once a second check the workspace's size with a stat walk: a command that
-  // writes many files is stopped near the quota instead of filling the host's disk first.
+  // Pump, and check the workspace's size with a stat walk every 100 ms to 1 s (20 times the
+  // last walk's duration, so the walks cost at most ~5% of a core): a command that writes many
+  // files is stopped near the quota instead of filling the host's disk first.
   const uint64_t limit = quota();
   bool over_quota = false;
   bool cancelled = false;
   exec_running_ = true;
-  auto next_check = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+  auto check_interval = std::chrono::microseconds(100000);
+  auto next_check = std::chrono::steady_clock::now() + check_interval;
   while (!(*proc)->pump(50)) {
     if (cancel_requested_.exchange(false)) {  // again after the first: see kill_tree
       cancelled = true;
       (*proc)->kill_tree();
     }
     if (std::chrono::steady_clock::now() < next_check) continue;
-    next_check = std::chrono::steady_clock::now() + std::chrono::seconds(1);
-    if (workspace_usage(workspace_dir_) > limit) {
+    auto walk = std::chrono::steady_clock::now();
+    bool over = workspace_usage(workspace_dir_) > limit;
+    auto took = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - walk);
+    check_interval = std::clamp(took * 20, std::chrono::microseconds(100000), std::chrono::microseconds(1000000));
+    next_check = std::chrono::steady_clock::now() + check_interval;
+    if (over && !over_quota) {
       over_quota = true;
       (*proc)->kill_tree();
     }
@@ -319,11 +386,18 @@ expected<exec_result> session_core::exec(const exec_request& req, sandbox_proces
   exec_running_ = false;
   exec_result result = (*proc)->result();
   proc->reset();
+  if (phases_.pooled) node_.pool->replenish();
+  phases_.run_us = us_since(phase_start);
+  phase_start = steady::now();
   if (cancelled) result.message += std::string(result.message.empty() ? "" : "; ") + "cancelled";
-  if (over_quota) result.message += std::string(result.message.empty() ? "" : "; ") +
-                                    "killed: workspace grew past its quota while running";
+  if (over_quota) {
+    result.quota_exceeded = true;
+    result.message += std::string(result.message.empty() ? "" : "; ") +
+                      "killed: workspace grew past its quota while running";
+  }
   result.enforced.workspace_quota = limit_mechanism::supervisor;
   record_history(argv, result, started);
+  if (!sync_after) return result;
   bool over = false;
   std::string why;
   if (auto err = sync_and_save(&over, &why)) return err;
@@ -332,6 +406,7 @@ expected<exec_result> session_core::exec(const exec_request& req, sandbox_proces
     result.message += (result.message.empty() ? "" : "; ") + why;
     if (auto err = sync_and_save(nullptr, nullptr)) return err;  // store the history entry
   }
+  phases_.sync_us = us_since(phase_start);
   return result;
 }
 
@@ -541,21 +616,50 @@ expected<uint64_t> session_core::tar_in(const tar_in_request& req) {
   auto names = split_path(req.dir, true);
   if (!names) return names.error();
   if (!names->empty()) {
-    auto d = workspace_->make_directory({req.dir, true, 0755});
-    if (!d) return d.error();
+    auto st = workspace_->stat(req.dir);
+    if (st && st->type != file_type::directory)
+      return make_error(errc::invalid_argument, "'" + req.dir + "' is not a directory");
   }
-  std::string dir = "/workspace";
-  for (const auto& n : *names) dir += "/" + n;
-  // GNU tar inside the sandbox: it strips leading '/' and skips members with '..' (exit 2),
-  // cannot create devices (no capabilities) and can only write the workspace anyway.
+  // All or nothing: GNU tar (inside the sandbox: it strips leading '/', skips members with
+  // '..' (exit 2), cannot create devices, can only write the workspace) extracts into a fresh
+  // staging directory, which is merged into place only when tar succeeded and the merge can
+  // succeed in full. Nothing is stored until then; any failure removes the staging directory.
+  std::string staging = ".triplane-tar-in-" + to_hex(sha256(record_.id + std::to_string(now_ms()) +
+                                                             std::to_string(++launches_)))
+                                                   .substr(0, 16);
+  auto made = workspace_->make_directory({staging, false, 0700});
+  if (!made) return made.error();
+  auto discard = [&](caf::error why) -> caf::error {
+    (void)workspace_->remove({staging, true});
+    if (auto err = sync_and_save(nullptr, nullptr)) return err;  // the history entry
+    return why;
+  };
   exec_request x;
-  x.argv = {"tar", "-xvf", "-", "-C", dir, "--no-same-owner", "--no-overwrite-dir"};
+  x.argv = {"tar", "-xvf", "-", "-C", "/workspace/" + staging, "--no-same-owner", "--no-overwrite-dir"};
   x.stdin_data = req.archive;
-  auto r = exec(x);
-  if (!r) return r.error();
-  if (r->quota_exceeded) return make_error(errc::limit_exceeded, r->message);
+  auto r = run_command(x, nullptr, nullptr, false);
+  if (!r) return discard(r.error());
+  if (r->quota_exceeded) return discard(make_error(errc::limit_exceeded, r->message));
+  // A member larger than what is left of the quota hits the file size limit (resolve()).
+  if (r->term_signal == SIGXFSZ || r->stderr_data.find("File too large") != std::string::npos)
+    return discard(make_error(errc::limit_exceeded, "the archive does not fit in what is left of the workspace quota: " +
+                                                        r->stderr_data));
   if (!r->exited || r->exit_code != 0)
-    return make_error(errc::invalid_argument, "tar refused the archive: " + r->stderr_data);
+    return discard(make_error(errc::invalid_argument, "tar refused the archive: " + r->stderr_data));
+  if (!names->empty()) {
+    auto d = workspace_->make_directory({req.dir, true, 0755});
+    if (!d) return discard(d.error());
+  }
+  if (auto err = workspace_->merge_into(staging, req.dir)) return discard(std::move(err));
+  (void)workspace_->remove({staging, true});
+  // Over the quota, the workspace goes back to its stored state: nothing of the archive stays.
+  bool over = false;
+  std::string why;
+  if (auto err = sync_and_save(&over, &why)) return err;
+  if (over) {
+    if (auto err = sync_and_save(nullptr, nullptr)) return err;  // the history entry
+    return make_error(errc::limit_exceeded, why);
+  }
   return static_cast<uint64_t>(std::count(r->stdout_data.begin(), r->stdout_data.end(), '\n'));
 }
 
@@ -677,7 +781,9 @@ caf::error session_core::passivate() {
   if (auto err = persist()) return err;
   workspace_.reset();
   stats_.materialized = false;
-  return remove_tree(workspace_dir_);
+  auto err = remove_tree(workspace_dir_);
+  workspace_dir_ = default_workspace_dir_;
+  return err;
 }
 
 expected<session_info> session_core::fork(const std::string& new_id) {
@@ -707,6 +813,7 @@ caf::error session_core::destroy() {
   background_.clear();
   workspace_.reset();
   if (auto err = remove_tree(workspace_dir_)) return err;
+  workspace_dir_ = default_workspace_dir_;
   bool was_stored = stored_;
   // From here on the object is a fresh, empty session with the same id (the id is free to be
   // used again); nothing is stored for it until something changes.

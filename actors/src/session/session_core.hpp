@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "session/sandbox_pool.hpp"
 #include "session/sandbox_process.hpp"
 #include "session/session_store.hpp"
 #include "session/workspace.hpp"
@@ -28,6 +29,8 @@ namespace triplane::actors::session {
 struct node_resources {
   session_store* store = nullptr;
   const sandbox_config* sandbox = nullptr;
+  /// Pre-started sandboxes for first execs (nullptr = each exec starts its own).
+  sandbox_pool* pool = nullptr;
   std::string workspaces_dir;         ///< each session's workspace is workspaces_dir/<hex id>
   session_settings defaults;          ///< where a session's own settings leave 0
   size_t history_limit = 100;         ///< commands kept in the history
@@ -44,6 +47,17 @@ struct persistence_stats {
   uint64_t files_read = 0;       ///< files hashed by the last sync
   uint64_t chunks_written = 0;   ///< chunks supplied to the store by the last sync
   bool materialized = false;
+};
+
+/// Where the last exec's wall time went, in microseconds (benchmarks read it).
+struct exec_phases {
+  uint64_t prepare_us = 0;      ///< resolving the request, preparing the workspace directory
+  uint64_t spawn_us = 0;        ///< sandbox_process::start (clone + exec of bwrap)
+  uint64_t materialize_us = 0;  ///< filling the workspace while bwrap sets up (first exec only)
+  uint64_t run_us = 0;          ///< release (or start) until bwrap and its tree have ended
+  uint64_t verify_us = 0;       ///< of run_us: the chunks' SHA-256 check beside the command
+  uint64_t sync_us = 0;         ///< change detection and storing the record afterwards
+  bool pooled = false;          ///< ran in a pre-started sandbox (sandbox_pool)
 };
 
 class session_core {
@@ -114,13 +128,19 @@ public:
   caf::error destroy();
 
   const persistence_stats& stats() const { return stats_; }
-  /// The workspace directory on the host (materialized or not).
+  const exec_phases& last_exec_phases() const { return phases_; }
+  /// The workspace directory on the host (materialized or not). A first exec through a
+  /// pre-started sandbox moves it to the directory that sandbox binds.
   const std::string& workspace_dir() const { return workspace_dir_; }
 
 private:
   struct background;
   explicit session_core(const node_resources& node);
   caf::error ensure_materialized();
+  /// exec(); with !sync_after the workspace's changes are left for the caller to store (or
+  /// discard) and the result's quota check is the caller's too.
+  expected<exec_result> run_command(const exec_request& req, sandbox_process::output_sink sink,
+                                    std::shared_ptr<output_credit> credit, bool sync_after);
   expected<launch_spec> resolve(const exec_request& req);
   caf::error sync_and_save(bool* quota_exceeded, std::string* quota_message);
   void record_history(const std::vector<std::string>& argv, const exec_result& r, uint64_t started);
@@ -133,8 +153,10 @@ private:
   bool stored_ = false;          ///< a record exists in the store
   bool dirty_ = false;           ///< non-file state changed since the last save
   std::string workspace_dir_;
+  std::string default_workspace_dir_;  ///< workspaces_dir/<hex of sha256(id)>
   std::unique_ptr<workspace> workspace_;
   persistence_stats stats_;
+  exec_phases phases_;
   uint64_t launches_ = 0;
   std::map<uint64_t, std::unique_ptr<background>> background_;
   bool scan_needed_ = false;

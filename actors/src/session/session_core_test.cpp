@@ -171,6 +171,31 @@ TEST_CASE("filling the disk past the quota is refused and the workspace restored
     auto st = s->stat_file("big");
     if (st) CHECK(st->size <= (1u << 20));
   }
+  SECTION("one file stops at what is left of the quota") {
+    REQUIRE(s->write_file(file("half", std::string(600000, 'h'))));
+    auto r = s->exec(shell("head -c 700000 /dev/zero > big; wc -c < big"));
+    REQUIRE(r);
+    INFO(r->stdout_data << r->stderr_data << r->message);
+    const uint64_t left = (1u << 20) - 600000 - 4;  // keep.txt holds 4 bytes
+    CHECK(r->stdout_data == std::to_string(left) + "\n");
+    CHECK_FALSE(r->quota_exceeded);
+    auto st = s->stat_file("big");
+    REQUIRE(st);
+    CHECK(st->size == left);
+    CHECK(read_all(*s, "half").size() == 600000);
+  }
+  SECTION("an archive larger than what is left") {
+    REQUIRE(s->write_file(file("half", std::string(600000, 'h'))));
+    auto make = shell("head -c 500000 /dev/zero > /tmp/z && tar -cf - -C /tmp z");
+    make.limits.max_file_bytes = 10 << 20;  // /tmp is under the derived limit too
+    auto made = s->exec(make);
+    REQUIRE(made);
+    REQUIRE(made->stdout_data.size() > 500000);
+    auto r = s->tar_in({"in", made->stdout_data});
+    REQUIRE_FALSE(r);
+    CHECK(code_of(r.error()) == errc::limit_exceeded);
+    CHECK(code_of(s->stat_file("in").error()) == errc::not_found);
+  }
   SECTION("a write through the files API") {
     auto w = s->write_file(file("huge", std::string(2 << 20, 'h')));
     REQUIRE_FALSE(w);
@@ -277,6 +302,74 @@ TEST_CASE("a directory goes out and back in as a tar archive", "[session]") {
   CHECK(code_of(s->tar_out("../x").error()) == errc::invalid_argument);
 }
 
+TEST_CASE("an archive that fails part-way extracts nothing", "[session][bad-input]") {
+  node_fixture f;
+  auto s = f.activate("tar-atomic");
+  REQUIRE(s->write_file(file("keep/existing.txt", "old")));
+  REQUIRE(s->write_file(file("clash/inside.txt", "i")));
+  REQUIRE(s->write_file(file("make_tars.py",
+                             "import tarfile, io\n"
+                             "def make(path, members):\n"
+                             "  with tarfile.open(path, 'w') as t:\n"
+                             "    for name in members:\n"
+                             "      info = tarfile.TarInfo(name); info.size = 1; t.addfile(info, io.BytesIO(b'x'))\n"
+                             "make('midway.tar', ['first.txt', 'sub/second.txt', '../../escape.txt', 'last.txt'])\n"
+                             "make('clash.tar', ['new.txt', 'clash'])\n"
+                             "make('merge.tar', ['keep/added.txt', 'top.txt'])\n")));
+  auto made = s->exec(shell("python3 make_tars.py"));
+  REQUIRE(made);
+  REQUIRE(made->exit_code == 0);
+  auto archive = [&](const std::string& name) {
+    auto d = s->read_file({name, 0, 0});
+    REQUIRE(d);
+    return d->data;
+  };
+  auto root_names = [&] {
+    std::string out;
+    auto l = s->list_files({"", false});
+    REQUIRE(l);
+    for (const auto& e : *l) out += e.path + " ";
+    return out;
+  };
+  const std::string before = root_names();
+
+  SECTION("tar fails on a member after others were written") {
+    auto r = s->tar_in({"unpack", archive("midway.tar")});
+    REQUIRE_FALSE(r);
+    CHECK(code_of(r.error()) == errc::invalid_argument);
+    CHECK(code_of(s->stat_file("unpack").error()) == errc::not_found);
+    CHECK(root_names() == before);  // no staging directory left either
+    r = s->tar_in({"", archive("midway.tar")});
+    REQUIRE_FALSE(r);
+    CHECK(code_of(s->stat_file("first.txt").error()) == errc::not_found);
+    CHECK(root_names() == before);
+  }
+  SECTION("a member would replace a directory by a file") {
+    auto r = s->tar_in({"", archive("clash.tar")});
+    REQUIRE_FALSE(r);
+    CHECK(code_of(r.error()) == errc::invalid_argument);
+    CHECK(describe(r.error()).find("clash") != std::string::npos);
+    CHECK(code_of(s->stat_file("new.txt").error()) == errc::not_found);
+    CHECK(read_all(*s, "clash/inside.txt") == "i");
+    CHECK(root_names() == before);
+  }
+  SECTION("a valid archive merges into existing directories") {
+    auto r = s->tar_in({"", archive("merge.tar")});
+    REQUIRE(r);
+    CHECK(read_all(*s, "keep/existing.txt") == "old");
+    CHECK(read_all(*s, "keep/added.txt") == "x");
+    CHECK(read_all(*s, "top.txt") == "x");
+  }
+  // What was (not) extracted is what was stored.
+  bool merged = static_cast<bool>(s->stat_file("top.txt"));
+  REQUIRE_FALSE(s->passivate());
+  auto back = f.activate("tar-atomic");
+  CHECK(code_of(back->stat_file("first.txt").error()) == errc::not_found);
+  CHECK(code_of(back->stat_file("unpack/first.txt").error()) == errc::not_found);
+  CHECK(code_of(back->stat_file("new.txt").error()) == errc::not_found);
+  CHECK(static_cast<bool>(back->stat_file("keep/added.txt")) == merged);
+}
+
 TEST_CASE("a Python project and a C program survive passivation and see a one-file change", "[session][workload]") {
   node_fixture f;
   std::map<std::string, std::string> files = {
@@ -335,4 +428,37 @@ TEST_CASE("a Python project and a C program survive passivation and see a one-fi
   auto again = s2->exec(shell("cd c && make"));
   REQUIRE(again);
   CHECK(again->stdout_data.find("up to date") != std::string::npos);
+}
+
+TEST_CASE("a corrupted chunk fails the first exec and nothing the command did is returned or stored",
+          "[session][bad-input]") {
+  node_fixture f;
+  {
+    auto s = f.activate("rotten");
+    REQUIRE(s->write_file(file("a.txt", "hello")));
+    REQUIRE_FALSE(s->passivate());
+  }
+  auto chunks = f.db->column("sandbox.chunks");
+  REQUIRE(chunks);
+  REQUIRE_FALSE(f.db->put(*chunks, sha256("hello"), "HELLO", storage::durability::process_crash));
+  auto s = f.activate("rotten");
+  SECTION("checked beside the command") {
+    auto r = s->exec(shell("cat a.txt; echo made > marker.txt"));
+    REQUIRE_FALSE(r);
+    CHECK(code_of(r.error()) == errc::corrupted);
+  }
+  SECTION("checked before a streaming command starts") {
+    std::string streamed;
+    auto r = s->exec(shell("cat a.txt; echo made > marker.txt"),
+                     [&](output_stream, std::string_view data) { streamed.append(data); });
+    REQUIRE_FALSE(r);
+    CHECK(code_of(r.error()) == errc::corrupted);
+    CHECK(streamed.empty());
+  }
+  CHECK_FALSE(std::filesystem::exists(s->workspace_dir()));
+  auto stored = f.store->load("rotten");
+  REQUIRE(stored);
+  REQUIRE(*stored);
+  CHECK((*stored)->files.count("marker.txt") == 0);
+  CHECK((*stored)->history.empty());
 }

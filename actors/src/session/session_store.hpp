@@ -98,8 +98,11 @@ public:
   /// The bytes of chunk `hash`; corrupted when missing or when the bytes do not hash to it.
   expected<std::string> chunk(std::string_view hash) const;
   /// Calls `use(bytes)` with chunk `hash` pinned in RocksDB's cache (no copy), after checking
-  /// that the bytes hash to it. corrupted when missing or mismatching.
-  caf::error with_chunk(std::string_view hash, const std::function<void(std::string_view)>& use) const;
+  /// that the bytes hash to it (unless !verify: then only RocksDB's own block checksums were
+  /// checked, and the caller must verify before it relies on the bytes). corrupted when missing
+  /// or mismatching.
+  caf::error with_chunk(std::string_view hash, const std::function<void(std::string_view)>& use,
+                        bool verify = true) const;
   /// Current reference count of `hash` (0 when none).
   expected<uint64_t> refcount(std::string_view hash) const;
   expected<store_stats> stats() const;

@@ -403,6 +403,79 @@ expected<file_entry> workspace::move(const move_request& req) {
   return stat_at(to_dir.fd, to->back(), join(*to, to->size()));
 }
 
+namespace {
+
+/// Names in directory `fd` (without "." and ".."); collected first, because moving entries out
+/// of a directory while readdir walks it may skip some.
+expected<std::vector<std::string>> names_in(int fd, const std::string& shown) {
+  int copy = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  DIR* d = copy >= 0 ? ::fdopendir(copy) : nullptr;
+  if (!d) {
+    if (copy >= 0) ::close(copy);
+    return errno_error(errno, "cannot list", shown);
+  }
+  ::rewinddir(d);
+  std::vector<std::string> out;
+  while (auto* ent = ::readdir(d)) {
+    std::string name = ent->d_name;
+    if (name != "." && name != "..") out.push_back(std::move(name));
+  }
+  ::closedir(d);
+  return out;
+}
+
+/// One level of workspace::merge_into: checks only (apply false) or moves (apply true).
+caf::error merge_level(int from_fd, int into_fd, const std::string& shown, bool apply) {
+  auto names = names_in(from_fd, shown);
+  if (!names) return names.error();
+  for (const auto& name : *names) {
+    std::string path = shown.empty() ? name : shown + "/" + name;
+    struct stat from_st {}, into_st {};
+    if (::fstatat(from_fd, name.c_str(), &from_st, AT_SYMLINK_NOFOLLOW) != 0)
+      return errno_error(errno, "cannot stat", path);
+    if (::fstatat(into_fd, name.c_str(), &into_st, AT_SYMLINK_NOFOLLOW) != 0) {
+      if (errno != ENOENT) return errno_error(errno, "cannot stat", path);
+      if (apply && ::renameat(from_fd, name.c_str(), into_fd, name.c_str()) != 0)
+        return errno_error(errno, "cannot move into place", path);
+      continue;
+    }
+    bool from_dir = S_ISDIR(from_st.st_mode), into_dir = S_ISDIR(into_st.st_mode);
+    if (from_dir != into_dir)
+      return make_error(errc::invalid_argument,
+                        "'" + path + "' would replace a " + (into_dir ? "directory" : "non-directory") +
+                            " by a " + (from_dir ? "directory" : "non-directory"));
+    if (!from_dir) {
+      if (apply && ::renameat(from_fd, name.c_str(), into_fd, name.c_str()) != 0)
+        return errno_error(errno, "cannot move into place", path);
+      continue;
+    }
+    fd_guard from_sub{::openat(from_fd, name.c_str(), O_DIRECTORY | O_RDONLY | O_NOFOLLOW | O_CLOEXEC)};
+    fd_guard into_sub{::openat(into_fd, name.c_str(), O_DIRECTORY | O_RDONLY | O_NOFOLLOW | O_CLOEXEC)};
+    if (from_sub.fd < 0 || into_sub.fd < 0) return errno_error(errno, "cannot open directory", path);
+    if (auto err = merge_level(from_sub.fd, into_sub.fd, path, apply)) return err;
+  }
+  return {};
+}
+
+} // namespace
+
+caf::error workspace::merge_into(const std::string& from, const std::string& into) {
+  auto from_names = split_path(from, false);
+  if (!from_names) return from_names.error();
+  auto into_names = split_path(into, true);
+  if (!into_names) return into_names.error();
+  if (into_names->size() >= from_names->size() &&
+      std::equal(from_names->begin(), from_names->end(), into_names->begin()))
+    return make_error(errc::invalid_argument, "cannot merge '" + from + "' into itself");
+  caf::error err;
+  fd_guard from_fd{open_dir(*from_names, from_names->size(), false, &err)};
+  if (from_fd.fd < 0) return err;
+  fd_guard into_fd{open_dir(*into_names, into_names->size(), false, &err)};
+  if (into_fd.fd < 0) return err;
+  if (auto check = merge_level(from_fd.fd, into_fd.fd, "", false)) return check;
+  return merge_level(from_fd.fd, into_fd.fd, "", true);
+}
+
 caf::error remove_tree(const std::string& path) {
   std::error_code ec;
   std::filesystem::remove_all(path, ec);  // removes symlinks themselves, never their targets

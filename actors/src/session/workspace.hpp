@@ -56,6 +56,14 @@ public:
   expected<uint64_t> remove(const remove_request& req);
   expected<file_entry> move(const move_request& req);
 
+  /// Moves every entry of directory `from` into directory `into` (workspace paths; `into` must
+  /// exist and must not lie inside `from`), merging directories present in both; a
+  /// non-directory replaces a non-directory. The whole tree is checked before anything moves:
+  /// an entry that would replace a directory by a non-directory or the reverse (a symlink in
+  /// `into` counts as a non-directory: it is never followed) fails with invalid_argument naming
+  /// it, and nothing has moved. Entries left in `from` are the caller's to remove.
+  caf::error merge_into(const std::string& from, const std::string& into);
+
   /// Opens the directory at `names` (already split) beneath the root; -1 and *err on failure.
   int open_dir(const std::vector<std::string>& names, size_t count, bool create, caf::error* err);
 

@@ -1,10 +1,15 @@
 // Workspace <-> manifest.
 #include "session/workspace_sync.hpp"
 
+#include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <mutex>
+#include <set>
+#include <thread>
 #include <vector>
 
 #include <dirent.h>
@@ -167,11 +172,91 @@ expected<sync_outcome> sync_manifest(const std::string& root, manifest& m, uint6
   return out;
 }
 
-caf::error materialize(const std::string& root, manifest& m, const session_store& store) {
+namespace {
+
+/// One regular file of the manifest: created exclusively, contents from the store (verified
+/// against their hash), mode and mtime as recorded, stat cache refreshed.
+caf::error write_regular(const std::string& root, const std::string& path, manifest_entry& e,
+                         const session_store& store, bool verify) {
+  std::string full = root + "/" + path;
+  int fd = ::open(full.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+  if (fd < 0) return make_error(errc::io_error, "cannot create '" + path + "': " + std::strerror(errno));
+  caf::error write_error;
+  for (const auto& hash : e.chunks) {
+    auto err = store.with_chunk(hash, [&](std::string_view bytes) {
+      size_t done = 0;
+      while (done < bytes.size()) {
+        auto n = ::write(fd, bytes.data() + done, bytes.size() - done);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) {
+          write_error = make_error(errc::io_error, "cannot write '" + path + "': " + std::strerror(errno));
+          return;
+        }
+        done += static_cast<size_t>(n);
+      }
+    }, verify);
+    if (!err) err = std::move(write_error);
+    if (err) {
+      ::close(fd);
+      return err;
+    }
+  }
+  ::fchmod(fd, e.mode);
+  timespec times[2] = {ts_of(e.mtime_ns), ts_of(e.mtime_ns)};
+  ::futimens(fd, times);
+  struct stat st {};
+  if (::fstat(fd, &st) == 0) {
+    e.ino = st.st_ino;
+    e.ctime_ns = ns_of(st.st_ctim);
+  }
+  ::close(fd);
+  return {};
+}
+
+} // namespace
+
+caf::error verify_chunks(const manifest& m, const session_store& store) {
+  // Distinct chunks, hashed on up to min(cores, 4) threads (one per 256 KiB): this runs beside
+  // the command, and the command's result waits for it.
+  std::set<std::string_view> seen;
+  std::vector<std::string_view> hashes;
+  uint64_t bytes = 0;
+  for (const auto& [path, e] : m) {
+    for (const auto& hash : e.chunks)
+      if (seen.insert(hash).second) hashes.push_back(hash);
+    bytes += e.size;
+  }
+  size_t cores = std::max(1u, std::thread::hardware_concurrency());
+  size_t threads = std::min<size_t>({cores, 4, std::max<uint64_t>(1, bytes / (256u << 10)), hashes.size()});
+  std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
+  std::mutex error_mutex;
+  caf::error first_error;
+  auto work = [&] {
+    for (size_t i = next++; i < hashes.size() && !failed; i = next++)
+      if (auto err = store.with_chunk(hashes[i], [](std::string_view) {})) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!first_error) first_error = std::move(err);
+        failed = true;
+      }
+  };
+  std::vector<std::thread> helpers;
+  for (size_t t = 1; t < threads; ++t) helpers.emplace_back(work);
+  work();
+  for (auto& h : helpers) h.join();
+  return first_error;
+}
+
+caf::error materialize(const std::string& root, manifest& m, const session_store& store, bool verify) {
   std::error_code ec;
   std::filesystem::create_directories(root, ec);
   if (ec) return make_error(errc::io_error, "cannot create workspace '" + root + "': " + ec.message());
+  // Directories and symlinks first, in manifest order (parents before children); then the
+  // regular files, several at a time: fetching, verifying (SHA-256) and writing their
+  // contents is most of the cost, and independent per file.
   std::vector<std::pair<std::string, manifest_entry*>> dirs;
+  std::vector<std::pair<const std::string*, manifest_entry*>> files;
+  uint64_t file_bytes = 0;
   for (auto& [path, e] : m) {
     std::string full = root + "/" + path;
     switch (e.type) {
@@ -191,45 +276,37 @@ caf::error materialize(const std::string& root, manifest& m, const session_store
           }
         }
         break;
-      case file_type::regular: {
-        int fd = ::open(full.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-        if (fd < 0)
-          return make_error(errc::io_error, "cannot create '" + path + "': " + std::strerror(errno));
-        caf::error write_error;
-        for (const auto& hash : e.chunks) {
-          auto err = store.with_chunk(hash, [&](std::string_view bytes) {
-            size_t done = 0;
-            while (done < bytes.size()) {
-              auto n = ::write(fd, bytes.data() + done, bytes.size() - done);
-              if (n < 0 && errno == EINTR) continue;
-              if (n < 0) {
-                write_error = make_error(errc::io_error, "cannot write '" + path + "': " + std::strerror(errno));
-                return;
-              }
-              done += static_cast<size_t>(n);
-            }
-          });
-          if (!err) err = std::move(write_error);
-          if (err) {
-            ::close(fd);
-            return err;
-          }
-        }
-        ::fchmod(fd, e.mode);
-        timespec times[2] = {ts_of(e.mtime_ns), ts_of(e.mtime_ns)};
-        ::futimens(fd, times);
-        struct stat st {};
-        if (::fstat(fd, &st) == 0) {
-          e.ino = st.st_ino;
-          e.ctime_ns = ns_of(st.st_ctim);
-        }
-        ::close(fd);
+      case file_type::regular:
+        files.emplace_back(&path, &e);
+        file_bytes += e.size;
         break;
-      }
       default:
         break;
     }
   }
+  // A thread per 256 KiB (and at least 16 files), at most one per core and 4: below that the
+  // thread's start costs more than it saves.
+  size_t cores = std::max(1u, std::thread::hardware_concurrency());
+  size_t threads = std::min<size_t>({cores, 4, std::max<uint64_t>(1, file_bytes / (256u << 10)),
+                                     std::max<size_t>(1, files.size() / 16)});
+  std::atomic<size_t> next{0};
+  std::mutex error_mutex;
+  caf::error first_error;
+  std::atomic<bool> failed{false};
+  auto work = [&] {
+    for (size_t i = next++; i < files.size() && !failed; i = next++) {
+      if (auto err = write_regular(root, *files[i].first, *files[i].second, store, verify)) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!first_error) first_error = std::move(err);
+        failed = true;
+      }
+    }
+  };
+  std::vector<std::thread> helpers;
+  for (size_t t = 1; t < threads; ++t) helpers.emplace_back(work);
+  work();
+  for (auto& h : helpers) h.join();
+  if (first_error) return first_error;
   // Directories last, deepest first: creating their children changed their mtimes.
   for (auto i = dirs.rbegin(); i != dirs.rend(); ++i) {
     ::chmod(i->first.c_str(), i->second->mode);

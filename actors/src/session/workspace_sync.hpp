@@ -25,7 +25,14 @@ struct sync_outcome {
 expected<sync_outcome> sync_manifest(const std::string& root, manifest& m, uint64_t quota_bytes);
 
 /// Creates `root` (which must not hold anything else) with every entry of `m`, contents from
-/// `store`, modes and mtimes as recorded, and refreshes the entries' stat caches.
-caf::error materialize(const std::string& root, manifest& m, const session_store& store);
+/// `store`, modes and mtimes as recorded, and refreshes the entries' stat caches. Contents are
+/// checked against their SHA-256 names unless !verify; then verify_chunks() must pass before
+/// anything derived from the files is used or stored.
+caf::error materialize(const std::string& root, manifest& m, const session_store& store,
+                       bool verify = true);
+
+/// Checks every chunk `m` references against its SHA-256 name (corrupted naming the first that
+/// does not match or is missing).
+caf::error verify_chunks(const manifest& m, const session_store& store);
 
 } // namespace triplane::actors::session

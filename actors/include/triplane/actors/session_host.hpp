@@ -30,6 +30,10 @@ struct session_host_options {
     s.default_timeout_ms = 300000;
     return s;
   }();
+  /// Sandboxes kept set up ahead of time (namespaces, mounts, cgroups of the default limits
+  /// joined) for the first exec of a rehydrated session, which then costs the materialization
+  /// of its files and the command itself. Each holds two idle processes. 0 = none.
+  size_t prestarted_sandboxes = 2;
   size_t history_limit = 100;                   ///< commands kept per session
   uint64_t max_workspace_bytes = 256ull << 20;  ///< quota for sessions that set none
   uint64_t max_kv_bytes = 1u << 20;

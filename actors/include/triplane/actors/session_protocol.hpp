@@ -106,8 +106,10 @@ using move_atom = caf::atom_constant<caf::atom("ss_move")>;
 using tar_out_atom = caf::atom_constant<caf::atom("ss_tarout")>;
 /// `(tar_in_atom, tar_in_request)` -> uint64_t: number of entries extracted. GNU tar runs
 /// inside the sandbox (so it can only write the workspace); it strips leading '/', skips members
-/// with '..' and cannot create devices. A tar failure is invalid_argument with tar's message;
-/// members before the failure may have been extracted (and are kept).
+/// with '..' and cannot create devices. All or nothing: a tar failure is invalid_argument with
+/// tar's message, a member that would replace a directory by a non-directory (or the reverse)
+/// is invalid_argument naming it, a workspace over its quota is limit_exceeded; in each case
+/// nothing of the archive is extracted.
 using tar_in_atom = caf::atom_constant<caf::atom("ss_tarin")>;
 
 /// `(kv_get_atom, std::string key)` -> kv_value (found = false when absent). (Not a
@@ -239,8 +241,9 @@ struct exec_result {
   bool timed_out = false;           ///< the wall-clock timeout killed the process tree
   bool memory_exceeded = false;     ///< the memory limit was hit (cgroup OOM kill observed)
   bool cpu_time_exceeded = false;   ///< the CPU time limit killed it
-  bool quota_exceeded = false;      ///< after the command the workspace was over its quota; the
-                                    ///< files it created beyond it were not kept (see message)
+  bool quota_exceeded = false;      ///< the workspace went over its quota (the command was killed
+                                    ///< for it, or it was over afterwards); what the command
+                                    ///< changed was not kept (see message)
   std::string message;              ///< human-readable note on the above, empty when clean
   uint64_t duration_us = 0;         ///< wall clock from start to the tree's end
   uint64_t cpu_user_us = 0;         ///< CPU time of the tree (cgroup, else the direct child's)
