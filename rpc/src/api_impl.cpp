@@ -54,7 +54,7 @@ void call_slot::finish(errc outcome) {
 server_core::server_core(server_options o, caf::actor_system& sys, caf::actor dir,
                          kj::Timer& t)
   : opts(std::move(o)), directory(std::move(dir)),
-    bridge(sys, std::max<size_t>(1, sys.scheduler().num_workers())), timer(t) {}
+    bridge(sys, t), timer(t) {}
 
 void server_core::call_done(bool counted) {
   if (!counted) return;
