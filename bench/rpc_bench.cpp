@@ -370,6 +370,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> transports{"tcp", "unix"};
   std::vector<std::string> clients{"plain", "batched"};
   size_t calls_at_depth = 100000;
+  long moderate_polls = -1;  // CAF's default unless set (experiment: worker idle polling)
   auto split = [](const std::string& list) {
     std::vector<std::string> out;
     for (size_t at = 0; at <= list.size();) {
@@ -389,6 +390,7 @@ int main(int argc, char** argv) {
     else if (a == "--transports" && i + 1 < argc) transports = split(argv[++i]);
     else if (a == "--clients" && i + 1 < argc) clients = split(argv[++i]);
     else if (a == "--calls" && i + 1 < argc) calls_at_depth = std::stoul(argv[++i]);
+    else if (a == "--caf-moderate-polls" && i + 1 < argc) moderate_polls = std::stol(argv[++i]);
     else if (a == "--model" && i + 1 < argc) model = argv[++i];
     else {
       std::fprintf(stderr,
@@ -397,7 +399,10 @@ int main(int argc, char** argv) {
                    "  --transports  RPC transports to measure kv get over (default both)\n"
                    "  --clients     plain: the client uses Cap'n Proto 0.9.2's stream as is;\n"
                    "                batched: the client uses the server's coalescing_stream\n"
-                   "  --calls       calls per row at 16 and 256 in flight (default 100000)\n");
+                   "  --calls       calls per row at 16 and 256 in flight (default 100000)\n"
+                   "  --caf-moderate-polls N  experiment: CAF workers poll N times 50 us apart\n"
+                   "                before sleeping on a condition variable (CAF default 500;\n"
+                   "                the node as `triplane serve` builds it uses the default)\n");
       return 2;
     }
   }
@@ -408,6 +413,8 @@ int main(int argc, char** argv) {
   // The node as `triplane serve` builds it (apps/triplane/serve.cpp).
   triplane::runtime::node_config config;
   config.set("scheduler.max-threads", 2);
+  if (moderate_polls >= 0)
+    config.set("work-stealing.moderate-poll-attempts", static_cast<size_t>(moderate_polls));
   triplane::actors::add_session_message_types(config);
   triplane::runtime::register_supervision_types(config);
   inf::register_inference_types(config);

@@ -7,12 +7,16 @@
 namespace triplane::rpc::detail {
 namespace {
 
-constexpr size_t read_buffer_size = 64 * 1024;
+// The read buffer starts small (an idle connection costs little: the node holds thousands)
+// and doubles whenever a read fills it, up to the largest size.
+constexpr size_t min_read_buffer = 4 * 1024;
+constexpr size_t max_read_buffer = 64 * 1024;
 
 } // namespace
 
 coalescing_stream::coalescing_stream(kj::Own<kj::AsyncIoStream> inner, size_t high_water)
-  : inner_(kj::mv(inner)), high_water_(high_water), rbuf_(read_buffer_size), tasks_(*this) {}
+  : inner_(kj::mv(inner)), high_water_(high_water), rbuf_(kj::heapArray<kj::byte>(min_read_buffer)),
+    tasks_(*this) {}
 
 coalescing_stream::~coalescing_stream() noexcept(false) = default;
 
@@ -21,7 +25,7 @@ kj::Promise<size_t> coalescing_stream::tryRead(void* buffer, size_t min_bytes,
   auto* out = static_cast<kj::byte*>(buffer);
   size_t n = std::min(max_bytes, rend_ - rbegin_);
   if (n > 0) {
-    std::memcpy(out, rbuf_.data() + rbegin_, n);
+    std::memcpy(out, rbuf_.begin() + rbegin_, n);
     rbegin_ += n;
   }
   if (n >= min_bytes) return n;
@@ -32,7 +36,7 @@ kj::Promise<size_t> coalescing_stream::fill_then_read(kj::byte* out, size_t min_
                                                       size_t max_bytes, size_t done) {
   // The buffer is empty here. A large remainder (a big message body) goes straight to the
   // caller's memory: copying it through the buffer would gain no syscall.
-  if (min_bytes - done >= rbuf_.size()) {
+  if (min_bytes - done >= max_read_buffer) {
     ++stats_.reads;
     return inner_->tryRead(out + done, min_bytes - done, max_bytes - done)
       .then([this, done](size_t got) {
@@ -41,18 +45,27 @@ kj::Promise<size_t> coalescing_stream::fill_then_read(kj::byte* out, size_t min_
       });
   }
   ++stats_.reads;
-  return inner_->tryRead(rbuf_.data(), 1, rbuf_.size())
+  return inner_->tryRead(rbuf_.begin(), 1, rbuf_.size())
     .then([this, out, min_bytes, max_bytes, done](size_t got) -> kj::Promise<size_t> {
       stats_.bytes_read += got;
       rbegin_ = 0;
       rend_ = got;
       if (got == 0) return done;  // EOF: fewer than min_bytes, as tryRead() allows
       size_t n = std::min(max_bytes - done, got);
-      std::memcpy(out + done, rbuf_.data(), n);
+      std::memcpy(out + done, rbuf_.begin(), n);
+      if (got == rbuf_.size() && rbuf_.size() < max_read_buffer) grow_read_buffer();
       rbegin_ = n;
       if (done + n >= min_bytes) return done + n;
       return fill_then_read(out, min_bytes, max_bytes, done + n);
     });
+}
+
+void coalescing_stream::grow_read_buffer() {
+  auto bigger = kj::heapArray<kj::byte>(rbuf_.size() * 2);
+  std::memcpy(bigger.begin(), rbuf_.begin() + rbegin_, rend_ - rbegin_);
+  rend_ -= rbegin_;
+  rbegin_ = 0;
+  rbuf_ = kj::mv(bigger);
 }
 
 kj::Promise<void> coalescing_stream::write(const void* buffer, size_t size) {

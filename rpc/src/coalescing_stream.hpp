@@ -2,8 +2,8 @@
 // syscalls. Cap'n Proto 0.9.2 reads each message with two reads (segment table, then body) and
 // writes each message (Call, Return, Finish) with its own writev: with many calls in flight on
 // one connection that is ~9 syscalls per call. Here a read takes everything the socket has into
-// a buffer, and the writes of one event-loop turn leave as one write when the loop has nothing
-// else to run.
+// a buffer (4 KiB, growing to 64 KiB while reads fill it), and the writes of one event-loop
+// turn leave as one write when the loop has nothing else to run.
 #pragma once
 
 #include <cstddef>
@@ -43,6 +43,7 @@ private:
   kj::Promise<size_t> fill_then_read(kj::byte* out, size_t min_bytes, size_t max_bytes,
                                      size_t done);
   kj::Promise<void> accepted();
+  void grow_read_buffer();
   void schedule_flush();
   kj::Promise<void> flush();
   void taskFailed(kj::Exception&& e) override;
@@ -50,7 +51,7 @@ private:
   kj::Own<kj::AsyncIoStream> inner_;
   const size_t high_water_;
 
-  std::vector<kj::byte> rbuf_;
+  kj::Array<kj::byte> rbuf_;
   size_t rbegin_ = 0, rend_ = 0;
 
   std::vector<kj::byte> pending_;  // written by the caller, not yet handed to the socket
