@@ -14,12 +14,15 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -62,7 +65,35 @@ struct figure {
   size_t in_flight = 0;
   double calls_per_s = 0, p50_us = 0, p99_us = 0;
   double cpu_us_per_call = 0;  ///< process CPU (all threads, user+sys): robust to a busy host
+  std::map<std::string, double> cpu_us_per_call_by_thread;  ///< the same, by thread name
 };
+
+/// CPU time (user+sys, µs) of this process's threads, summed by thread name: where the CPU of
+/// a row went. Names: "bench-client" (this main thread), "triplane-rpc" (the server's kj
+/// thread), CAF's scheduler workers and other CAF/RocksDB threads under their own names.
+std::map<std::string, double> cpu_by_thread() {
+  std::map<std::string, double> out;
+  static const double us_per_tick = 1e6 / static_cast<double>(sysconf(_SC_CLK_TCK));
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/self/task", ec)) {
+    std::ifstream in{e.path() / "stat"};
+    std::string line;
+    if (!std::getline(in, line)) continue;
+    auto open = line.find('(');
+    auto close = line.rfind(')');
+    if (open == std::string::npos || close == std::string::npos) continue;
+    auto name = line.substr(open + 1, close - open - 1);
+    std::istringstream rest{line.substr(close + 2)};
+    std::string field;
+    double utime = 0, stime = 0;
+    for (int i = 3; i <= 15 && rest >> field; ++i) {  // fields 14, 15: utime, stime
+      if (i == 14) utime = std::stod(field);
+      if (i == 15) stime = std::stod(field);
+    }
+    out[name] += (utime + stime) * us_per_tick;
+  }
+  return out;
+}
 
 double process_cpu_us() {
   rusage ru{};
@@ -111,6 +142,7 @@ figure bench_local(caf::actor_system& sys, caf::actor dir, size_t in_flight, siz
   auto run = std::make_shared<local_run>();
   run->latencies.reserve(calls);
   caf::scoped_actor self{sys};
+  auto threads0 = cpu_by_thread();
   auto cpu0 = process_cpu_us();
   auto t0 = clock_type::now();
   auto left = std::make_shared<size_t>(calls);
@@ -123,6 +155,10 @@ figure bench_local(caf::actor_system& sys, caf::actor dir, size_t in_flight, siz
   double seconds = static_cast<double>(us_since(t0)) / 1e6;
   auto f = summarize("local actor request", in_flight, run->latencies, seconds);
   f.cpu_us_per_call = (process_cpu_us() - cpu0) / static_cast<double>(calls);
+  for (const auto& [name, us] : cpu_by_thread()) {
+    auto delta = (us - threads0[name]) / static_cast<double>(calls);
+    if (delta > 0) f.cpu_us_per_call_by_thread[name] = delta;
+  }
   return f;
 }
 
@@ -143,10 +179,12 @@ struct rpc_driver {
       latencies.push_back(us_since(t0));
       return next();
     };
-    if (use_floor) return floor.protocolVersionRequest().send().then([done](auto&&) {
-      return done();
-    });
-    auto req = session.kvGetRequest();
+    // Size hints (both rows alike): without one a request message starts with an 8 KiB
+    // zeroed segment.
+    if (use_floor)
+      return floor.protocolVersionRequest(capnp::MessageSize{4, 0}).send().then(
+        [done](auto&&) { return done(); });
+    auto req = session.kvGetRequest(capnp::MessageSize{8, 0});
     req.setKey("key");
     return req.send().then([done](auto&&) { return done(); });
   }
@@ -161,6 +199,7 @@ figure bench_rpc(kj::AsyncIoContext& io, triplane::api::Session::Client session,
   KJ_IF_MAYBE(f, floor) { floor_cap = *f; }
   rpc_driver d{session, floor_cap, is_floor, calls, {}};
   d.latencies.reserve(calls);
+  auto threads0 = cpu_by_thread();
   auto cpu0 = process_cpu_us();
   auto t0 = clock_type::now();
   kj::Vector<kj::Promise<void>> all;
@@ -170,6 +209,10 @@ figure bench_rpc(kj::AsyncIoContext& io, triplane::api::Session::Client session,
   auto f = summarize(is_floor ? "RPC floor (no actor)" : "RPC Session.kvGet", in_flight,
                      d.latencies, seconds);
   f.cpu_us_per_call = (process_cpu_us() - cpu0) / static_cast<double>(calls);
+  for (const auto& [name, us] : cpu_by_thread()) {
+    auto delta = (us - threads0[name]) / static_cast<double>(calls);
+    if (delta > 0) f.cpu_us_per_call_by_thread[name] = delta;
+  }
   return f;
 }
 
@@ -370,7 +413,6 @@ int main(int argc, char** argv) {
   std::vector<std::string> transports{"tcp", "unix"};
   std::vector<std::string> clients{"plain", "batched"};
   size_t calls_at_depth = 100000;
-  long moderate_polls = -1;  // CAF's default unless set (experiment: worker idle polling)
   auto split = [](const std::string& list) {
     std::vector<std::string> out;
     for (size_t at = 0; at <= list.size();) {
@@ -390,7 +432,6 @@ int main(int argc, char** argv) {
     else if (a == "--transports" && i + 1 < argc) transports = split(argv[++i]);
     else if (a == "--clients" && i + 1 < argc) clients = split(argv[++i]);
     else if (a == "--calls" && i + 1 < argc) calls_at_depth = std::stoul(argv[++i]);
-    else if (a == "--caf-moderate-polls" && i + 1 < argc) moderate_polls = std::stol(argv[++i]);
     else if (a == "--model" && i + 1 < argc) model = argv[++i];
     else {
       std::fprintf(stderr,
@@ -399,22 +440,18 @@ int main(int argc, char** argv) {
                    "  --transports  RPC transports to measure kv get over (default both)\n"
                    "  --clients     plain: the client uses Cap'n Proto 0.9.2's stream as is;\n"
                    "                batched: the client uses the server's coalescing_stream\n"
-                   "  --calls       calls per row at 16 and 256 in flight (default 100000)\n"
-                   "  --caf-moderate-polls N  experiment: CAF workers poll N times 50 us apart\n"
-                   "                before sleeping on a condition variable (CAF default 500;\n"
-                   "                the node as `triplane serve` builds it uses the default)\n");
+                   "  --calls       calls per row at 16 and 256 in flight (default 100000)\n");
       return 2;
     }
   }
   spdlog::set_level(spdlog::level::warn);
+  pthread_setname_np(pthread_self(), "bench-client");
   std::string data_dir = (std::filesystem::temp_directory_path() / "rpc-bench-XXXXXX").string();
   if (!mkdtemp(data_dir.data())) return 1;
 
   // The node as `triplane serve` builds it (apps/triplane/serve.cpp).
   triplane::runtime::node_config config;
   config.set("scheduler.max-threads", 2);
-  if (moderate_polls >= 0)
-    config.set("work-stealing.moderate-poll-attempts", static_cast<size_t>(moderate_polls));
   triplane::actors::add_session_message_types(config);
   triplane::runtime::register_supervision_types(config);
   inf::register_inference_types(config);
@@ -534,13 +571,21 @@ int main(int argc, char** argv) {
   std::error_code ignored;
   std::filesystem::remove_all(data_dir, ignored);
 
-  std::printf("%-22s %-9s %-8s %9s %12s %10s %10s %14s\n", "path", "transport", "client",
+  std::printf("%-22s %-9s %-8s %9s %12s %10s %10s %12s\n", "path", "transport", "client",
               "in flight", "calls/s", "p50 us", "p99 us", "CPU us/call");
   for (const auto& f : figures)
-    std::printf("%-22s %-9s %-8s %9zu %12.0f %10.1f %10.1f %14.1f\n", f.name.c_str(),
+    std::printf("%-22s %-9s %-8s %9zu %12.0f %10.1f %10.1f %12.1f\n", f.name.c_str(),
                 f.transport.c_str(), f.client.c_str(), f.in_flight, f.calls_per_s, f.p50_us,
                 f.p99_us, f.cpu_us_per_call);
   std::printf("(client and server share this process: CPU us/call covers both ends)\n");
+  std::printf("\nCPU us per call by thread (rows at 256 in flight; 10 ms tick resolution):\n");
+  for (const auto& f : figures) {
+    if (f.in_flight != 256 || f.cpu_us_per_call_by_thread.empty()) continue;
+    std::printf("  %-22s %-5s %-8s", f.name.c_str(), f.transport.c_str(), f.client.c_str());
+    for (const auto& [name, us] : f.cpu_us_per_call_by_thread)
+      if (us >= 0.05) std::printf("  %s %.1f", name.c_str(), us);
+    std::printf("\n");
+  }
   std::printf("\nexec output streaming (%llu MiB, sandboxed `yes | head`): RPC %.1f MB/s; same exec "
               "to a local sink actor %.1f MB/s; raw loopback TCP copy %.1f MB/s\n",
               static_cast<unsigned long long>(stream_total >> 20), stream_mb_s,
@@ -558,6 +603,13 @@ int main(int argc, char** argv) {
           << "\", \"client\": \"" << f.client << "\", \"in_flight\": " << f.in_flight
           << ", \"calls_per_s\": " << f.calls_per_s << ", \"p50_us\": " << f.p50_us
           << ", \"p99_us\": " << f.p99_us << ", \"cpu_us_per_call\": " << f.cpu_us_per_call
+          << ", \"cpu_us_per_call_by_thread\": {";
+      bool first = true;
+      for (const auto& [name, us] : f.cpu_us_per_call_by_thread) {
+        out << (first ? "" : ", ") << "\"" << name << "\": " << us;
+        first = false;
+      }
+      out << "}"
           << "}" << (i + 1 < figures.size() ? "," : "") << "\n";
     }
     out << "  ],\n  \"exec_stream_mb_s\": " << stream_mb_s

@@ -7,6 +7,18 @@
 #include <kj/debug.h>
 
 namespace triplane::rpc::detail {
+namespace {
+
+caf::behavior forwarder_actor(caf::event_based_actor* self) {
+  return {
+    [self](request_batch& batch) {
+      for (auto& [dest, element] : *batch.items)
+        dest->enqueue(std::move(element), self->context());
+    },
+  };
+}
+
+} // namespace
 
 caf_bridge::caf_bridge(caf::actor_system& sys, kj::Timer& timer)
   : sys_(sys), timer_(timer), inbox_(std::make_shared<inbox>()), tasks_(*this) {
@@ -25,6 +37,7 @@ caf_bridge::caf_bridge(caf::actor_system& sys, kj::Timer& timer)
       box->wake = nullptr;
     }
   });
+  forwarder_ = sys.spawn<caf::hidden>(forwarder_actor);
   tasks_.add(receive_replies());
 }
 
@@ -36,6 +49,7 @@ caf_bridge::~caf_bridge() noexcept(false) {
   auto* self = static_cast<caf::actor_companion*>(caf::actor_cast<caf::abstract_actor*>(companion_));
   self->on_enqueue(nullptr);
   companion_ = nullptr;
+  caf::anon_send_exit(forwarder_, caf::exit_reason::user_shutdown);
   std::lock_guard<std::mutex> lock{inbox_->mu};
   inbox_->wake = nullptr;
 }
@@ -64,9 +78,28 @@ kj::Promise<caf::message> caf_bridge::send_request(const caf::actor& dest, caf::
     tasks_.add(timer_.atTime(deadline).then([this, deadline]() { watch_deadlines(deadline); }));
   }
 
-  // A null execution unit: the destination is scheduled as from any non-CAF thread.
-  dest->enqueue(caf::make_mailbox_element(self->ctrl(), mid, {}, std::move(msg)), nullptr);
+  if (!outbox_) {
+    outbox_ = std::make_shared<std::vector<std::pair<caf::actor, caf::mailbox_element_ptr>>>();
+    // After every event already queued: the calls that the current burst of incoming messages
+    // starts all join this batch.
+    tasks_.add(kj::evalLast([this]() { flush_requests(); }));
+  }
+  outbox_->emplace_back(dest, caf::make_mailbox_element(self->ctrl(), mid, {}, std::move(msg)));
   return paf.promise.attach(kj::defer([this, key]() { pending_.erase(key); }));
+}
+
+void caf_bridge::flush_requests() {
+  auto batch = std::move(outbox_);
+  outbox_ = nullptr;
+  if (!batch || batch->empty()) return;
+  ++stats_.request_batches;
+  if (batch->size() == 1) {
+    // A null execution unit: the destination is scheduled as from any non-CAF thread.
+    auto& [dest, element] = batch->front();
+    dest->enqueue(std::move(element), nullptr);
+    return;
+  }
+  caf::anon_send(forwarder_, request_batch{std::move(batch)});
 }
 
 void caf_bridge::throw_error_reply(const caf::message& reply) {

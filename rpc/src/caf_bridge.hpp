@@ -1,7 +1,9 @@
-// Asking CAF actors from the kj event loop without blocking it. The kj thread enqueues each
-// request straight into the destination's mailbox, with an actor_companion as the sender; the
-// companion hands the replies (on whichever CAF worker sends them) to a queue that the kj thread
-// drains, woken once per batch of replies rather than once per reply. No CAF-side state or
+// Asking CAF actors from the kj event loop without blocking it. Each request is a mailbox element
+// whose sender is an actor_companion; the requests of one event-loop turn reach CAF in one
+// hand-off (a lone request is enqueued straight into its destination; several go to a forwarder
+// actor that enqueues them from a CAF worker, where scheduling their destinations costs no lock
+// or wake-up). The companion hands the replies (on whichever CAF worker sends them) to a queue
+// that the kj thread drains, woken once per batch of replies rather than once per reply. No CAF-side state or
 // timer exists per call: a call the kj side gave up on (deadline, cancellation) is forgotten,
 // and its late reply is dropped.
 #pragma once
@@ -20,6 +22,17 @@
 #include <kj/timer.h>
 
 #include "wire_errors.hpp"
+
+namespace triplane::rpc::detail {
+
+/// Requests of one kj event-loop turn, handed to the forwarder actor in one message.
+struct request_batch {
+  std::shared_ptr<std::vector<std::pair<caf::actor, caf::mailbox_element_ptr>>> items;
+};
+
+} // namespace triplane::rpc::detail
+
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(triplane::rpc::detail::request_batch)
 
 namespace triplane::rpc::detail {
 
@@ -47,7 +60,7 @@ public:
 
   /// Calls issued and replies received: for tests and benchmarks.
   struct counters {
-    uint64_t requests = 0, replies = 0, wakeups = 0, timeouts = 0;
+    uint64_t requests = 0, request_batches = 0, replies = 0, wakeups = 0, timeouts = 0;
   };
   const counters& stats() const { return stats_; }
 
@@ -70,6 +83,7 @@ private:
   kj::Promise<caf::message> send_request(const caf::actor& dest, caf::message msg,
                                          std::chrono::milliseconds timeout);
   [[noreturn]] static void throw_error_reply(const caf::message& reply);
+  void flush_requests();
   kj::Promise<void> receive_replies();
   void deliver();
   void watch_deadlines(kj::TimePoint fired_for);
@@ -79,6 +93,8 @@ private:
   caf::actor_system& sys_;
   kj::Timer& timer_;
   caf::actor companion_;
+  caf::actor forwarder_;
+  std::shared_ptr<std::vector<std::pair<caf::actor, caf::mailbox_element_ptr>>> outbox_;
   std::shared_ptr<inbox> inbox_;
   std::unordered_map<uint64_t, pending> pending_;
   std::unordered_map<int64_t, deadline_lane> lanes_;  ///< by timeout in ms

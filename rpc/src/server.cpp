@@ -6,6 +6,7 @@
 #include <thread>
 
 #include <arpa/inet.h>
+#include <pthread.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
@@ -125,7 +126,10 @@ public:
   expected<uint16_t> launch() {
     std::promise<expected<uint16_t>> started;
     auto fut = started.get_future();
-    thread_ = std::thread([this, p = std::move(started)]() mutable { run(std::move(p)); });
+    thread_ = std::thread([this, p = std::move(started)]() mutable {
+      pthread_setname_np(pthread_self(), "triplane-rpc");  // for top -H, perf, the benchmark
+      run(std::move(p));
+    });
     auto result = fut.get();
     if (!result) {
       thread_.join();
@@ -240,8 +244,9 @@ private:
         cancelled_ = core.drain(std::chrono::milliseconds(deadline_ms)).wait(io.waitScope);
         const auto& b = core.bridge.stats();
         spdlog::log(getenv("TRIPLANE_RPC_STATS") ? spdlog::level::warn : spdlog::level::debug,
-                    "rpc: bridge: {} requests, {} replies in {} kj wake-ups, {} timed out",
-                    b.requests, b.replies, b.wakeups, b.timeouts);
+                    "rpc: bridge: {} requests in {} hand-offs, {} replies in {} kj wake-ups, "
+                    "{} timed out",
+                    b.requests, b.request_batches, b.replies, b.wakeups, b.timeouts);
         // Give the cancellation answers a moment to reach the clients, then hang up.
         core.timer.afterDelay(20 * kj::MILLISECONDS).wait(io.waitScope);
       }
