@@ -59,8 +59,7 @@ kj::Promise<caf::message> caf_bridge::send_request(const caf::actor& dest, caf::
   auto* self = static_cast<caf::actor_companion*>(caf::actor_cast<caf::abstract_actor*>(companion_));
   auto mid = self->new_request_id(caf::message_priority::normal);
   auto key = mid.request_id().integer_value();  // the reply carries other flag bits
-  auto paf = kj::newPromiseAndFulfiller<caf::message>();
-  pending_.emplace(key, pending{kj::mv(paf.fulfiller)});
+  auto promise = kj::newAdaptedPromise<caf::message, reply_adapter>(*this, key);
   ++stats_.requests;
 
   auto ms = static_cast<int64_t>(timeout.count());
@@ -80,13 +79,22 @@ kj::Promise<caf::message> caf_bridge::send_request(const caf::actor& dest, caf::
 
   if (!outbox_) {
     outbox_ = std::make_shared<std::vector<std::pair<caf::actor, caf::mailbox_element_ptr>>>();
+    outbox_->reserve(16);
     // After every event already queued: the calls that the current burst of incoming messages
     // starts all join this batch.
     tasks_.add(kj::evalLast([this]() { flush_requests(); }));
   }
   outbox_->emplace_back(dest, caf::make_mailbox_element(self->ctrl(), mid, {}, std::move(msg)));
-  return paf.promise.attach(kj::defer([this, key]() { pending_.erase(key); }));
+  return promise;
 }
+
+caf_bridge::reply_adapter::reply_adapter(kj::PromiseFulfiller<caf::message>& f,
+                                         caf_bridge& bridge, uint64_t key)
+  : bridge_(bridge), key_(key) {
+  bridge_.pending_.emplace(key, &f);
+}
+
+caf_bridge::reply_adapter::~reply_adapter() { bridge_.pending_.erase(key_); }
 
 void caf_bridge::flush_requests() {
   auto batch = std::move(outbox_);
@@ -134,8 +142,8 @@ void caf_bridge::deliver() {
     ++stats_.replies;
     auto i = pending_.find(key);
     if (i == pending_.end()) continue;  // given up on (deadline, cancelled): dropped
-    auto fulfiller = kj::mv(i->second.fulfiller);
-    pending_.erase(i);
+    auto* fulfiller = i->second;
+    pending_.erase(i);  // answered: the lane forgets it; its adapter's erase finds nothing
     fulfiller->fulfill(std::move(msg));
   }
   delivering_.clear();
@@ -174,7 +182,7 @@ void caf_bridge::expire_due() {
       lane.queue.pop_front();
       if (i == pending_.end()) continue;
       ++stats_.timeouts;
-      auto fulfiller = kj::mv(i->second.fulfiller);
+      auto* fulfiller = i->second;
       pending_.erase(i);
       fulfiller->reject(wire::from_caf(caf::make_error(caf::sec::request_timeout)));
     }

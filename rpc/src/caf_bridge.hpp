@@ -50,10 +50,22 @@ public:
   template <class Reply>
   kj::Promise<Reply> ask(const caf::actor& dest, caf::message msg,
                          std::chrono::milliseconds timeout) {
-    return send_request(dest, std::move(msg), timeout).then([](caf::message&& reply) -> Reply {
-      if (reply.match_elements<Reply>()) return std::move(reply.get_mutable_as<Reply>(0));
-      throw_error_reply(reply);
-    });
+    return ask<Reply>(dest, std::move(msg), timeout, [](kj::Exception&& e) { return kj::mv(e); });
+  }
+
+  /// As above; a failure (an error reply, the timeout) is passed through `on_error`
+  /// (kj::Exception&& -> kj::Exception) first, in the same continuation.
+  template <class Reply, class OnError>
+  kj::Promise<Reply> ask(const caf::actor& dest, caf::message msg,
+                         std::chrono::milliseconds timeout, OnError on_error) {
+    return send_request(dest, std::move(msg), timeout)
+      .then([](caf::message&& reply) -> Reply {
+              if (reply.match_elements<Reply>()) return std::move(reply.get_mutable_as<Reply>(0));
+              throw_error_reply(reply);
+            },
+            [on_error = std::move(on_error)](kj::Exception&& e) -> Reply {
+              kj::throwFatalException(on_error(kj::mv(e)));
+            });
   }
 
   caf::actor_system& system() { return sys_; }
@@ -65,8 +77,18 @@ public:
   const counters& stats() const { return stats_; }
 
 private:
-  struct pending {
-    kj::Own<kj::PromiseFulfiller<caf::message>> fulfiller;
+  /// The promise side of one request, owned by the promise ask() returned: registered under
+  /// its request key while the promise lives, so dropping the promise forgets the request.
+  class reply_adapter {
+  public:
+    reply_adapter(kj::PromiseFulfiller<caf::message>& f, caf_bridge& bridge, uint64_t key);
+    ~reply_adapter();
+    reply_adapter(const reply_adapter&) = delete;
+    reply_adapter& operator=(const reply_adapter&) = delete;
+
+  private:
+    caf_bridge& bridge_;
+    uint64_t key_;
   };
   /// The replies the companion received, shared with CAF threads.
   struct inbox {
@@ -96,7 +118,7 @@ private:
   caf::actor forwarder_;
   std::shared_ptr<std::vector<std::pair<caf::actor, caf::mailbox_element_ptr>>> outbox_;
   std::shared_ptr<inbox> inbox_;
-  std::unordered_map<uint64_t, pending> pending_;
+  std::unordered_map<uint64_t, kj::PromiseFulfiller<caf::message>*> pending_;
   std::unordered_map<int64_t, deadline_lane> lanes_;  ///< by timeout in ms
   kj::Maybe<kj::TimePoint> timer_armed_for_;
   std::vector<std::pair<uint64_t, caf::message>> delivering_;
