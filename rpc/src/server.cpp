@@ -243,10 +243,9 @@ private:
         }
         cancelled_ = core.drain(std::chrono::milliseconds(deadline_ms)).wait(io.waitScope);
         const auto& b = core.bridge.stats();
-        spdlog::log(getenv("TRIPLANE_RPC_STATS") ? spdlog::level::warn : spdlog::level::debug,
-                    "rpc: bridge: {} requests in {} hand-offs, {} replies in {} kj wake-ups, "
-                    "{} timed out",
-                    b.requests, b.request_batches, b.replies, b.wakeups, b.timeouts);
+        spdlog::debug("rpc: bridge: {} requests in {} hand-offs, {} replies in {} kj wake-ups, "
+                      "{} timed out",
+                      b.requests, b.request_batches, b.replies, b.wakeups, b.timeouts);
         // Give the cancellation answers a moment to reach the clients, then hang up.
         core.timer.afterDelay(20 * kj::MILLISECONDS).wait(io.waitScope);
       }
