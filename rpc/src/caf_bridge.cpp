@@ -66,7 +66,8 @@ kj::Promise<caf::message> caf_bridge::send_request(const caf::actor& dest, caf::
   auto deadline = timer_.now() + ms * kj::MILLISECONDS;
   auto& lane = lanes_[ms];
   // Forget the answered requests at the front: the lane stays about as long as the number of
-  // calls in flight.
+  // calls in flight. (Behind a request that never answers, answered ones wait for its deadline:
+  // bounded by call rate x timeout, 16 bytes each.)
   while (!lane.queue.empty() && pending_.count(lane.queue.front().second) == 0)
     lane.queue.pop_front();
   lane.queue.emplace_back(deadline, key);
