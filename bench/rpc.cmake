@@ -3,7 +3,9 @@
 include_guard(GLOBAL)
 
 add_executable(rpc_bench ${PROJECT_SOURCE_DIR}/bench/rpc_bench.cpp)
-target_include_directories(rpc_bench PRIVATE ${PROJECT_SOURCE_DIR}/actors/include)
+# rpc/src for coalescing_stream.hpp: the "batched" client rows use the server's own transport.
+target_include_directories(rpc_bench PRIVATE ${PROJECT_SOURCE_DIR}/actors/include
+                                             ${PROJECT_SOURCE_DIR}/rpc/src)
 target_link_libraries(rpc_bench PRIVATE triplane::rpc triplane_rpc_api triplane::runtime
   triplane::storage triplane::gpu triplane::actors triplane::inference_serving CAF::core
   spdlog::spdlog)

@@ -14,12 +14,15 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -30,6 +33,7 @@
 #include <spdlog/spdlog.h>
 
 #include "api.capnp.h"
+#include "coalescing_stream.hpp"  // rpc/src: the server's own transport, reused by one client
 #include "triplane/actors/inference_protocol.hpp"
 #include "triplane/actors/inference_worker.hpp"
 #include "triplane/actors/session_host.hpp"
@@ -56,10 +60,40 @@ uint64_t us_since(clock_type::time_point t) {
 
 struct figure {
   std::string name;
+  std::string transport = "-";  ///< tcp | unix (RPC rows)
+  std::string client = "-";     ///< plain (Cap'n Proto's own stream) | batched (coalescing_stream)
   size_t in_flight = 0;
   double calls_per_s = 0, p50_us = 0, p99_us = 0;
   double cpu_us_per_call = 0;  ///< process CPU (all threads, user+sys): robust to a busy host
+  std::map<std::string, double> cpu_us_per_call_by_thread;  ///< the same, by thread name
 };
+
+/// CPU time (user+sys, µs) of this process's threads, summed by thread name: where the CPU of
+/// a row went. Names: "bench-client" (this main thread), "triplane-rpc" (the server's kj
+/// thread), CAF's scheduler workers and other CAF/RocksDB threads under their own names.
+std::map<std::string, double> cpu_by_thread() {
+  std::map<std::string, double> out;
+  static const double us_per_tick = 1e6 / static_cast<double>(sysconf(_SC_CLK_TCK));
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/self/task", ec)) {
+    std::ifstream in{e.path() / "stat"};
+    std::string line;
+    if (!std::getline(in, line)) continue;
+    auto open = line.find('(');
+    auto close = line.rfind(')');
+    if (open == std::string::npos || close == std::string::npos) continue;
+    auto name = line.substr(open + 1, close - open - 1);
+    std::istringstream rest{line.substr(close + 2)};
+    std::string field;
+    double utime = 0, stime = 0;
+    for (int i = 3; i <= 15 && rest >> field; ++i) {  // fields 14, 15: utime, stime
+      if (i == 14) utime = std::stod(field);
+      if (i == 15) stime = std::stod(field);
+    }
+    out[name] += (utime + stime) * us_per_tick;
+  }
+  return out;
+}
 
 double process_cpu_us() {
   rusage ru{};
@@ -108,6 +142,7 @@ figure bench_local(caf::actor_system& sys, caf::actor dir, size_t in_flight, siz
   auto run = std::make_shared<local_run>();
   run->latencies.reserve(calls);
   caf::scoped_actor self{sys};
+  auto threads0 = cpu_by_thread();
   auto cpu0 = process_cpu_us();
   auto t0 = clock_type::now();
   auto left = std::make_shared<size_t>(calls);
@@ -120,6 +155,10 @@ figure bench_local(caf::actor_system& sys, caf::actor dir, size_t in_flight, siz
   double seconds = static_cast<double>(us_since(t0)) / 1e6;
   auto f = summarize("local actor request", in_flight, run->latencies, seconds);
   f.cpu_us_per_call = (process_cpu_us() - cpu0) / static_cast<double>(calls);
+  for (const auto& [name, us] : cpu_by_thread()) {
+    auto delta = (us - threads0[name]) / static_cast<double>(calls);
+    if (delta > 0) f.cpu_us_per_call_by_thread[name] = delta;
+  }
   return f;
 }
 
@@ -140,10 +179,12 @@ struct rpc_driver {
       latencies.push_back(us_since(t0));
       return next();
     };
-    if (use_floor) return floor.protocolVersionRequest().send().then([done](auto&&) {
-      return done();
-    });
-    auto req = session.kvGetRequest();
+    // Size hints (both rows alike): without one a request message starts with an 8 KiB
+    // zeroed segment.
+    if (use_floor)
+      return floor.protocolVersionRequest(capnp::MessageSize{4, 0}).send().then(
+        [done](auto&&) { return done(); });
+    auto req = session.kvGetRequest(capnp::MessageSize{8, 0});
     req.setKey("key");
     return req.send().then([done](auto&&) { return done(); });
   }
@@ -152,11 +193,13 @@ struct rpc_driver {
 figure bench_rpc(kj::AsyncIoContext& io, triplane::api::Session::Client session,
                  size_t in_flight, size_t calls,
                  kj::Maybe<triplane::api::Bootstrap::Client> floor = nullptr) {
+  // Labels are set by the caller (bench_client).
   bool is_floor = floor != nullptr;
   triplane::api::Bootstrap::Client floor_cap{nullptr};
   KJ_IF_MAYBE(f, floor) { floor_cap = *f; }
   rpc_driver d{session, floor_cap, is_floor, calls, {}};
   d.latencies.reserve(calls);
+  auto threads0 = cpu_by_thread();
   auto cpu0 = process_cpu_us();
   auto t0 = clock_type::now();
   kj::Vector<kj::Promise<void>> all;
@@ -166,8 +209,55 @@ figure bench_rpc(kj::AsyncIoContext& io, triplane::api::Session::Client session,
   auto f = summarize(is_floor ? "RPC floor (no actor)" : "RPC Session.kvGet", in_flight,
                      d.latencies, seconds);
   f.cpu_us_per_call = (process_cpu_us() - cpu0) / static_cast<double>(calls);
+  for (const auto& [name, us] : cpu_by_thread()) {
+    auto delta = (us - threads0[name]) / static_cast<double>(calls);
+    if (delta > 0) f.cpu_us_per_call_by_thread[name] = delta;
+  }
   return f;
 }
+
+/// One client connection of the benchmark: over TCP or a Unix-domain socket, through Cap'n
+/// Proto's own stream ("plain": two reads and one writev per message, as any 0.9.2 client) or
+/// through triplane's coalescing_stream ("batched": what the server itself uses).
+struct bench_client {
+  std::string transport, client;
+  kj::Own<kj::AsyncIoStream> stream;
+  kj::Own<capnp::TwoPartyClient> rpc;
+  triplane::api::Bootstrap::Client boot{nullptr};
+  triplane::api::Tenant::Client tenant{nullptr};
+  triplane::api::Session::Client session{nullptr};
+
+  static std::unique_ptr<bench_client> open(kj::AsyncIoContext& io, const std::string& address,
+                                            std::string transport, bool batched,
+                                            const std::string& token) {
+    auto c = std::make_unique<bench_client>();
+    c->transport = std::move(transport);
+    c->client = batched ? "batched" : "plain";
+    auto addr = io.provider->getNetwork().parseAddress(address).wait(io.waitScope);
+    c->stream = addr->connect().wait(io.waitScope);
+    if (batched)
+      c->stream = kj::heap<triplane::rpc::detail::coalescing_stream>(kj::mv(c->stream));
+    c->rpc = kj::heap<capnp::TwoPartyClient>(*c->stream);
+    c->boot = c->rpc->bootstrap().castAs<triplane::api::Bootstrap>();
+    auto auth = c->boot.authenticateRequest();
+    auth.setToken(token);
+    c->tenant = auth.send().getTenant();
+    auto open = c->tenant.sessionRequest();
+    open.setId("s");
+    open.setCreate(true);
+    c->session = open.send().wait(io.waitScope).getSession();
+    return c;
+  }
+
+  figure run(kj::AsyncIoContext& io, size_t in_flight, size_t calls, bool floor) {
+    auto f = floor ? bench_rpc(io, session, in_flight, calls,
+                               kj::Maybe<triplane::api::Bootstrap::Client>(boot))
+                   : bench_rpc(io, session, in_flight, calls);
+    f.transport = transport;
+    f.client = client;
+    return f;
+  }
+};
 
 class counting_sink final : public triplane::api::OutputSink::Server {
 public:
@@ -319,18 +409,43 @@ double bench_raw_tcp(uint64_t total, uint64_t chunk_size) {
 int main(int argc, char** argv) {
   std::string json_path;
   bool quick = false;
+  bool kv_only = false;  // skip the streaming figures (profiling the call path)
+  std::vector<std::string> transports{"tcp", "unix"};
+  std::vector<std::string> clients{"plain", "batched"};
+  size_t calls_at_depth = 100000;
+  auto split = [](const std::string& list) {
+    std::vector<std::string> out;
+    for (size_t at = 0; at <= list.size();) {
+      auto comma = list.find(',', at);
+      if (comma == std::string::npos) comma = list.size();
+      if (comma > at) out.push_back(list.substr(at, comma - at));
+      at = comma + 1;
+    }
+    return out;
+  };
   std::string model = std::string(TRIPLANE_FIXTURES_DIR) + "/llama/tiny-llama-f32";
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--json" && i + 1 < argc) json_path = argv[++i];
     else if (a == "--quick") quick = true;
+    else if (a == "--kv-only") kv_only = true;
+    else if (a == "--transports" && i + 1 < argc) transports = split(argv[++i]);
+    else if (a == "--clients" && i + 1 < argc) clients = split(argv[++i]);
+    else if (a == "--calls" && i + 1 < argc) calls_at_depth = std::stoul(argv[++i]);
     else if (a == "--model" && i + 1 < argc) model = argv[++i];
     else {
-      std::fprintf(stderr, "usage: rpc_bench [--json FILE] [--quick] [--model DIR]\n");
+      std::fprintf(stderr,
+                   "usage: rpc_bench [--json FILE] [--quick] [--kv-only] [--model DIR]\n"
+                   "                 [--transports tcp,unix] [--clients plain,batched] [--calls N]\n"
+                   "  --transports  RPC transports to measure kv get over (default both)\n"
+                   "  --clients     plain: the client uses Cap'n Proto 0.9.2's stream as is;\n"
+                   "                batched: the client uses the server's coalescing_stream\n"
+                   "  --calls       calls per row at 16 and 256 in flight (default 100000)\n");
       return 2;
     }
   }
   spdlog::set_level(spdlog::level::warn);
+  pthread_setname_np(pthread_self(), "bench-client");
   std::string data_dir = (std::filesystem::temp_directory_path() / "rpc-bench-XXXXXX").string();
   if (!mkdtemp(data_dir.data())) return 1;
 
@@ -379,6 +494,7 @@ int main(int argc, char** argv) {
   auto token = triplane::rpc::generate_token();
   triplane::rpc::server_options opts;
   opts.port = 0;
+  opts.unix_path = data_dir + "/rpc.sock";
   opts.tokens.push_back(*triplane::rpc::make_token_record("bench", triplane::rpc::role::tenant,
                                                          token));
   opts.limits.max_concurrent_calls_per_tenant = 1024;
@@ -392,15 +508,15 @@ int main(int argc, char** argv) {
 
   std::vector<figure> figures;
   double stream_mb_s = 0, stream_local_mb_s = 0, raw_mb_s = 0;
+  std::string stream_error;
   double tok_s = 0, tok_local_s = 0;
   uint64_t stream_total = quick ? (16u << 20) : (64u << 20);
   uint32_t gen_tokens = quick ? 200 : 1000;
   {
     auto io = kj::setupAsyncIo();
-    auto addr = io.provider->getNetwork()
-                  .parseAddress("127.0.0.1", (*server)->port())
-                  .wait(io.waitScope);
-    auto stream = addr->connect().wait(io.waitScope);
+    auto tcp_address = "127.0.0.1:" + std::to_string((*server)->port());
+    auto stream = io.provider->getNetwork().parseAddress(tcp_address).wait(io.waitScope)
+                    ->connect().wait(io.waitScope);
     capnp::TwoPartyClient rpc(*stream);
     auto boot = rpc.bootstrap().castAs<triplane::api::Bootstrap>();
     auto auth = boot.authenticateRequest();
@@ -415,23 +531,46 @@ int main(int argc, char** argv) {
     put.setValue(kj::heapArray<kj::byte>(64).asPtr());
     put.send().wait(io.waitScope);
 
+    // One connection per (transport, client) pair, all open at once, measured in turns.
+    std::vector<std::unique_ptr<bench_client>> rpc_clients;
+    for (const auto& t : transports)
+      for (const auto& c : clients) {
+        if ((t != "tcp" && t != "unix") || (c != "plain" && c != "batched")) {
+          std::fprintf(stderr, "unknown transport '%s' or client '%s'\n", t.c_str(), c.c_str());
+          return 2;
+        }
+        auto address = t == "tcp" ? tcp_address : "unix:" + opts.unix_path;
+        rpc_clients.push_back(bench_client::open(io, address, t, c == "batched", token));
+      }
+
     size_t scale = quick ? 10 : 1;
-    bench_rpc(io, session, 16, 5000 / scale);  // warm-up
+    for (auto& c : rpc_clients) c->run(io, 16, 5000 / scale, false);  // warm-up
     bench_local(sys, dir, 16, 5000 / scale);
     for (size_t n : {size_t{1}, size_t{16}, size_t{256}}) {
-      size_t calls = (n == 1 ? 10000 : 100000) / scale;
+      size_t calls = (n == 1 ? calls_at_depth / 10 : calls_at_depth) / scale;
       figures.push_back(bench_local(sys, dir, n, calls));
-      figures.push_back(bench_rpc(io, session, n, calls, kj::Maybe<triplane::api::Bootstrap::Client>(boot)));
-      figures.push_back(bench_rpc(io, session, n, calls));
+      for (auto& c : rpc_clients) {
+        figures.push_back(c->run(io, n, calls, true));
+        figures.push_back(c->run(io, n, calls, false));
+      }
     }
-    stream_mb_s = bench_stream(io, session, stream_total);
-    stream_local_mb_s = bench_stream_local(sys, dir, "bench/s", stream_total);
-    raw_mb_s = bench_raw_tcp(stream_total, 64 * 1024);
+    if (!kv_only) {
+      // The session has no output credit: a client slower than the command overflows the
+      // node's exec output buffer (limit_exceeded). Report it instead of aborting the run.
+      try {
+        stream_mb_s = bench_stream(io, session, stream_total);
+      } catch (kj::Exception& e) {
+        stream_error = e.getDescription().cStr();
+        stream_mb_s = -1;
+      }
+      stream_local_mb_s = bench_stream_local(sys, dir, "bench/s", stream_total);
+      raw_mb_s = bench_raw_tcp(stream_total, 64 * 1024);
 
-    auto inference = tenant.inferenceRequest().send().getInference();
-    bench_tokens(io, inference, 16);  // warm-up
-    tok_s = bench_tokens(io, inference, gen_tokens);
-    tok_local_s = bench_tokens_local(sys, (*node)->root_supervisor(), gen_tokens);
+      auto inference = tenant.inferenceRequest().send().getInference();
+      bench_tokens(io, inference, 16);  // warm-up
+      tok_s = bench_tokens(io, inference, gen_tokens);
+      tok_local_s = bench_tokens_local(sys, (*node)->root_supervisor(), gen_tokens);
+    }
   }
   (*server)->stop(std::chrono::milliseconds(1000));
   server->reset();
@@ -440,16 +579,27 @@ int main(int argc, char** argv) {
   std::error_code ignored;
   std::filesystem::remove_all(data_dir, ignored);
 
-  std::printf("%-22s %9s %12s %10s %10s %14s\n", "path", "in flight", "calls/s", "p50 us",
-              "p99 us", "CPU us/call");
+  std::printf("%-22s %-9s %-8s %9s %12s %10s %10s %12s\n", "path", "transport", "client",
+              "in flight", "calls/s", "p50 us", "p99 us", "CPU us/call");
   for (const auto& f : figures)
-    std::printf("%-22s %9zu %12.0f %10.1f %10.1f %14.1f\n", f.name.c_str(), f.in_flight,
-                f.calls_per_s, f.p50_us, f.p99_us, f.cpu_us_per_call);
+    std::printf("%-22s %-9s %-8s %9zu %12.0f %10.1f %10.1f %12.1f\n", f.name.c_str(),
+                f.transport.c_str(), f.client.c_str(), f.in_flight, f.calls_per_s, f.p50_us,
+                f.p99_us, f.cpu_us_per_call);
   std::printf("(client and server share this process: CPU us/call covers both ends)\n");
+  std::printf("\nCPU us per call by thread (rows at 256 in flight; 10 ms tick resolution):\n");
+  for (const auto& f : figures) {
+    if (f.in_flight != 256 || f.cpu_us_per_call_by_thread.empty()) continue;
+    std::printf("  %-22s %-5s %-8s", f.name.c_str(), f.transport.c_str(), f.client.c_str());
+    for (const auto& [name, us] : f.cpu_us_per_call_by_thread)
+      if (us >= 0.05) std::printf("  %s %.1f", name.c_str(), us);
+    std::printf("\n");
+  }
   std::printf("\nexec output streaming (%llu MiB, sandboxed `yes | head`): RPC %.1f MB/s; same exec "
               "to a local sink actor %.1f MB/s; raw loopback TCP copy %.1f MB/s\n",
               static_cast<unsigned long long>(stream_total >> 20), stream_mb_s,
               stream_local_mb_s, raw_mb_s);
+  if (!stream_error.empty())
+    std::printf("exec output streaming over RPC FAILED (reported as -1): %s\n", stream_error.c_str());
   std::printf("generated-token streaming (%u tokens, tiny Llama f32, CPU): RPC %.0f tok/s; same "
               "request to a local sink actor %.0f tok/s\n",
               gen_tokens, tok_s, tok_local_s);
@@ -459,9 +609,17 @@ int main(int argc, char** argv) {
     out << "{\n  \"kv_get\": [\n";
     for (size_t i = 0; i < figures.size(); ++i) {
       const auto& f = figures[i];
-      out << "    {\"path\": \"" << f.name << "\", \"in_flight\": " << f.in_flight
+      out << "    {\"path\": \"" << f.name << "\", \"transport\": \"" << f.transport
+          << "\", \"client\": \"" << f.client << "\", \"in_flight\": " << f.in_flight
           << ", \"calls_per_s\": " << f.calls_per_s << ", \"p50_us\": " << f.p50_us
           << ", \"p99_us\": " << f.p99_us << ", \"cpu_us_per_call\": " << f.cpu_us_per_call
+          << ", \"cpu_us_per_call_by_thread\": {";
+      bool first = true;
+      for (const auto& [name, us] : f.cpu_us_per_call_by_thread) {
+        out << (first ? "" : ", ") << "\"" << name << "\": " << us;
+        first = false;
+      }
+      out << "}"
           << "}" << (i + 1 < figures.size() ? "," : "") << "\n";
     }
     out << "  ],\n  \"exec_stream_mb_s\": " << stream_mb_s

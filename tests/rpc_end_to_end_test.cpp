@@ -19,6 +19,7 @@
 #include "api.capnp.h"
 #include "support/host_processes.hpp"
 #include "support/serve_process.hpp"
+#include "support/temp_directory.hpp"
 #include "triplane/rpc/client.hpp"
 
 using triplane::testing::processes_with;
@@ -117,6 +118,61 @@ TEST_CASE("a tenant opens a session and reads back its kv entries and files", "[
   CHECK(code(s->fork("notes-copy")) == errc::already_exists);
   REQUIRE(f->destroy());
   CHECK(code(alice->open_session("notes-copy", false)) == errc::not_found);
+}
+
+TEST_CASE("a client on the same host reaches the node over its Unix-domain socket as over TCP",
+          "[rpc][unix]") {
+  triplane::testing::temp_directory dir{"triplane-rpc-unix"};
+  auto path = dir.sub("api.sock");
+  {
+    // A socket file left by an earlier run is replaced; the listener is removed at stop.
+    std::ofstream{path + ".probe"};  // not a socket: must stay untouched below
+  }
+  node_process node({"--listen", "unix:" + path});
+  struct stat st{};
+  REQUIRE(lstat(path.c_str(), &st) == 0);
+  CHECK(S_ISSOCK(st.st_mode));
+
+  {
+    // Sessions before their connections: a session must not outlive its connection.
+    auto over_tcp = connect_as(node, node.tokens().alice);
+    auto over_unix = connection::connect("unix:" + path, node.tokens().alice);
+    REQUIRE(over_unix);
+    CHECK((*over_unix)->tenant() == "alice");
+    auto tcp_session = over_tcp->open_session("shared", true);
+    REQUIRE(tcp_session);
+    REQUIRE(tcp_session->kv_put("k", "written over tcp"));
+    auto unix_session = (*over_unix)->open_session("shared", false);
+    REQUIRE(unix_session);
+    auto v = unix_session->kv_get("k");
+    REQUIRE(v);
+    REQUIRE(v->has_value());
+    CHECK(**v == "written over tcp");
+    REQUIRE(unix_session->kv_put("k2", "written over unix"));
+    auto back = tcp_session->kv_get("k2");
+    REQUIRE(back);
+    REQUIRE(back->has_value());
+    CHECK(**back == "written over unix");
+
+    // Tokens are checked on this listener too.
+    auto bad = connection::connect("unix:" + path, "not-a-token");
+    CHECK(code(bad) == errc::permission_denied);
+  }
+  CHECK(node.stop() == 0);
+  CHECK(lstat(path.c_str(), &st) != 0);  // removed by the server at stop
+  CHECK(lstat((path + ".probe").c_str(), &st) == 0);
+}
+
+TEST_CASE("the node refuses to replace a file that is not a socket with its Unix listener",
+          "[rpc][unix]") {
+  triplane::testing::temp_directory dir{"triplane-rpc-unix"};
+  auto path = dir.sub("not-a-socket");
+  { std::ofstream{path} << "precious"; }
+  CHECK_THROWS_AS(node_process({"--listen", "unix:" + path}), std::runtime_error);
+  std::ifstream in{path};
+  std::string content;
+  in >> content;
+  CHECK(content == "precious");
 }
 
 TEST_CASE("exec output streams to the client's callback and exit codes come back", "[rpc]") {

@@ -15,10 +15,11 @@
 
 namespace {
 
-const char* usage_text = R"(usage: triplane-cli [--endpoint HOST:PORT] [--token TOKEN] COMMAND ...
+const char* usage_text = R"(usage: triplane-cli [--endpoint HOST:PORT|unix:PATH] [--token TOKEN] COMMAND ...
 
 The endpoint and token default to $TRIPLANE_ENDPOINT (else 127.0.0.1:7400) and
-$TRIPLANE_TOKEN.
+$TRIPLANE_TOKEN. unix:PATH reaches a node started with `--listen unix:PATH` on this
+host.
 
 Session commands (add --create to create the session when it does not exist):
   session exec ID [--create] [--timeout-ms N] [--cwd DIR] [--env NAME=VALUE]...

@@ -1,94 +1,129 @@
-// Asking CAF actors from the kj event loop without blocking it: the request is handed to a
-// bridge actor, whose reply handler (on a CAF worker) completes a cross-thread fulfiller.
+// Asking CAF actors from the kj event loop without blocking it. Each request is a mailbox element
+// whose sender is an actor_companion; the requests of one event-loop turn reach CAF in one
+// hand-off (a lone request is enqueued straight into its destination; several go to a forwarder
+// actor that enqueues them from a CAF worker, where scheduling their destinations costs no lock
+// or wake-up). The companion hands the replies (on whichever CAF worker sends them) to a queue
+// that the kj thread drains, woken once per batch of replies rather than once per reply. No CAF-side state or
+// timer exists per call: a call the kj side gave up on (deadline, cancellation) is forgotten,
+// and its late reply is dropped.
 #pragma once
 
 #include <chrono>
+#include <cstdint>
+#include <deque>
 #include <memory>
+#include <mutex>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include <caf/all.hpp>
 #include <kj/async.h>
+#include <kj/timer.h>
 
 #include "wire_errors.hpp"
 
 namespace triplane::rpc::detail {
 
-/// One request waiting for a bridge actor to issue it.
-class pending_call {
-public:
-  virtual ~pending_call() noexcept(false) = default;
-  virtual void issue(caf::event_based_actor* self, std::shared_ptr<pending_call> keep) = 0;
+/// Requests of one kj event-loop turn, handed to the forwarder actor in one message.
+struct request_batch {
+  std::shared_ptr<std::vector<std::pair<caf::actor, caf::mailbox_element_ptr>>> items;
 };
 
 } // namespace triplane::rpc::detail
 
-CAF_ALLOW_UNSAFE_MESSAGE_TYPE(std::vector<std::shared_ptr<triplane::rpc::detail::pending_call>>)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(triplane::rpc::detail::request_batch)
 
 namespace triplane::rpc::detail {
 
-template <class Reply>
-class typed_call final : public pending_call {
-public:
-  typed_call(caf::actor dest, caf::message msg, std::chrono::milliseconds timeout,
-             kj::Own<kj::CrossThreadPromiseFulfiller<Reply>> fulfiller)
-    : dest_(std::move(dest)), msg_(std::move(msg)), timeout_(timeout),
-      fulfiller_(kj::mv(fulfiller)) {}
-
-  void issue(caf::event_based_actor* self, std::shared_ptr<pending_call> keep) override {
-    auto me = std::static_pointer_cast<typed_call>(std::move(keep));
-    // The fulfiller is a no-op when the RPC call was cancelled meanwhile.
-    self->request(dest_, caf::duration{timeout_}, std::move(msg_))
-      .then([me](Reply& r) { me->fulfiller_->fulfill(std::move(r)); },
-            [me](caf::error& e) { me->fulfiller_->reject(wire::from_caf(e)); });
-  }
-
-private:
-  caf::actor dest_;
-  caf::message msg_;
-  std::chrono::milliseconds timeout_;
-  kj::Own<kj::CrossThreadPromiseFulfiller<Reply>> fulfiller_;
-};
-
-/// Owned by the RPC thread. Spawns `n` bridge actors (hidden, so they never hold up the actor
-/// system's shutdown) and shuts them down when destroyed.
+/// Owned by the RPC thread; every member function is called on that thread only.
 class caf_bridge : private kj::TaskSet::ErrorHandler {
 public:
-  caf_bridge(caf::actor_system& sys, size_t n);
-  ~caf_bridge();
+  caf_bridge(caf::actor_system& sys, kj::Timer& timer);
+  ~caf_bridge() noexcept(false);
   caf_bridge(const caf_bridge&) = delete;
   caf_bridge& operator=(const caf_bridge&) = delete;
 
   /// Sends `msg` to `dest` as a request; the promise resolves with its reply of type Reply, or
-  /// rejects with the reply's error as a triplane exception. Call on the kj thread only.
+  /// rejects with the reply's error as a triplane exception, or with `timeout` when no reply
+  /// came within `timeout`. Dropping the promise forgets the request (its reply is dropped).
   template <class Reply>
   kj::Promise<Reply> ask(const caf::actor& dest, caf::message msg,
                          std::chrono::milliseconds timeout) {
-    auto paf = kj::newPromiseAndCrossThreadFulfiller<Reply>();
-    batch_.push_back(std::make_shared<typed_call<Reply>>(dest, std::move(msg), timeout,
-                                                         kj::mv(paf.fulfiller)));
-    if (batch_.size() == 1) schedule_flush();
-    return kj::mv(paf.promise);
+    return ask<Reply>(dest, std::move(msg), timeout, [](kj::Exception&& e) { return kj::mv(e); });
+  }
+
+  /// As above; a failure (an error reply, the timeout) is passed through `on_error`
+  /// (kj::Exception&& -> kj::Exception) first, in the same continuation.
+  template <class Reply, class OnError>
+  kj::Promise<Reply> ask(const caf::actor& dest, caf::message msg,
+                         std::chrono::milliseconds timeout, OnError on_error) {
+    return send_request(dest, std::move(msg), timeout)
+      .then([](caf::message&& reply) -> Reply {
+              if (reply.match_elements<Reply>()) return std::move(reply.get_mutable_as<Reply>(0));
+              throw_error_reply(reply);
+            },
+            [on_error = std::move(on_error)](kj::Exception&& e) -> Reply {
+              kj::throwFatalException(on_error(kj::mv(e)));
+            });
   }
 
   caf::actor_system& system() { return sys_; }
 
+  /// Calls issued and replies received: for tests and benchmarks.
+  struct counters {
+    uint64_t requests = 0, request_batches = 0, replies = 0, wakeups = 0, timeouts = 0;
+  };
+  const counters& stats() const { return stats_; }
+
 private:
+  /// The promise side of one request, owned by the promise ask() returned: registered under
+  /// its request key while the promise lives, so dropping the promise forgets the request.
+  class reply_adapter {
+  public:
+    reply_adapter(kj::PromiseFulfiller<caf::message>& f, caf_bridge& bridge, uint64_t key);
+    ~reply_adapter();
+    reply_adapter(const reply_adapter&) = delete;
+    reply_adapter& operator=(const reply_adapter&) = delete;
+
+  private:
+    caf_bridge& bridge_;
+    uint64_t key_;
+  };
+  /// The replies the companion received, shared with CAF threads.
+  struct inbox {
+    std::mutex mu;
+    std::vector<std::pair<uint64_t, caf::message>> replies;
+    kj::Own<kj::CrossThreadPromiseFulfiller<void>> wake;  ///< set while the kj side waits
+  };
+  /// Requests of one timeout value in the order they were sent: their deadlines are in order
+  /// too, so one timer (for the oldest) serves them all.
+  struct deadline_lane {
+    std::deque<std::pair<kj::TimePoint, uint64_t>> queue;  ///< (deadline, request key)
+  };
+
+  kj::Promise<caf::message> send_request(const caf::actor& dest, caf::message msg,
+                                         std::chrono::milliseconds timeout);
+  [[noreturn]] static void throw_error_reply(const caf::message& reply);
+  void flush_requests();
+  kj::Promise<void> receive_replies();
+  void deliver();
+  void watch_deadlines(kj::TimePoint fired_for);
+  void expire_due();
   void taskFailed(kj::Exception&& e) override;
 
-public:
-
-private:
-  // The requests of one event-loop turn go to a bridge actor as one message: one cross-thread
-  // hand-off (and worker wake-up) per batch instead of per call.
-  void schedule_flush();
-  void flush();
-  const caf::actor& next();
-
   caf::actor_system& sys_;
-  std::vector<caf::actor> actors_;
-  size_t next_ = 0;
-  std::vector<std::shared_ptr<pending_call>> batch_;
-  kj::TaskSet flushes_;
+  kj::Timer& timer_;
+  caf::actor companion_;
+  caf::actor forwarder_;
+  std::shared_ptr<std::vector<std::pair<caf::actor, caf::mailbox_element_ptr>>> outbox_;
+  std::shared_ptr<inbox> inbox_;
+  std::unordered_map<uint64_t, kj::PromiseFulfiller<caf::message>*> pending_;
+  std::unordered_map<int64_t, deadline_lane> lanes_;  ///< by timeout in ms
+  kj::Maybe<kj::TimePoint> timer_armed_for_;
+  std::vector<std::pair<uint64_t, caf::message>> delivering_;
+  counters stats_;
+  kj::TaskSet tasks_;
 };
 
 } // namespace triplane::rpc::detail

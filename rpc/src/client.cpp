@@ -5,6 +5,7 @@
 #include <kj/async-io.h>
 
 #include "api.capnp.h"
+#include "coalescing_stream.hpp"
 #include "wire_errors.hpp"
 
 namespace triplane::client {
@@ -129,7 +130,8 @@ expected<std::unique_ptr<connection>> connection::connect(const std::string& end
   if (!stream)
     return make_error(errc::unavailable,
                       "cannot connect to " + endpoint + ": " + describe(stream.error()));
-  c->stream = kj::mv(*stream);
+  // Buffered reads: one syscall per reply instead of two.
+  c->stream = kj::heap<rpc::detail::coalescing_stream>(kj::mv(*stream));
   c->rpc = kj::heap<capnp::TwoPartyClient>(*c->stream);
   auto boot = c->rpc->bootstrap().castAs<api::Bootstrap>();
   auto req = boot.authenticateRequest();

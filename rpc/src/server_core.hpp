@@ -148,14 +148,11 @@ template <class Reply>
 kj::Promise<Reply> server_core::ask_session(const std::string& full_id, caf::message inner,
                                             std::chrono::milliseconds timeout) {
   auto prefix = full_id.substr(0, full_id.find('/') + 1);
-  return bridge
-    .ask<Reply>(directory,
-                caf::make_message(runtime::call_atom::value, std::string("session"), full_id,
-                                  std::move(inner)),
-                timeout)
-    .catch_([prefix](kj::Exception&& e) -> Reply {
-      kj::throwFatalException(unscoped(e, prefix));
-    });
+  return bridge.ask<Reply>(
+    directory,
+    caf::make_message(runtime::call_atom::value, std::string("session"), full_id,
+                      std::move(inner)),
+    timeout, [prefix = std::move(prefix)](kj::Exception&& e) { return unscoped(e, prefix); });
 }
 
 } // namespace triplane::rpc::detail

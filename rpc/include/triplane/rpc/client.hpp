@@ -149,7 +149,8 @@ private:
 
 class connection {
 public:
-  /// Connects to `endpoint` ("host:port") and authenticates with `token`. Errors:
+  /// Connects to `endpoint` ("host:port", or "unix:/path" for a node's Unix-domain listener on
+  /// this host) and authenticates with `token`. Errors:
   /// unavailable (cannot connect), permission_denied (bad token), timeout.
   static expected<std::unique_ptr<connection>> connect(
     const std::string& endpoint, const std::string& token,

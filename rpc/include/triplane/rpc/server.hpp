@@ -45,6 +45,10 @@ struct reader_limits {
 struct server_options {
   std::string host = "127.0.0.1";
   uint16_t port = 7400;  ///< 0 = any free port (see rpc_server::port())
+  /// Also listen on this Unix-domain socket path (empty: TCP only). For clients on the same
+  /// host: it skips the TCP/IP stack (see bench/rpc_RESULTS.md). A stale socket file at the
+  /// path is replaced; any other file there makes start() fail. Removed again by stop().
+  std::string unix_path;
   std::vector<token_record> tokens;
   struct limits limits;
   reader_limits reader;
@@ -65,9 +69,10 @@ struct server_options {
 /// Not copyable or movable; destroying a running server calls stop() with a zero deadline.
 class rpc_server {
 public:
-  /// Binds host:port and starts serving on a new thread. `directory` answers
+  /// Binds host:port (and unix_path when set) and starts serving on a new thread. `directory` answers
   /// `(call_atom, kind, id, caf::message)` (runtime/directory.hpp); the server never spawns the
-  /// node's actors itself. Errors: invalid_argument (bad options/tokens), io_error (bind failed).
+  /// node's actors itself. Errors: invalid_argument (bad options/tokens, a unix_path longer than
+  /// 107 bytes or naming a file that is not a socket), io_error (bind failed).
   static expected<std::unique_ptr<rpc_server>> start(server_options opts, caf::actor_system& sys,
                                                      caf::actor directory);
 

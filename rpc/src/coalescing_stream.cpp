@@ -1,0 +1,158 @@
+// coalescing_stream: buffered reads, writes gathered per event-loop turn.
+#include "coalescing_stream.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+namespace triplane::rpc::detail {
+namespace {
+
+// The read buffer starts small (an idle connection costs little: the node holds thousands)
+// and doubles whenever a read fills it, up to the largest size.
+constexpr size_t min_read_buffer = 4 * 1024;
+constexpr size_t max_read_buffer = 64 * 1024;
+
+} // namespace
+
+coalescing_stream::coalescing_stream(kj::Own<kj::AsyncIoStream> inner, size_t high_water)
+  : inner_(kj::mv(inner)), high_water_(high_water), rbuf_(kj::heapArray<kj::byte>(min_read_buffer)),
+    tasks_(*this) {}
+
+coalescing_stream::~coalescing_stream() noexcept(false) = default;
+
+kj::Promise<size_t> coalescing_stream::tryRead(void* buffer, size_t min_bytes,
+                                               size_t max_bytes) {
+  auto* out = static_cast<kj::byte*>(buffer);
+  size_t n = std::min(max_bytes, rend_ - rbegin_);
+  if (n > 0) {
+    std::memcpy(out, rbuf_.begin() + rbegin_, n);
+    rbegin_ += n;
+  }
+  if (n >= min_bytes) return n;
+  return fill_then_read(out, min_bytes, max_bytes, n);
+}
+
+kj::Promise<size_t> coalescing_stream::fill_then_read(kj::byte* out, size_t min_bytes,
+                                                      size_t max_bytes, size_t done) {
+  // The buffer is empty here. A large remainder (a big message body) goes straight to the
+  // caller's memory: copying it through the buffer would gain no syscall.
+  if (min_bytes - done >= max_read_buffer) {
+    ++stats_.reads;
+    return inner_->tryRead(out + done, min_bytes - done, max_bytes - done)
+      .then([this, done](size_t got) {
+        stats_.bytes_read += got;
+        return done + got;
+      });
+  }
+  ++stats_.reads;
+  return inner_->tryRead(rbuf_.begin(), 1, rbuf_.size())
+    .then([this, out, min_bytes, max_bytes, done](size_t got) -> kj::Promise<size_t> {
+      stats_.bytes_read += got;
+      rbegin_ = 0;
+      rend_ = got;
+      if (got == 0) return done;  // EOF: fewer than min_bytes, as tryRead() allows
+      size_t n = std::min(max_bytes - done, got);
+      std::memcpy(out + done, rbuf_.begin(), n);
+      if (got == rbuf_.size() && rbuf_.size() < max_read_buffer) grow_read_buffer();
+      rbegin_ = n;
+      if (done + n >= min_bytes) return done + n;
+      return fill_then_read(out, min_bytes, max_bytes, done + n);
+    });
+}
+
+void coalescing_stream::grow_read_buffer() {
+  auto bigger = kj::heapArray<kj::byte>(rbuf_.size() * 2);
+  std::memcpy(bigger.begin(), rbuf_.begin() + rbegin_, rend_ - rbegin_);
+  rend_ -= rbegin_;
+  rbegin_ = 0;
+  rbuf_ = kj::mv(bigger);
+}
+
+kj::Promise<void> coalescing_stream::write(const void* buffer, size_t size) {
+  kj::ArrayPtr<const kj::byte> piece(static_cast<const kj::byte*>(buffer), size);
+  return write(kj::arrayPtr(&piece, 1));
+}
+
+kj::Promise<void> coalescing_stream::write(
+  kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) {
+  KJ_IF_MAYBE(e, failed_) { return kj::cp(*e); }
+  for (auto p : pieces) pending_.insert(pending_.end(), p.begin(), p.end());
+  if (!flushing_) schedule_flush();
+  return accepted();
+}
+
+kj::Promise<void> coalescing_stream::accepted() {
+  if (pending_.size() <= high_water_) return kj::READY_NOW;
+  auto paf = kj::newPromiseAndFulfiller<void>();
+  blocked_writers_.push_back(kj::mv(paf.fulfiller));
+  return kj::mv(paf.promise);
+}
+
+void coalescing_stream::schedule_flush() {
+  flushing_ = true;
+  // evalLast: after every event already queued, so the replies and Finish messages that the
+  // current burst of incoming messages produces all leave in one write.
+  tasks_.add(kj::evalLast([this]() { return flush(); }));
+}
+
+kj::Promise<void> coalescing_stream::flush() {
+  if (pending_.empty()) {
+    flushing_ = false;
+    for (auto& w : blocked_writers_) w->fulfill();
+    blocked_writers_.clear();
+    if (shutdown_requested_) inner_->shutdownWrite();
+    return kj::READY_NOW;
+  }
+  sending_.clear();
+  sending_.swap(pending_);
+  ++stats_.writes;
+  stats_.bytes_written += sending_.size();
+  return inner_->write(sending_.data(), sending_.size()).then([this]() {
+    if (pending_.size() <= high_water_) {
+      for (auto& w : blocked_writers_) w->fulfill();
+      blocked_writers_.clear();
+    }
+    // What was written meanwhile leaves after the loop's queued events again.
+    return kj::evalLast([this]() { return flush(); });
+  });
+}
+
+void coalescing_stream::taskFailed(kj::Exception&& e) {
+  flushing_ = false;
+  pending_.clear();
+  for (auto& w : blocked_writers_) w->reject(kj::cp(e));
+  blocked_writers_.clear();
+  failed_ = kj::mv(e);
+}
+
+kj::Promise<void> coalescing_stream::whenWriteDisconnected() {
+  return inner_->whenWriteDisconnected();
+}
+
+void coalescing_stream::shutdownWrite() {
+  if (flushing_) {
+    shutdown_requested_ = true;
+    return;
+  }
+  inner_->shutdownWrite();
+}
+
+void coalescing_stream::abortRead() { inner_->abortRead(); }
+
+void coalescing_stream::getsockopt(int level, int option, void* value, kj::uint* length) {
+  inner_->getsockopt(level, option, value, length);
+}
+
+void coalescing_stream::setsockopt(int level, int option, const void* value, kj::uint length) {
+  inner_->setsockopt(level, option, value, length);
+}
+
+void coalescing_stream::getsockname(struct sockaddr* addr, kj::uint* length) {
+  inner_->getsockname(addr, length);
+}
+
+void coalescing_stream::getpeername(struct sockaddr* addr, kj::uint* length) {
+  inner_->getpeername(addr, length);
+}
+
+} // namespace triplane::rpc::detail
