@@ -128,7 +128,7 @@ TEST_CASE("a client on the same host reaches the node over its Unix-domain socke
     // A socket file left by an earlier run is replaced; the listener is removed at stop.
     std::ofstream{path + ".probe"};  // not a socket: must stay untouched below
   }
-  node_process node({"--listen", "unix:" + path});
+  node_process node({"--listen-unix", path});
   struct stat st{};
   REQUIRE(lstat(path.c_str(), &st) == 0);
   CHECK(S_ISSOCK(st.st_mode));
@@ -168,7 +168,7 @@ TEST_CASE("the node refuses to replace a file that is not a socket with its Unix
   triplane::testing::temp_directory dir{"triplane-rpc-unix"};
   auto path = dir.sub("not-a-socket");
   { std::ofstream{path} << "precious"; }
-  CHECK_THROWS_AS(node_process({"--listen", "unix:" + path}), std::runtime_error);
+  CHECK_THROWS_AS(node_process({"--listen-unix", path}), std::runtime_error);
   std::ifstream in{path};
   std::string content;
   in >> content;

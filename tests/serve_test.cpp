@@ -88,6 +88,7 @@ TEST_CASE("serve rejects bad options and config with a clear message", "[serve]"
     {{"--bogus"}, "unknown option '--bogus'"},
     {{"--listen", "nohostport"}, "invalid address 'nohostport'"},
     {{"--listen", "127.0.0.1:99999"}, "above 65535"},
+    {{"--listen-unix", "/tmp/" + std::string(120, 's')}, "is longer than 107 bytes"},
     {{"--log-level", "loud"}, "unknown log level 'loud'"},
     {{"--log-format", "xml"}, "unknown log format 'xml'"},
     {{"--data-dir"}, "--data-dir needs a value"},
@@ -109,7 +110,7 @@ TEST_CASE("serve rejects bad options and config with a clear message", "[serve]"
 TEST_CASE("serve --help documents every option", "[serve]") {
   child_process node({TRIPLANE_BINARY, "serve", "--help"});
   REQUIRE(node.wait(20s) == 0);
-  for (auto opt : {"--config", "--data-dir", "--listen", "--log-level", "--log-format", "durability",
+  for (auto opt : {"--config", "--data-dir", "--listen", "--listen-unix", "--log-level", "--log-format", "durability",
                    "max-live", "idle-timeout", "shutdown-timeout", "max-threads", "rpc-max-calls",
                    "rpc-max-sessions", "rpc-call-deadline", "rpc-exec-output-buffer"})
     CHECK(node.out().find(opt) != std::string::npos);

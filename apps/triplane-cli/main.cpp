@@ -18,7 +18,7 @@ namespace {
 const char* usage_text = R"(usage: triplane-cli [--endpoint HOST:PORT|unix:PATH] [--token TOKEN] COMMAND ...
 
 The endpoint and token default to $TRIPLANE_ENDPOINT (else 127.0.0.1:7400) and
-$TRIPLANE_TOKEN. unix:PATH reaches a node started with `--listen unix:PATH` on this
+$TRIPLANE_TOKEN. unix:PATH reaches a node started with `--listen-unix PATH` on this
 host.
 
 Session commands (add --create to create the session when it does not exist):

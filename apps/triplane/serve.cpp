@@ -61,40 +61,9 @@ expected<std::vector<rpc::token_record>> load_or_create_tokens(const runtime::no
   return std::vector<rpc::token_record>{*admin_record, *tenant_record};
 }
 
-/// `--listen unix:PATH` (beside `--listen HOST:PORT`): an extra Unix-domain listener for
-/// clients on this host. Taken out of `args` here, before the node's option parser (which
-/// knows HOST:PORT only) sees them; the last one wins.
-expected<std::string> take_unix_listen(std::vector<std::string>& args) {
-  std::string path;
-  std::vector<std::string> rest;
-  for (size_t i = 0; i < args.size(); ++i) {
-    const auto& a = args[i];
-    std::string value;
-    if (a == "--listen" && i + 1 < args.size() && args[i + 1].rfind("unix:", 0) == 0)
-      value = args[++i];
-    else if (a.rfind("--listen=unix:", 0) == 0)
-      value = a.substr(9);
-    else {
-      rest.push_back(a);
-      continue;
-    }
-    path = value.substr(5);
-    if (path.empty())
-      return make_error(errc::invalid_argument, "--listen unix:PATH needs a socket path");
-  }
-  args = std::move(rest);
-  return path;
-}
-
 } // namespace
 
-int run_serve(const std::vector<std::string>& all_args) {
-  auto args = all_args;
-  auto unix_path = take_unix_listen(args);
-  if (!unix_path) {
-    std::fprintf(stderr, "triplane serve: %s\n", describe(unix_path.error()).c_str());
-    return 2;
-  }
+int run_serve(const std::vector<std::string>& args) {
   runtime::node_config config;
   if (auto err = config.parse_serve_args(args)) {
     std::fprintf(stderr, "triplane serve: %s\n", describe(err).c_str());
@@ -102,10 +71,6 @@ int run_serve(const std::vector<std::string>& all_args) {
   }
   if (config.help_requested) {
     std::fputs(runtime::node_config::serve_help().c_str(), stdout);
-    std::fputs("\n  --listen unix:PATH     also serve the RPC API on a Unix-domain socket (beside\n"
-               "                         HOST:PORT; for clients on this host, which then connect\n"
-               "                         to unix:PATH: it skips the TCP/IP stack)\n",
-               stdout);
     return 0;
   }
   auto options = config.options();
@@ -180,7 +145,7 @@ int run_serve(const std::vector<std::string>& all_args) {
   rpc::server_options server_options;
   server_options.host = options->listen_host;
   server_options.port = options->listen_port;
-  server_options.unix_path = *unix_path;
+  server_options.unix_path = options->listen_unix;
   server_options.tokens = std::move(*tokens);
   server_options.limits.max_concurrent_calls_per_tenant = options->rpc_max_calls;
   server_options.limits.max_open_sessions_per_tenant = options->rpc_max_sessions;
@@ -202,7 +167,7 @@ int run_serve(const std::vector<std::string>& all_args) {
   }
   (*node)->set_listen_port((*server)->port());
   // Tests and scripts wait for this line; it names the bound address.
-  std::string also_unix = unix_path->empty() ? "" : " and unix:" + *unix_path;
+  std::string also_unix = options->listen_unix.empty() ? "" : " and unix:" + options->listen_unix;
   std::printf("triplane: serving on %s:%u%s (data in %s)\n", options->listen_host.c_str(),
               (*node)->listen_port(), also_unix.c_str(), options->data_dir.c_str());
   std::fflush(stdout);

@@ -17,6 +17,7 @@ struct flag_mapping {
 constexpr flag_mapping serve_flags[] = {
   {"--data-dir", "triplane.data-dir"},
   {"--listen", "triplane.listen"},
+  {"--listen-unix", "triplane.listen-unix"},
   {"--log-level", "triplane.log-level"},
   {"--log-format", "triplane.log-format"},
   {"--tokens", "triplane.tokens-file"},
@@ -45,6 +46,7 @@ node_config::node_config() {
   opt_group{custom_options_, "triplane"}
     .add(data_dir_, "data-dir", "directory for RocksDB and sandbox workspaces")
     .add(listen_, "listen", "RPC API address HOST:PORT (port 0 picks a free port)")
+    .add(listen_unix_, "listen-unix", "also serve the RPC API on this Unix-domain socket path")
     .add(log_level_, "log-level", "trace|debug|info|warn|error|critical|off")
     .add(log_format_, "log-format", "text|json (JSON lines)")
     .add(durability_, "durability", "process-crash (WAL, no fsync) | power-loss (fsync)")
@@ -78,6 +80,9 @@ Options (flags override the config file; `--opt value` and `--opt=value` both wo
   --config FILE          read settings from FILE (CAF's INI format, see below)
   --data-dir DIR         state directory (default ./data); RocksDB lives in DIR/state
   --listen HOST:PORT     RPC API address (default 127.0.0.1:7400; port 0 = any free port)
+  --listen-unix PATH     also serve the RPC API on a Unix-domain socket at PATH, for clients
+                         on this host (they connect to unix:PATH); a stale socket there is
+                         replaced, any other file refuses the start; removed at shutdown
   --tokens FILE          API tokens (salted hashes; see `triplane token --help`). Default:
                          DATA_DIR/tokens, created on first start with an admin token and a
                          token of tenant "default", whose clear values go to
@@ -91,7 +96,7 @@ Options (flags override the config file; `--opt value` and `--opt=value` both wo
   -h, --help             print this text
 
 Config file keys ([triplane] section; CAF's own sections such as [scheduler] also work):
-  data-dir="./data"          listen="127.0.0.1:7400"
+  data-dir="./data"          listen="127.0.0.1:7400"     listen-unix="" (none)
   log-level="info"           log-format="text"
   durability="process-crash" (WAL without fsync; survives a killed process) or
              "power-loss"    (fsync before acknowledging; survives losing the page cache)
@@ -200,6 +205,11 @@ expected<node_options> node_config::options() const {
   if (data_dir_.empty()) return make_error(errc::invalid_argument, "data-dir is empty");
   out.data_dir = data_dir_;
   if (auto err = parse_host_port(listen_, out.listen_host, out.listen_port)) return err;
+  if (listen_unix_.size() >= 108)  // sockaddr_un::sun_path, NUL included
+    return make_error(errc::invalid_argument, "listen-unix path '" + listen_unix_ + "' is longer than 107 bytes");
+  if (listen_unix_.find('\0') != std::string::npos)
+    return make_error(errc::invalid_argument, "listen-unix path contains a NUL byte");
+  out.listen_unix = listen_unix_;
   static const char* levels[] = {"trace", "debug", "info", "warn", "error", "critical", "off"};
   if (std::find(std::begin(levels), std::end(levels), log_level_) == std::end(levels))
     return make_error(errc::invalid_argument, "unknown log level '" + log_level_ +

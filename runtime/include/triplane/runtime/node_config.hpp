@@ -19,6 +19,7 @@ struct node_options {
   std::string data_dir = "./data";                 ///< RocksDB and sandbox workspaces live here
   std::string listen_host = "127.0.0.1";           ///< RPC API address
   uint16_t listen_port = 7400;                     ///< 0 = any free port (printed at start)
+  std::string listen_unix;                         ///< extra Unix-domain socket path; empty: none
   std::string log_level = "info";                  ///< trace|debug|info|warn|error|critical|off
   std::string log_format = "text";                 ///< text | json (one JSON object per line)
   storage::durability durability = storage::durability::process_crash;
@@ -51,7 +52,7 @@ public:
   node_config();
 
   /// Parses `serve`'s arguments (without the program and subcommand names):
-  ///   --config FILE, --data-dir DIR, --listen HOST:PORT, --tokens FILE, --log-level L,
+  ///   --config FILE, --data-dir DIR, --listen HOST:PORT, --listen-unix PATH, --tokens FILE, --log-level L,
   ///   --log-format text|json,
   ///   and any `--group.key=value` CAF option. `--opt value` and `--opt=value` both work.
   /// Sets `help_requested` for --help/-h. Errors: invalid_argument naming the option; not_found
@@ -70,6 +71,7 @@ public:
 private:
   std::string data_dir_ = "./data";
   std::string listen_ = "127.0.0.1:7400";
+  std::string listen_unix_;
   std::string log_level_ = "info";
   std::string log_format_ = "text";
   std::string durability_ = "process-crash";
