@@ -36,6 +36,25 @@ TEST_CASE("serve starts on embedded defaults and stops cleanly on SIGTERM and SI
   std::filesystem::remove_all(dir);
 }
 
+TEST_CASE("serve keeps workspaces where workspaces-dir says, one node per directory", "[serve]") {
+  auto dir = fresh_dir("ws-a");
+  auto other = fresh_dir("ws-b");
+  auto workspaces = fresh_dir("ws-shared");
+  child_process node({TRIPLANE_BINARY, "serve", "--data-dir", dir, "--listen", "127.0.0.1:0",
+                      "--triplane.workspaces-dir=" + workspaces});
+  REQUIRE(node.wait_for_output("triplane: serving on", 20s));
+  CHECK(std::filesystem::exists(std::filesystem::path(workspaces) / ".lock"));
+  CHECK_FALSE(std::filesystem::exists(std::filesystem::path(dir) / "workspaces"));
+  // Another node (its own data directory) on the same workspaces directory is refused.
+  child_process second({TRIPLANE_BINARY, "serve", "--data-dir", other, "--listen", "127.0.0.1:0",
+                        "--triplane.workspaces-dir=" + workspaces});
+  CHECK(second.wait(20s) != 0);
+  CHECK(second.err().find("in use by another node") != std::string::npos);
+  node.signal(SIGTERM);
+  CHECK(node.wait(20s) == 0);
+  for (auto& d : {dir, other, workspaces}) std::filesystem::remove_all(d);
+}
+
 TEST_CASE("serve writes JSON lines when asked", "[serve]") {
   auto dir = fresh_dir("json");
   child_process node({TRIPLANE_BINARY, "serve", "--data-dir=" + dir, "--listen=127.0.0.1:0", "--log-format", "json"});
@@ -110,7 +129,7 @@ TEST_CASE("serve rejects bad options and config with a clear message", "[serve]"
 TEST_CASE("serve --help documents every option", "[serve]") {
   child_process node({TRIPLANE_BINARY, "serve", "--help"});
   REQUIRE(node.wait(20s) == 0);
-  for (auto opt : {"--config", "--data-dir", "--listen", "--listen-unix", "--log-level", "--log-format", "durability",
+  for (auto opt : {"--config", "--data-dir", "--listen", "--listen-unix", "workspaces-dir", "--log-level", "--log-format", "durability",
                    "max-live", "idle-timeout", "shutdown-timeout", "max-threads", "rpc-max-calls",
                    "rpc-max-sessions", "rpc-call-deadline", "rpc-exec-output-buffer"})
     CHECK(node.out().find(opt) != std::string::npos);

@@ -100,7 +100,7 @@ int run_serve(const std::vector<std::string>& args) {
   std::unique_ptr<actors::session_host> sessions;
   auto make_planes = [&](runtime::node& n) -> expected<std::vector<runtime::node::plane>> {
     actors::session_host_options session_options;
-    session_options.workspaces_dir = (std::filesystem::path{options->data_dir} / "workspaces").string();
+    session_options.workspaces_dir = options->workspaces_dir;
     session_options.durability = options->durability;
     session_options.idle_timeout = options->idle_timeout;
     auto host = actors::session_host::create(n.database(), session_options);

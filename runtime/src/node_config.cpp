@@ -1,6 +1,7 @@
 // Parsing and validation of `triplane serve` options through CAF's config machinery.
 #include "triplane/runtime/node_config.hpp"
 
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -54,6 +55,7 @@ node_config::node_config() {
     .add(idle_timeout_, "idle-timeout", "default idle time before an actor passivates")
     .add(shutdown_timeout_, "shutdown-timeout", "deadline for draining at SIGINT/SIGTERM")
     .add(tokens_file_, "tokens-file", "API tokens file (default DATA_DIR/tokens, created if missing)")
+    .add(workspaces_dir_, "workspaces-dir", "sandbox workspaces, a cache of the store (default DATA_DIR/workspaces)")
     .add(model_dir_, "model", "Llama model directory served by the inference plane (none: no inference)")
     .add(inference_backend_, "inference-backend", "cpu|cuda")
     .add(tensor_parallel_, "tensor-parallel", "ranks of the inference worker's tensor-parallel group")
@@ -108,6 +110,9 @@ Config file keys ([triplane] section; CAF's own sections such as [scheduler] als
   inference-backend="cpu"    cpu or cuda (cuda needs a CUDA build and a GPU)
   tensor-parallel=1          ranks of the inference worker (CUDA: GPUs 0..N-1)
   kv-cache-mb=256            KV-cache budget per rank
+  workspaces-dir=""          sandbox workspaces (default DATA_DIR/workspaces): a cache of the
+                             store, deleted and rebuilt freely; a tmpfs makes the first exec
+                             after a session wakes cheaper (100 files: 1.5 ms vs 3-23 ms on ext4)
   rpc-max-calls=512          RPC calls in flight per tenant; beyond: `overloaded`
   rpc-max-sessions=1024      Session capabilities a tenant holds at once; beyond:
                              `limit_exceeded`
@@ -235,6 +240,8 @@ expected<node_options> node_config::options() const {
   out.config_file = config_file_;
   out.tokens_file = tokens_file_;
   out.model_dir = model_dir_;
+  out.workspaces_dir = workspaces_dir_.empty() ? (std::filesystem::path{data_dir_} / "workspaces").string()
+                                               : workspaces_dir_;
   if (inference_backend_ != "cpu" && inference_backend_ != "cuda")
     return make_error(errc::invalid_argument, "unknown inference-backend '" + inference_backend_ + "' (use cpu or cuda)");
   out.inference_backend = inference_backend_;

@@ -4,6 +4,14 @@
 // the directory never passivates it mid-operation.
 #include "triplane/actors/session_host.hpp"
 
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
 #include <caf/all.hpp>
 
 #include "session/cgroup_limits.hpp"
@@ -15,7 +23,20 @@ namespace triplane::actors {
 
 using bg_done_atom = caf::atom_constant<caf::atom("ss_bgdone")>;
 
+/// An exclusive flock on a file, held while the object lives: one node per workspaces directory
+/// (it removes and recreates what is in there, e.g. its pre-started sandboxes' directories).
+struct directory_lock {
+  int fd = -1;
+  directory_lock() = default;
+  directory_lock(const directory_lock&) = delete;
+  directory_lock& operator=(const directory_lock&) = delete;
+  ~directory_lock() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
 struct session_host::impl {
+  directory_lock workspaces_lock;  ///< first member: released last
   std::unique_ptr<session::cgroup_host> cgroups;
   session::sandbox_config sandbox;
   std::unique_ptr<session::sandbox_pool> pool;  ///< nullptr when sandboxes cannot be pre-started
@@ -322,6 +343,17 @@ expected<std::unique_ptr<session_host>> session_host::create(storage::database& 
   if (options.workspaces_dir.empty())
     return make_error(errc::invalid_argument, "session host needs a workspaces directory");
   auto state = std::make_unique<impl>();
+  std::error_code ec;
+  std::filesystem::create_directories(options.workspaces_dir, ec);
+  if (ec)
+    return make_error(errc::io_error, "cannot create workspaces directory '" + options.workspaces_dir + "': " + ec.message());
+  auto lock_path = options.workspaces_dir + "/.lock";
+  state->workspaces_lock.fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (state->workspaces_lock.fd < 0)
+    return make_error(errc::io_error, "cannot open '" + lock_path + "': " + std::strerror(errno));
+  if (::flock(state->workspaces_lock.fd, LOCK_EX | LOCK_NB) != 0)
+    return make_error(errc::unavailable, "workspaces directory '" + options.workspaces_dir +
+                                           "' is in use by another node (give each node its own)");
   state->cgroups = session::cgroup_host::detect();
   // A dot-name cannot collide with the hex-named workspaces.
   auto sandbox = session::sandbox_config::detect(state->cgroups.get(), options.workspaces_dir + "/.sandbox-etc");

@@ -511,3 +511,22 @@ TEST_CASE("an exec queued behind another is cancelled by its requester and never
   CHECK(a.ctx->pins == 0);
   f.passivate(a);
 }
+
+TEST_CASE("two session hosts cannot share a workspaces directory", "[sandbox][session]") {
+  fixture f;
+  storage::database_options opts;
+  opts.path = (f.base / "db2").string();
+  opts.column_families = session_host::column_families();
+  auto db2 = storage::database::open(opts);
+  REQUIRE(db2);
+  session_host_options so;
+  so.workspaces_dir = (f.base / "ws").string();
+  auto second = session_host::create(**db2, so);
+  REQUIRE_FALSE(second);
+  CHECK(code_of(second.error()) == errc::unavailable);
+  CHECK(describe(second.error()).find("in use by another node") != std::string::npos);
+  // Once the first host is gone, the directory is free again.
+  f.sessions.reset();
+  auto third = session_host::create(**db2, so);
+  CHECK(third);
+}

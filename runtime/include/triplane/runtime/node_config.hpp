@@ -27,6 +27,9 @@ struct node_options {
   std::chrono::milliseconds idle_timeout{30000};   ///< default idle timeout of actor kinds
   std::chrono::milliseconds shutdown_timeout{10000};  ///< deadline for draining at SIGINT/SIGTERM
   std::string config_file;                         ///< the file read, empty when none
+  /// Sandbox sessions' workspaces, a cache of what RocksDB holds (empty: DATA_DIR/workspaces).
+  /// A tmpfs here makes the first exec after rehydration cheaper (no journal on file creation).
+  std::string workspaces_dir;
   /// API tokens (salted hashes, see `triplane token`); empty: DATA_DIR/tokens, created on first
   /// start with a fresh admin and a "default" tenant token.
   std::string tokens_file;
@@ -37,8 +40,8 @@ struct node_options {
   int64_t kv_cache_mb = 256;              ///< KV-cache budget per rank
   /// RPC API limits (rpc::limits): calls in flight per tenant (beyond: overloaded), Session
   /// capabilities held per tenant (beyond: limit_exceeded), the deadline of a call other than
-  /// exec/generate (timeout), exec output queued for a slow client (beyond: the exec is killed,
-  /// limit_exceeded).
+  /// exec/generate (timeout), and the flow-control window of a streamed exec (output held for a
+  /// slow client; beyond it the command waits on its pipe).
   uint32_t rpc_max_calls = 512;
   uint32_t rpc_max_sessions = 1024;
   std::chrono::milliseconds rpc_call_deadline{10000};
@@ -81,6 +84,7 @@ private:
   std::string config_file_;
   std::string tokens_file_;
   std::string model_dir_;
+  std::string workspaces_dir_;
   std::string inference_backend_ = "cpu";
   int tensor_parallel_ = 1;
   int64_t kv_cache_mb_ = 256;
