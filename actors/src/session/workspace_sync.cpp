@@ -213,6 +213,36 @@ caf::error write_regular(const std::string& root, const std::string& path, manif
   return {};
 }
 
+/// Threads for work over `bytes`: one per 256 KiB, at most one per core, 4, and `max_useful`;
+/// below 256 KiB a thread's start costs more than it saves.
+size_t worker_threads(uint64_t bytes, size_t max_useful) {
+  size_t cores = std::max(1u, std::thread::hardware_concurrency());
+  return std::min<size_t>({cores, 4, std::max<uint64_t>(1, bytes / (256u << 10)), std::max<size_t>(1, max_useful)});
+}
+
+/// Runs `fn(i)` for every i in [0, n) on `threads` threads (this one included), stopping at the
+/// first error, which it returns.
+template <class F>
+caf::error for_each_on_threads(size_t n, size_t threads, F fn) {
+  std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
+  std::mutex error_mutex;
+  caf::error first_error;
+  auto work = [&] {
+    for (size_t i = next++; i < n && !failed; i = next++)
+      if (auto err = fn(i)) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!first_error) first_error = std::move(err);
+        failed = true;
+      }
+  };
+  std::vector<std::thread> helpers;
+  for (size_t t = 1; t < threads; ++t) helpers.emplace_back(work);
+  work();
+  for (auto& h : helpers) h.join();
+  return first_error;
+}
+
 } // namespace
 
 caf::error verify_chunks(const manifest& m, const session_store& store) {
@@ -226,25 +256,10 @@ caf::error verify_chunks(const manifest& m, const session_store& store) {
       if (seen.insert(hash).second) hashes.push_back(hash);
     bytes += e.size;
   }
-  size_t cores = std::max(1u, std::thread::hardware_concurrency());
-  size_t threads = std::min<size_t>({cores, 4, std::max<uint64_t>(1, bytes / (256u << 10)), hashes.size()});
-  std::atomic<size_t> next{0};
-  std::atomic<bool> failed{false};
-  std::mutex error_mutex;
-  caf::error first_error;
-  auto work = [&] {
-    for (size_t i = next++; i < hashes.size() && !failed; i = next++)
-      if (auto err = store.with_chunk(hashes[i], [](std::string_view) {})) {
-        std::lock_guard<std::mutex> lock(error_mutex);
-        if (!first_error) first_error = std::move(err);
-        failed = true;
-      }
-  };
-  std::vector<std::thread> helpers;
-  for (size_t t = 1; t < threads; ++t) helpers.emplace_back(work);
-  work();
-  for (auto& h : helpers) h.join();
-  return first_error;
+  size_t threads = worker_threads(bytes, hashes.size());
+  return for_each_on_threads(hashes.size(), threads, [&](size_t i) {
+    return store.with_chunk(hashes[i], [](std::string_view) {});
+  });
 }
 
 caf::error materialize(const std::string& root, manifest& m, const session_store& store, bool verify) {
@@ -284,28 +299,11 @@ caf::error materialize(const std::string& root, manifest& m, const session_store
         break;
     }
   }
-  // A thread per 256 KiB (and at least 16 files), at most one per core and 4: below that the
-  // thread's start costs more than it saves.
-  size_t cores = std::max(1u, std::thread::hardware_concurrency());
-  size_t threads = std::min<size_t>({cores, 4, std::max<uint64_t>(1, file_bytes / (256u << 10)),
-                                     std::max<size_t>(1, files.size() / 16)});
-  std::atomic<size_t> next{0};
-  std::mutex error_mutex;
-  caf::error first_error;
-  std::atomic<bool> failed{false};
-  auto work = [&] {
-    for (size_t i = next++; i < files.size() && !failed; i = next++) {
-      if (auto err = write_regular(root, *files[i].first, *files[i].second, store, verify)) {
-        std::lock_guard<std::mutex> lock(error_mutex);
-        if (!first_error) first_error = std::move(err);
-        failed = true;
-      }
-    }
-  };
-  std::vector<std::thread> helpers;
-  for (size_t t = 1; t < threads; ++t) helpers.emplace_back(work);
-  work();
-  for (auto& h : helpers) h.join();
+  // At least 16 files per thread.
+  size_t threads = worker_threads(file_bytes, std::max<size_t>(1, files.size() / 16));
+  auto first_error = for_each_on_threads(files.size(), threads, [&](size_t i) {
+    return write_regular(root, *files[i].first, *files[i].second, store, verify);
+  });
   if (first_error) return first_error;
   // Directories last, deepest first: creating their children changed their mtimes.
   for (auto i = dirs.rbegin(); i != dirs.rend(); ++i) {
