@@ -27,6 +27,7 @@
 
 #include "api.capnp.h"
 #include "support/host_processes.hpp"
+#include "support/raw_rpc_session.hpp"
 #include "support/serve_process.hpp"
 #include "triplane/rpc/client.hpp"
 
@@ -238,20 +239,8 @@ pid_t start_stuck_reader(const node_process& node, const std::string& command, u
   pid_t child = fork();
   REQUIRE(child >= 0);
   if (child != 0) return child;
-  auto io = kj::setupAsyncIo();
-  auto addr = io.provider->getNetwork().parseAddress(node.endpoint()).wait(io.waitScope);
-  auto stream = addr->connect().wait(io.waitScope);
-  int small = 4096;
-  stream->setsockopt(SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
-  capnp::TwoPartyClient rpc(*stream);
-  auto boot = rpc.bootstrap().castAs<triplane::api::Bootstrap>();
-  auto auth = boot.authenticateRequest();
-  auth.setToken(node.tokens().alice);
-  auto tenant = auth.send().getTenant();
-  auto open = tenant.sessionRequest();
-  open.setId("stuck");
-  open.setCreate(true);
-  auto session = open.send().getSession();
+  triplane::test::raw_rpc_session raw(node.endpoint(), node.tokens().alice, "stuck", 4096);
+  auto& session = raw.session;
   struct sink final : triplane::api::OutputSink::Server {
     kj::Promise<void> write(WriteContext) override { return kj::NEVER_DONE; }
   };
@@ -262,7 +251,7 @@ pid_t start_stuck_reader(const node_process& node, const std::string& command, u
   req.setSink(kj::heap<sink>());
   auto pending = req.send();
   // Run the loop just long enough to send the calls, then stop reading for good.
-  io.provider->getTimer().afterDelay(300 * kj::MILLISECONDS).wait(io.waitScope);
+  raw.wait_ms(300);
   sleep(60);
   _exit(0);
 }

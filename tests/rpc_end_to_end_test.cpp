@@ -18,6 +18,7 @@
 
 #include "api.capnp.h"
 #include "support/host_processes.hpp"
+#include "support/raw_rpc_session.hpp"
 #include "support/serve_process.hpp"
 #include "support/temp_directory.hpp"
 #include "triplane/rpc/client.hpp"
@@ -457,21 +458,10 @@ TEST_CASE("a slow-reading client gets all of an exec output far larger than the 
 TEST_CASE("a dropped exec call still queued behind another exec of its session never runs, and "
           "the running exec is not disturbed", "[rpc][cancel]") {
   node_process node;
-  auto io = kj::setupAsyncIo();
-  auto addr = io.provider->getNetwork().parseAddress(node.endpoint()).wait(io.waitScope);
-  auto stream = addr->connect().wait(io.waitScope);
-  capnp::TwoPartyClient rpc(*stream);
-  auto boot = rpc.bootstrap().castAs<triplane::api::Bootstrap>();
-  auto auth = boot.authenticateRequest();
-  auth.setToken(node.tokens().alice);
-  auto tenant = auth.send().getTenant();
-  auto open = tenant.sessionRequest();
-  open.setId("queued");
-  open.setCreate(true);
-  auto session = open.send().getSession();
-  auto wait_ms = [&](int ms) {
-    io.provider->getTimer().afterDelay(ms * kj::MILLISECONDS).wait(io.waitScope);
-  };
+  triplane::test::raw_rpc_session raw(node.endpoint(), node.tokens().alice, "queued");
+  auto& io = raw.io;
+  auto& session = raw.session;
+  auto wait_ms = [&](int ms) { raw.wait_ms(ms); };
   auto first = session.execRequest();
   first.initRequest().setShell("sleep 2; echo first");
   auto first_done = first.send();
@@ -504,18 +494,9 @@ TEST_CASE("per-tenant limits answer overloaded and limit_exceeded instead of que
   node_process node({"--triplane.rpc-max-calls=4", "--triplane.rpc-max-sessions=3"});
 
   SECTION("concurrent calls beyond the limit are refused with overloaded") {
-    auto io = kj::setupAsyncIo();
-    auto addr = io.provider->getNetwork().parseAddress(node.endpoint()).wait(io.waitScope);
-    auto stream = addr->connect().wait(io.waitScope);
-    capnp::TwoPartyClient rpc(*stream);
-    auto boot = rpc.bootstrap().castAs<triplane::api::Bootstrap>();
-    auto auth = boot.authenticateRequest();
-    auth.setToken(node.tokens().alice);
-    auto tenant = auth.send().getTenant();
-    auto open = tenant.sessionRequest();
-    open.setId("busy");
-    open.setCreate(true);
-    auto session = open.send().getSession();
+    triplane::test::raw_rpc_session raw(node.endpoint(), node.tokens().alice, "busy");
+    auto& io = raw.io;
+    auto& session = raw.session;
     kj::Vector<kj::Promise<bool>> calls;
     for (int i = 0; i < 12; ++i) {
       auto req = session.execRequest();
