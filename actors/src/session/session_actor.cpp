@@ -1,6 +1,7 @@
 // The session virtual actor. Its handlers run on a CAF scheduler thread and only forward: every
 // operation runs on the session's worker, a detached actor (its own thread), because exec and
-// disk work block. The session stays pinned while an operation or background process runs, so
+// disk work block. The worker starts with the first operation and stops after
+// worker_idle_timeout without one: an idle live session holds no thread. The session stays pinned while an operation or background process runs, so
 // the directory never passivates it mid-operation.
 #include "triplane/actors/session_host.hpp"
 
@@ -22,6 +23,7 @@
 namespace triplane::actors {
 
 using bg_done_atom = caf::atom_constant<caf::atom("ss_bgdone")>;
+using worker_idle_atom = caf::atom_constant<caf::atom("ss_wkidle")>;
 
 /// An exclusive flock on a file, held while the object lives: one node per workspaces directory
 /// (it removes and recreates what is in there, e.g. its pre-started sandboxes' directories).
@@ -162,41 +164,58 @@ struct exec_registry {
   std::map<uint64_t, entry> pending;
 };
 
+/// The session's worker, started on demand and stopped when idle. Lives on the session actor's
+/// thread only.
+struct worker_slot {
+  caf::actor worker;
+  uint64_t in_flight = 0;   ///< operations handed to the worker and not answered yet
+  uint64_t generation = 0;  ///< bumped whenever in_flight drops to 0: names the idle check
+};
+
 class session_actor final : public runtime::virtual_actor {
 public:
   session_actor(session_host::impl& host, std::string id) : host_(host), id_(std::move(id)) {}
 
-  ~session_actor() override {
-    if (worker_) caf::anon_send_exit(worker_, caf::exit_reason::user_shutdown);
-  }
+  ~session_actor() override { stop_worker(); }
 
-  caf::error restore(runtime::activation_context& ctx,
+  caf::error restore(runtime::activation_context&,
                      const std::optional<storage::stored_state>&) override {
     // The record lives in the sandbox column families (so manifest and chunk reference counts
     // change in one batch); the runtime's own record only marks that the session exists.
     auto core = session::session_core::activate(host_.node, id_);
     if (!core) return core.error();
     core_ = core_ptr(std::move(*core));
-    worker_ = ctx.self()->spawn<caf::detached>(session_worker, core_, ctx.self()->address());
     return {};
   }
 
   caf::behavior make_behavior(runtime::activation_context& ctx) override {
     auto* self = ctx.self();
     auto* c = &ctx;
-    auto worker = worker_;
+    auto slot = slot_;
+    // The worker for one more operation: started if there is none (one thread per busy session).
+    auto acquire = [self, slot, core = core_]() -> caf::actor {
+      if (!slot->worker) slot->worker = self->spawn<caf::detached>(session_worker, core, self->address());
+      ++slot->in_flight;
+      return slot->worker;
+    };
+    // An operation was answered; the last one starts the idle clock.
+    auto release = [self, slot, idle = host_.options.worker_idle_timeout] {
+      if (--slot->in_flight == 0) self->delayed_send(self, idle, worker_idle_atom::value, ++slot->generation);
+    };
     // Forwards one request to the worker, pinning the session until the reply.
-    auto forward = [self, c, worker](auto tag, auto&&... xs) {
+    auto forward = [self, c, acquire, release](auto tag, auto&&... xs) {
       using reply = typename decltype(tag)::type;
       auto rp = self->make_response_promise<reply>();
       c->pin();
-      self->request(worker, caf::infinite, std::forward<decltype(xs)>(xs)...)
+      self->request(acquire(), caf::infinite, std::forward<decltype(xs)>(xs)...)
         .then(
-          [c, rp](reply& r) mutable {
+          [c, rp, release](reply& r) mutable {
+            release();
             c->release_pin();
             rp.deliver(std::move(r));
           },
-          [c, rp](caf::error& e) mutable {
+          [c, rp, release](caf::error& e) mutable {
+            release();
             c->release_pin();
             rp.deliver(std::move(e));
           });
@@ -204,22 +223,24 @@ public:
     };
     // Execs carry a ticket to the worker, so that one still queued there can be cancelled.
     auto execs = std::make_shared<exec_registry>();
-    auto forward_exec = [self, c, worker, execs](caf::actor_addr sink, auto&&... xs) {
+    auto forward_exec = [self, c, acquire, release, execs](caf::actor_addr sink, auto&&... xs) {
       // Before make_response_promise: it takes the sender out of the current message.
       auto requester = caf::actor_cast<caf::actor_addr>(self->current_sender());
       auto rp = self->make_response_promise<exec_result>();
       auto ticket = execs->next_ticket++;
       execs->pending.emplace(ticket, exec_registry::entry{std::move(requester), std::move(sink)});
       c->pin();
-      self->request(worker, caf::infinite, std::forward<decltype(xs)>(xs)..., ticket)
+      self->request(acquire(), caf::infinite, std::forward<decltype(xs)>(xs)..., ticket)
         .then(
-          [c, rp, execs, ticket](exec_result& r) mutable {
+          [c, rp, execs, ticket, release](exec_result& r) mutable {
             execs->pending.erase(ticket);
+            release();
             c->release_pin();
             rp.deliver(std::move(r));
           },
-          [c, rp, execs, ticket](caf::error& e) mutable {
+          [c, rp, execs, ticket, release](caf::error& e) mutable {
             execs->pending.erase(ticket);
+            release();
             c->release_pin();
             rp.deliver(std::move(e));
           });
@@ -254,13 +275,15 @@ public:
         c->pin();  // for the request
         c->pin();  // for the process: released by its bg_done, which is sent even when it
                    // ends before this reply arrives
-        self->request(worker, caf::infinite, a, r)
+        self->request(acquire(), caf::infinite, a, r)
           .then(
-            [c, rp](bg_status& s) mutable {
+            [c, rp, release](bg_status& s) mutable {
+              release();
               c->release_pin();
               rp.deliver(std::move(s));
             },
-            [c, rp](caf::error& e) mutable {
+            [c, rp, release](caf::error& e) mutable {
+              release();
               c->release_pin();
               c->release_pin();  // no process was started
               rp.deliver(std::move(e));
@@ -268,6 +291,14 @@ public:
         return rp;
       },
       [=](bg_done_atom, uint64_t) { c->release_pin(); },
+      // The idle clock of the worker ran out: stop it unless an operation came meanwhile
+      // (background processes do not need it: their threads belong to the core).
+      [slot](worker_idle_atom, uint64_t generation) {
+        if (slot->in_flight == 0 && generation == slot->generation && slot->worker) {
+          caf::anon_send_exit(slot->worker, caf::exit_reason::user_shutdown);
+          slot->worker = nullptr;
+        }
+      },
       // Answered here, not by the worker: the worker is the thread blocked in the exec.
       [core = core_](exec_cancel_atom) { return core->cancel_exec(); },
       [=](bg_poll_atom a, uint64_t id) { return forward(tag<bg_status>{}, a, id); },
@@ -313,8 +344,7 @@ public:
   void on_passivate() override {
     if (auto err = core_->passivate())
       (void)err;  // a running background process: the runtime does not passivate pinned actors
-    if (worker_) caf::anon_send_exit(worker_, caf::exit_reason::user_shutdown);
-    worker_ = nullptr;
+    stop_worker();
   }
 
 private:
@@ -323,10 +353,15 @@ private:
     using type = T;
   };
 
+  void stop_worker() {
+    if (slot_->worker) caf::anon_send_exit(slot_->worker, caf::exit_reason::user_shutdown);
+    slot_->worker = nullptr;
+  }
+
   session_host::impl& host_;
   std::string id_;
   core_ptr core_;
-  caf::actor worker_;
+  std::shared_ptr<worker_slot> slot_ = std::make_shared<worker_slot>();
 };
 
 } // namespace

@@ -65,7 +65,7 @@ struct fixture {
   config cfg;
   std::unique_ptr<caf::actor_system> sys;
 
-  fixture() {
+  explicit fixture(std::chrono::milliseconds worker_idle = 5s) {
     char tmpl[] = "/tmp/tp-session-actor-test-XXXXXX";
     REQUIRE(::mkdtemp(tmpl));
     base = tmpl;
@@ -77,6 +77,7 @@ struct fixture {
     db = std::move(*d);
     session_host_options so;
     so.workspaces_dir = (base / "ws").string();
+    so.worker_idle_timeout = worker_idle;
     auto h = session_host::create(*db, so);
     REQUIRE(h);
     sessions = std::move(*h);
@@ -529,4 +530,32 @@ TEST_CASE("two session hosts cannot share a workspaces directory", "[sandbox][se
   f.sessions.reset();
   auto third = session_host::create(**db2, so);
   CHECK(third);
+}
+
+TEST_CASE("an idle live session holds no worker thread; its next operation starts one",
+          "[sandbox][session]") {
+  fixture f(200ms);
+  auto threads = [] {
+    size_t n = 0;
+    for ([[maybe_unused]] auto& e : std::filesystem::directory_iterator("/proc/self/task")) ++n;
+    return n;
+  };
+  constexpr int sessions = 20;
+  std::vector<activation> live;
+  for (int i = 0; i < sessions; ++i) live.push_back(f.activate("idle" + std::to_string(i)));
+  // Activated, no operation yet: no worker threads.
+  std::this_thread::sleep_for(100ms);
+  const auto before = threads();
+  // Each session's worker runs its operation on its own thread while it lasts...
+  for (auto& a : live)
+    REQUIRE(call<bool>(*f.sys, a.handle, kv_put_atom::value, std::string("k"), std::string("v")));
+  const auto busy = threads();
+  CHECK(busy >= before + sessions);
+  // ... and stops after the idle timeout, while the sessions stay live.
+  auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (threads() > before && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(50ms);
+  INFO("threads: before " << before << ", busy " << busy << ", now " << threads());
+  CHECK(threads() <= before);
+  for (auto& a : live) CHECK(call<kv_value>(*f.sys, a.handle, kv_get_atom::value, std::string("k")).value == "v");
+  for (auto& a : live) f.passivate(a);
 }

@@ -40,6 +40,10 @@ struct session_host_options {
   uint64_t max_tar_bytes = 64u << 20;
   storage::durability durability = storage::durability::process_crash;
   std::chrono::milliseconds idle_timeout{30000};
+  /// A live session's operations run on its own worker thread (they block: exec, disk), which
+  /// is started by the first operation and stopped after this long without one, so that an
+  /// idle live session holds no thread.
+  std::chrono::milliseconds worker_idle_timeout{5000};
 };
 
 /// Thread-safe after create(). Must outlive every session it made.
