@@ -8,6 +8,6 @@ target_include_directories(rpc_bench PRIVATE ${PROJECT_SOURCE_DIR}/actors/includ
                                              ${PROJECT_SOURCE_DIR}/rpc/src)
 target_link_libraries(rpc_bench PRIVATE triplane::rpc triplane_rpc_api triplane::runtime
   triplane::storage triplane::gpu triplane::actors triplane::inference_serving CAF::core
-  spdlog::spdlog)
+  spdlog::spdlog triplane_allocator)  # the server's allocator, as in the triplane program
 target_compile_definitions(rpc_bench PRIVATE TRIPLANE_FIXTURES_DIR="${TRIPLANE_FIXTURES_DIR}")
 set_target_properties(rpc_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${PROJECT_BINARY_DIR}/bench)

@@ -9,6 +9,7 @@ packages=(
   capnproto libcapnp-dev
   librocksdb-dev libgflags-dev libsnappy-dev zlib1g-dev libbz2-dev liblz4-dev libzstd-dev
   libspdlog-dev libfmt-dev
+  libjemalloc-dev
   catch2
   libssl-dev
   bubblewrap
