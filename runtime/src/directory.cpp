@@ -505,9 +505,8 @@ caf::behavior directory_shard(shard_actor* self, std::shared_ptr<const kind_tabl
            const caf::message&) -> caf::result<caf::message> {
       auto& st = self->state;
       std::lock_guard<std::mutex> guard{st.table->mutex};
-      auto pos = st.table->entries.find(make_key(kind, id));
-      if (pos == st.table->entries.end())  // defensive: the router creates the entry
-        pos = st.table->entries.try_emplace(make_key(kind, id)).first;
+      // The router created the entry; try_emplace only finds it (one key, one lookup).
+      auto pos = st.table->entries.try_emplace(make_key(kind, id)).first;
       entry& e = pos->second;
       if (e.at_shard > 0) --e.at_shard;
       if (e.state == entry::phase::absent) {
