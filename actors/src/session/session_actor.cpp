@@ -1,6 +1,6 @@
-// The session virtual actor. Its handlers run on a CAF scheduler thread and only forward: every
+// The session virtual actor. Its handlers run on a CAF scheduler thread and forward: every
 // operation runs on the session's worker, a detached actor (its own thread), because exec and
-// disk work block. The worker starts with the first operation and stops after
+// disk work block; only reads of the kv memory are answered in place while the worker is idle. The worker starts with the first operation and stops after
 // worker_idle_timeout without one: an idle live session holds no thread. The session stays pinned while an operation or background process runs, so
 // the directory never passivates it mid-operation.
 #include "triplane/actors/session_host.hpp"
@@ -314,10 +314,22 @@ public:
       [=](move_atom a, const move_request& r) { return forward(tag<file_entry>{}, a, r); },
       [=](tar_out_atom a, const std::string& d) { return forward(tag<std::string>{}, a, d); },
       [=](tar_in_atom a, const tar_in_request& r) { return forward(tag<uint64_t>{}, a, r); },
-      [=](kv_get_atom a, const std::string& k) { return forward(tag<kv_value>{}, a, k); },
+      // Reads of the kv memory are answered here, without the worker's thread hop, when the
+      // worker has nothing queued or running: then every earlier operation has been answered
+      // (so the read sees them all: order is kept) and nothing holds the state (a map lookup
+      // does not block). Otherwise they queue behind the worker's operations like any other.
+      [=, core = core_](kv_get_atom a, const std::string& k) -> caf::result<kv_value> {
+        if (slot->in_flight == 0)
+          if (auto v = core->try_kv_get(k)) return std::move(*v);
+        return forward(tag<kv_value>{}, a, k);
+      },
       [=](kv_put_atom a, const std::string& k, const std::string& v) { return forward(tag<bool>{}, a, k, v); },
       [=](kv_delete_atom a, const std::string& k) { return forward(tag<bool>{}, a, k); },
-      [=](kv_list_atom a, const std::string& p) { return forward(tag<std::vector<kv_entry>>{}, a, p); },
+      [=, core = core_](kv_list_atom a, const std::string& p) -> caf::result<std::vector<kv_entry>> {
+        if (slot->in_flight == 0)
+          if (auto v = core->try_kv_list(p)) return std::move(*v);
+        return forward(tag<std::vector<kv_entry>>{}, a, p);
+      },
       [=](env_set_atom a, const std::map<std::string, std::string>& s, const std::vector<std::string>& u) {
         return forward(tag<session_info>{}, a, s, u);
       },

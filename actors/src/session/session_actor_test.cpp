@@ -559,3 +559,46 @@ TEST_CASE("an idle live session holds no worker thread; its next operation start
   for (auto& a : live) CHECK(call<kv_value>(*f.sys, a.handle, kv_get_atom::value, std::string("k")).value == "v");
   for (auto& a : live) f.passivate(a);
 }
+
+TEST_CASE("kv reads of an idle session are answered without waking its worker, and never overtake "
+          "an operation sent before them",
+          "[sandbox][session]") {
+  fixture f(200ms);
+  auto threads = [] {
+    size_t n = 0;
+    for ([[maybe_unused]] auto& e : std::filesystem::directory_iterator("/proc/self/task")) ++n;
+    return n;
+  };
+  auto a = f.activate("reads");
+  caf::scoped_actor self{*f.sys};
+  // Order: each get is sent right behind a put, without waiting for the put's answer; the put
+  // is still queued for (or running on) the worker when the get arrives, so the get waits too.
+  for (int i = 0; i < 50; ++i) {
+    auto value = "v" + std::to_string(i);
+    auto put = self->request(a.handle, 30s, kv_put_atom::value, std::string("k"), value);
+    auto get = self->request(a.handle, 30s, kv_get_atom::value, std::string("k"));
+    auto list = self->request(a.handle, 30s, kv_list_atom::value, std::string("k"));
+    put.receive([](bool) {}, [](caf::error& e) { FAIL(describe(e)); });
+    get.receive([&](kv_value& v) { CHECK(v.value == value); }, [](caf::error& e) { FAIL(describe(e)); });
+    list.receive(
+      [&](std::vector<kv_entry>& v) {
+        REQUIRE(v.size() == 1);
+        CHECK(v[0].value == value);
+      },
+      [](caf::error& e) { FAIL(describe(e)); });
+  }
+  // Idle: once the worker has stopped, reads start no thread.
+  auto deadline = std::chrono::steady_clock::now() + 10s;
+  const auto idle = [&] {
+    auto before = threads();
+    std::this_thread::sleep_for(300ms);
+    return threads() == before;
+  };
+  while (!idle() && std::chrono::steady_clock::now() < deadline) {}
+  const auto before = threads();
+  for (int i = 0; i < 200; ++i) CHECK(call<kv_value>(*f.sys, a.handle, kv_get_atom::value, std::string("k")).value == "v49");
+  CHECK(call<std::vector<kv_entry>>(*f.sys, a.handle, kv_list_atom::value, std::string()).size() == 1);
+  CHECK(threads() == before);  // a started worker would stay for its 200 ms idle timeout
+  CHECK(a.ctx->pins == 0);
+  f.passivate(a);
+}

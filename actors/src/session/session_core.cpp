@@ -670,6 +670,18 @@ kv_value session_core::kv_get(const std::string& key) const {
   return {true, i->second};
 }
 
+std::optional<kv_value> session_core::try_kv_get(const std::string& key) const {
+  std::unique_lock<std::recursive_mutex> guard(op_mutex_, std::try_to_lock);
+  if (!guard.owns_lock()) return std::nullopt;
+  return kv_get(key);
+}
+
+std::optional<std::vector<kv_entry>> session_core::try_kv_list(const std::string& prefix) const {
+  std::unique_lock<std::recursive_mutex> guard(op_mutex_, std::try_to_lock);
+  if (!guard.owns_lock()) return std::nullopt;
+  return kv_list(prefix);
+}
+
 expected<bool> session_core::kv_put(const std::string& key, std::string value) {
   std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   if (key.empty() || key.size() > max_kv_key_bytes)

@@ -2,7 +2,8 @@
 // persistence (sync, passivate, rehydrate), fork and destroy. Operations on the state serialise
 // on an internal mutex; bg_poll/bg_wait/bg_signal/bg_list are for the worker thread only;
 // cancel_exec() and running_background() may be called from anywhere. Calls may block (exec,
-// disk): never call it on a CAF scheduler thread except at passivation.
+// disk): never call it on a CAF scheduler thread except at passivation, or through the try_
+// functions, which never wait.
 #pragma once
 
 #include <atomic>
@@ -10,6 +11,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <optional>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -109,6 +111,10 @@ public:
   expected<bool> kv_put(const std::string& key, std::string value);
   bool kv_delete(const std::string& key);
   std::vector<kv_entry> kv_list(const std::string& prefix) const;
+  /// kv_get and kv_list that never wait: nullopt when another operation holds the state (an
+  /// exec, a file operation). Safe on a CAF scheduler thread.
+  std::optional<kv_value> try_kv_get(const std::string& key) const;
+  std::optional<std::vector<kv_entry>> try_kv_list(const std::string& prefix) const;
 
   expected<session_info> set_env(const std::map<std::string, std::string>& set,
                                  const std::vector<std::string>& unset);
