@@ -1,4 +1,4 @@
-// coalescing_stream: buffered reads, writes gathered per event-loop turn.
+// coalescing_stream: buffered reads; writes gathered per event-loop turn or per eager_bytes.
 #include "coalescing_stream.hpp"
 
 #include <algorithm>
@@ -14,8 +14,9 @@ constexpr size_t max_read_buffer = 64 * 1024;
 
 } // namespace
 
-coalescing_stream::coalescing_stream(kj::Own<kj::AsyncIoStream> inner, size_t high_water)
-  : inner_(kj::mv(inner)), high_water_(high_water), rbuf_(kj::heapArray<kj::byte>(min_read_buffer)),
+coalescing_stream::coalescing_stream(kj::Own<kj::AsyncIoStream> inner, size_t high_water,
+                                     size_t eager_bytes)
+  : inner_(kj::mv(inner)), high_water_(high_water), eager_bytes_(eager_bytes), rbuf_(kj::heapArray<kj::byte>(min_read_buffer)),
     tasks_(*this) {}
 
 coalescing_stream::~coalescing_stream() noexcept(false) = default;
@@ -77,7 +78,10 @@ kj::Promise<void> coalescing_stream::write(
   kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) {
   KJ_IF_MAYBE(e, failed_) { return kj::cp(*e); }
   for (auto p : pieces) pending_.insert(pending_.end(), p.begin(), p.end());
-  if (!flushing_) schedule_flush();
+  if (!writing_) {
+    if (pending_.size() >= eager_bytes_) start_write();
+    else if (!flush_scheduled_) schedule_flush();
+  }
   return accepted();
 }
 
@@ -89,36 +93,47 @@ kj::Promise<void> coalescing_stream::accepted() {
 }
 
 void coalescing_stream::schedule_flush() {
-  flushing_ = true;
+  flush_scheduled_ = true;
   // evalLast: after every event already queued, so the replies and Finish messages that the
-  // current burst of incoming messages produces all leave in one write.
-  tasks_.add(kj::evalLast([this]() { return flush(); }));
+  // current burst of incoming messages produces leave together (up to eager_bytes_, which go
+  // at once so that the peer can start on them while this loop is still busy).
+  tasks_.add(kj::evalLast([this]() {
+    flush_scheduled_ = false;
+    if (!writing_) {
+      if (!pending_.empty()) start_write();
+      else written_out();
+    }
+  }));
 }
 
-kj::Promise<void> coalescing_stream::flush() {
-  if (pending_.empty()) {
-    flushing_ = false;
-    for (auto& w : blocked_writers_) w->fulfill();
-    blocked_writers_.clear();
-    if (shutdown_requested_) inner_->shutdownWrite();
-    return kj::READY_NOW;
-  }
+void coalescing_stream::start_write() {
+  writing_ = true;
   sending_.clear();
   sending_.swap(pending_);
   ++stats_.writes;
   stats_.bytes_written += sending_.size();
-  return inner_->write(sending_.data(), sending_.size()).then([this]() {
+  tasks_.add(inner_->write(sending_.data(), sending_.size()).then([this]() {
+    writing_ = false;
     if (pending_.size() <= high_water_) {
       for (auto& w : blocked_writers_) w->fulfill();
       blocked_writers_.clear();
     }
-    // What was written meanwhile leaves after the loop's queued events again.
-    return kj::evalLast([this]() { return flush(); });
-  });
+    if (pending_.size() >= eager_bytes_) start_write();
+    else if (!flush_scheduled_) schedule_flush();  // what was written meanwhile, or the end
+  }));
+}
+
+void coalescing_stream::written_out() {
+  for (auto& w : blocked_writers_) w->fulfill();
+  blocked_writers_.clear();
+  if (shutdown_requested_) {
+    shutdown_requested_ = false;
+    inner_->shutdownWrite();
+  }
 }
 
 void coalescing_stream::taskFailed(kj::Exception&& e) {
-  flushing_ = false;
+  writing_ = false;
   pending_.clear();
   for (auto& w : blocked_writers_) w->reject(kj::cp(e));
   blocked_writers_.clear();
@@ -130,7 +145,7 @@ kj::Promise<void> coalescing_stream::whenWriteDisconnected() {
 }
 
 void coalescing_stream::shutdownWrite() {
-  if (flushing_) {
+  if (writing_ || flush_scheduled_ || !pending_.empty()) {
     shutdown_requested_ = true;
     return;
   }

@@ -3,7 +3,9 @@
 // writes each message (Call, Return, Finish) with its own writev: with many calls in flight on
 // one connection that is ~9 syscalls per call. Here a read takes everything the socket has into
 // a buffer (4 KiB, growing to 64 KiB while reads fill it), and the writes of one event-loop
-// turn leave as one write when the loop has nothing else to run.
+// turn leave as one write when the loop has nothing else to run, or as soon as `eager_bytes`
+// have gathered and no write is in progress (so a long turn does not hold back the replies it
+// already made: the peer works on them meanwhile).
 #pragma once
 
 #include <cstddef>
@@ -18,7 +20,8 @@ public:
   /// Wraps `inner` (owned). `high_water`: bytes buffered for writing beyond which write()
   /// answers only once they reached the socket (the caller's flow control keeps working: Cap'n
   /// Proto's stream window is the socket's send buffer plus at most this much).
-  explicit coalescing_stream(kj::Own<kj::AsyncIoStream> inner, size_t high_water = 64 * 1024);
+  explicit coalescing_stream(kj::Own<kj::AsyncIoStream> inner, size_t high_water = 64 * 1024,
+                             size_t eager_bytes = 4 * 1024);
   ~coalescing_stream() noexcept(false);
 
   kj::Promise<size_t> tryRead(void* buffer, size_t min_bytes, size_t max_bytes) override;
@@ -45,18 +48,21 @@ private:
   kj::Promise<void> accepted();
   void grow_read_buffer();
   void schedule_flush();
-  kj::Promise<void> flush();
+  void start_write();
+  void written_out();
   void taskFailed(kj::Exception&& e) override;
 
   kj::Own<kj::AsyncIoStream> inner_;
   const size_t high_water_;
+  const size_t eager_bytes_;
 
   kj::Array<kj::byte> rbuf_;
   size_t rbegin_ = 0, rend_ = 0;
 
   std::vector<kj::byte> pending_;  // written by the caller, not yet handed to the socket
   std::vector<kj::byte> sending_;  // being written to the socket now
-  bool flushing_ = false;          // a flush is scheduled or in progress
+  bool flush_scheduled_ = false;   // an end-of-turn flush is queued
+  bool writing_ = false;           // sending_ is being written to the socket
   bool shutdown_requested_ = false;
   kj::Maybe<kj::Exception> failed_;
   std::vector<kj::Own<kj::PromiseFulfiller<void>>> blocked_writers_;

@@ -32,7 +32,7 @@ TEST_CASE("writes of one event-loop turn leave in one write and arrive intact an
           "[rpc][transport]") {
   auto io = kj::setupAsyncIo();
   auto pipe = io.provider->newTwoWayPipe();
-  coalescing_stream out{kj::mv(pipe.ends[0])};
+  coalescing_stream out{kj::mv(pipe.ends[0]), 64 * 1024, 1 << 20};  // eager only past 1 MiB
   std::string expected;
   kj::Vector<kj::Promise<void>> writes;
   for (size_t i = 0; i < 100; ++i) {
@@ -43,6 +43,32 @@ TEST_CASE("writes of one event-loop turn leave in one write and arrive intact an
   kj::joinPromises(writes.releaseAsArray()).wait(io.waitScope);
   CHECK(read_exactly(*pipe.ends[1], expected.size(), io.waitScope) == expected);
   CHECK(out.stats().writes == 1);
+  CHECK(out.stats().bytes_written == expected.size());
+}
+
+TEST_CASE("a long turn's writes leave once eager_bytes have gathered, without waiting for the "
+          "turn to end, and arrive intact and in order",
+          "[rpc][transport]") {
+  auto io = kj::setupAsyncIo();
+  auto pipe = io.provider->newTwoWayPipe();
+  coalescing_stream out{kj::mv(pipe.ends[0]), 64 * 1024, 4096};
+  std::string expected;
+  kj::Vector<kj::Promise<void>> writes;
+  size_t first_write_at = 0;
+  for (size_t i = 0; i < 100; ++i) {
+    auto piece = pattern(40 + i, i);
+    expected += piece;
+    writes.add(out.write(piece.data(), piece.size()));
+    // The loop has not turned: only an eager write can have started.
+    if (first_write_at == 0 && out.stats().writes == 1) first_write_at = expected.size();
+  }
+  CHECK(first_write_at >= 4096);
+  CHECK(first_write_at < 4096 + 140);  // at the piece that crossed the threshold
+  kj::joinPromises(writes.releaseAsArray()).wait(io.waitScope);
+  CHECK(read_exactly(*pipe.ends[1], expected.size(), io.waitScope) == expected);
+  // ~9.4 KiB: one eager write; what came while it was in progress gathers behind it.
+  CHECK(out.stats().writes >= 2);
+  CHECK(out.stats().writes <= 3);
   CHECK(out.stats().bytes_written == expected.size());
 }
 
