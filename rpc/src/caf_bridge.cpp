@@ -185,7 +185,8 @@ void caf_bridge::expire_due() {
       ++stats_.timeouts;
       auto* fulfiller = i->second;
       pending_.erase(i);
-      fulfiller->reject(wire::from_caf(caf::make_error(caf::sec::request_timeout)));
+      fulfiller->reject(wire::make_exception(
+        errc::timeout, "the node did not answer within " + std::to_string(ms) + " ms"));
     }
   }
 }

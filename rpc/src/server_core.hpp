@@ -38,6 +38,11 @@ struct connection_state {
 
 class server_core;
 
+/// How a call's deadline is enforced. `timer`: run() races the body against a timer of its own
+/// (any body). `its_request`: the body is one bridge request given the same deadline, whose
+/// timeout answers the call (no second timer per call on the hot path).
+enum class deadline_by { timer, its_request };
+
 /// One admitted call: counts it in flight, records its latency and outcome when done.
 class call_slot {
 public:
@@ -69,7 +74,8 @@ public:
   template <class Body>
   kj::Promise<void> run(const char* method, std::shared_ptr<tenant_state> tenant,
                         std::chrono::milliseconds deadline, Body&& body, bool admin_call = false,
-                        std::shared_ptr<connection_state> conn = nullptr);
+                        std::shared_ptr<connection_state> conn = nullptr,
+                        deadline_by enforced = deadline_by::timer);
 
   /// Resolves once no counted call is in flight, or after `deadline`; then cancels what is
   /// left and answers how many calls were cancelled. Leaves the server draining.
@@ -109,7 +115,8 @@ void close_on_malformed(const std::shared_ptr<connection_state>& conn, const kj:
 template <class Body>
 kj::Promise<void> server_core::run(const char* method, std::shared_ptr<tenant_state> tenant,
                                    std::chrono::milliseconds deadline, Body&& body,
-                                   bool admin_call, std::shared_ptr<connection_state> conn) {
+                                   bool admin_call, std::shared_ptr<connection_state> conn,
+                                   deadline_by enforced) {
   bool counted = tenant && !admin_call;
   if (counted && draining) {
     metrics.record(method, 0, errc::unavailable);
@@ -125,11 +132,13 @@ kj::Promise<void> server_core::run(const char* method, std::shared_ptr<tenant_st
   auto slot = kj::heap<call_slot>(*this, method, tenant, counted);
   auto* s = slot.get();
   kj::Promise<void> work = kj::evalNow(kj::fwd<Body>(body));
-  auto ms = static_cast<int64_t>(deadline.count());
-  work = work.exclusiveJoin(timer.afterDelay(ms * kj::MILLISECONDS).then([method, ms]() {
-    return kj::Promise<void>(wire::make_exception(
-      errc::timeout, std::string(method) + " did not finish within " + std::to_string(ms) + " ms"));
-  }));
+  if (enforced == deadline_by::timer) {
+    auto ms = static_cast<int64_t>(deadline.count());
+    work = work.exclusiveJoin(timer.afterDelay(ms * kj::MILLISECONDS).then([method, ms]() {
+      return kj::Promise<void>(wire::make_exception(
+        errc::timeout, std::string(method) + " did not finish within " + std::to_string(ms) + " ms"));
+    }));
+  }
   if (counted) work = canceler_.wrap(kj::mv(work));
   return work
     .then([s]() { s->finish(errc::ok); },
