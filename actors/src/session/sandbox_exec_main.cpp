@@ -1,6 +1,7 @@
 // triplane-sandbox-exec: the first program of a pre-started sandbox (sandbox_pool). bwrap sets
 // the sandbox up before the command is known and runs this program; it reads the command from
 // stdin, applies its working directory and rlimits, closes every other descriptor and execs it.
+// It first removes its own file, a copy bwrap made on the sandbox's tmpfs.
 // Linked statically: no loader work inside the sandbox.
 //
 // Stdin carries, before the command's own input, a header: an 8-byte little-endian length L, then
@@ -55,7 +56,10 @@ void limit(int resource, uint64_t soft, uint64_t hard) {
 
 } // namespace
 
-int main() {
+int main(int, char** self) {
+  // This program is a copy on the sandbox's tmpfs (sandbox_process: bwrap --file): gone from
+  // the sandbox's file tree before anything of the command runs.
+  if (self && self[0] && ::unlink(self[0]) != 0) fail("cannot remove the sandbox's exec shim", std::strerror(errno), 125);
   unsigned char len_bytes[8];
   if (!read_exact(0, reinterpret_cast<char*>(len_bytes), sizeof len_bytes))
     fail("no command header on stdin", nullptr, 125);

@@ -71,8 +71,10 @@ TEST_CASE("a first exec through a pre-started sandbox sees the rehydrated files,
   CHECK_FALSE(s->last_exec_phases().pooled);
   CHECK(again->stdout_data == "22\n");
   // Nothing of the pool's plumbing reaches the command: the same identity and descriptors as
-  // in a sandbox started for it (the one difference: /run/triplane-exec, the first program).
-  const std::string probe = "id -u; id -g; hostname; ls -l /proc/self/fd | tail -n +2 | cut -c 1-10";
+  // in a sandbox started for it, and the first program (/run/triplane-exec) has removed itself
+  // (an empty /run is what is left; a fresh sandbox has none).
+  const std::string probe = "id -u; id -g; hostname; ls -l /proc/self/fd | tail -n +2 | cut -c 1-10; "
+                            "test -e /run/triplane-exec && echo shim visible; ls -A /run 2>/dev/null; true";
   auto fresh = s->exec(shell(probe));
   REQUIRE(fresh);
   f.passivated("gamma", 1);

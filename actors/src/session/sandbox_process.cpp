@@ -78,8 +78,19 @@ uint64_t now_unix_ms() {
 
 /// What the child needs between clone and execve, prepared by the parent: the child may only
 /// make async-signal-safe calls (it shares the parent's memory until it execs).
+/// A descriptor closed when the owner goes.
+struct owned_fd {
+  int fd = -1;
+  owned_fd() = default;
+  owned_fd(const owned_fd&) = delete;
+  owned_fd& operator=(const owned_fd&) = delete;
+  ~owned_fd() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
 struct child_setup {
-  int c_in, c_out, c_err, c_status, c_seccomp, c_block;
+  int c_in, c_out, c_err, c_status, c_seccomp, c_block, c_shim;
   const char* const* join;
   size_t join_count;
   uint64_t fsize, cpu_s, as_bytes;
@@ -107,7 +118,9 @@ int child_main(void* arg) {
   else ::close(4);
   if (s.c_block >= 0) ::dup2(s.c_block, 5);
   else ::close(5);
-  ::close_range(6, ~0u, 0);
+  if (s.c_shim >= 0) ::dup2(s.c_shim, 6);
+  else ::close(6);
+  ::close_range(7, ~0u, 0);
   char pidbuf[24];
   int len = 0;
   {
@@ -348,7 +361,16 @@ expected<std::unique_ptr<sandbox_process>> sandbox_process::launch(const sandbox
     args.insert(args.end(), {"--ro-bind", path, path});
   }
   if (!config.etc_dir.empty()) args.insert(args.end(), {"--ro-bind", config.etc_dir, "/etc"});
-  if (deferred) args.insert(args.end(), {"--ro-bind", config.exec_shim, spec.argv.front()});
+  // The first program of a pre-started sandbox is a copy on the sandbox's own tmpfs (read from
+  // fd 6), not a bind of the host's file: it removes itself before it runs the command, so
+  // nothing of the host's plumbing stays visible in there.
+  owned_fd shim;
+  if (deferred) {
+    shim.fd = ::open(config.exec_shim.c_str(), O_RDONLY | O_CLOEXEC);
+    if (shim.fd < 0)
+      return make_error(errc::unavailable, "cannot open " + config.exec_shim + ": " + std::strerror(errno));
+    args.insert(args.end(), {"--perms", "0555", "--file", "6", spec.argv.front()});
+  }
   for (const auto& [target, link] : config.symlinks) args.insert(args.end(), {"--symlink", target, link});
   args.insert(args.end(), {"--proc", "/proc", "--dev", "/dev", "--size",
                            std::to_string(config.tmp_bytes), "--tmpfs", "/tmp",
@@ -357,7 +379,9 @@ expected<std::unique_ptr<sandbox_process>> sandbox_process::launch(const sandbox
   if (spec.network == network_policy::none) {
     auto filter = no_network_filter();
     seccomp_fd = static_cast<int>(::memfd_create("tp-seccomp", MFD_CLOEXEC));
-    if (seccomp_fd < 0) return make_error(errc::io_error, "memfd_create for seccomp failed");
+    if (seccomp_fd < 0) {
+      return make_error(errc::io_error, "memfd_create for seccomp failed");
+    }
     auto bytes = filter.size() * sizeof(sock_filter);
     if (::write(seccomp_fd, filter.data(), bytes) != static_cast<ssize_t>(bytes) ||
         ::lseek(seccomp_fd, 0, SEEK_SET) != 0) {
@@ -400,6 +424,7 @@ expected<std::unique_ptr<sandbox_process>> sandbox_process::launch(const sandbox
   int c_status = ::fcntl(status_pipe[1], F_DUPFD_CLOEXEC, 100);
   int c_seccomp = seccomp_fd >= 0 ? ::fcntl(seccomp_fd, F_DUPFD_CLOEXEC, 100) : -1;
   int c_block = block_pipe[0] >= 0 ? ::fcntl(block_pipe[0], F_DUPFD_CLOEXEC, 100) : -1;
+  int c_shim = shim.fd >= 0 ? ::fcntl(shim.fd, F_DUPFD_CLOEXEC, 100) : -1;
   if (block_pipe[0] >= 0) ::close(block_pipe[0]);
   ::close(in_pair[1]);
   ::close(out_pipe[1]);
@@ -420,6 +445,7 @@ expected<std::unique_ptr<sandbox_process>> sandbox_process::launch(const sandbox
   setup.c_status = c_status;
   setup.c_seccomp = c_seccomp;
   setup.c_block = c_block;
+  setup.c_shim = c_shim;
   setup.join = join.data();
   setup.join_count = join.size();
   setup.fsize = fsize;
@@ -447,12 +473,12 @@ expected<std::unique_ptr<sandbox_process>> sandbox_process::launch(const sandbox
     ::munmap(stack, stack_bytes);
   }
   if (pid < 0) {
-    for (int fd : {c_in, c_out, c_err, c_status, c_seccomp, c_block, block_pipe[1], in_pair[0], out_pipe[0],
+    for (int fd : {c_in, c_out, c_err, c_status, c_seccomp, c_block, c_shim, block_pipe[1], in_pair[0], out_pipe[0],
                    err_pipe[0], status_pipe[0]})
       if (fd >= 0) ::close(fd);
     return make_error(errc::io_error, std::string("clone: ") + std::strerror(clone_errno));
   }
-  for (int fd : {c_in, c_out, c_err, c_status, c_seccomp, c_block})
+  for (int fd : {c_in, c_out, c_err, c_status, c_seccomp, c_block, c_shim})
     if (fd >= 0) ::close(fd);
   proc->bwrap_pid_ = pid;
   proc->block_fd_ = block_pipe[1];
