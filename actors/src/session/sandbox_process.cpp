@@ -5,10 +5,13 @@
 #include <cerrno>
 #include <csignal>
 #include <cstddef>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <sstream>
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <linux/audit.h>
 #include <linux/filter.h>
@@ -803,18 +806,59 @@ void sandbox_process::release() {
   block_fd_ = -1;
 }
 
+namespace {
+
+/// The processes whose parent is `parent` (from /proc/*/stat: no CONFIG_PROC_CHILDREN needed).
+std::vector<int> children_of(pid_t parent) {
+  std::vector<int> out;
+  DIR* d = ::opendir("/proc");
+  if (!d) return out;
+  while (auto* e = ::readdir(d)) {
+    int pid = std::atoi(e->d_name);
+    if (pid <= 0) continue;
+    char path[64];
+    std::snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) continue;
+    char buf[512];
+    auto n = ::read(fd, buf, sizeof buf - 1);
+    ::close(fd);
+    if (n <= 0) continue;
+    buf[n] = '\0';
+    // "pid (comm) state ppid ...": comm may hold spaces and parentheses; the last ')' ends it.
+    const char* close = std::strrchr(buf, ')');
+    char state = 0;
+    int ppid = 0;
+    if (close && std::sscanf(close + 1, " %c %d", &state, &ppid) == 2 && ppid == parent) out.push_back(pid);
+  }
+  ::closedir(d);
+  return out;
+}
+
+} // namespace
+
 void sandbox_process::kill_tree() {
   if (finished_) return;
   killed_ = true;
   if (reaped_) return;  // the tree has ended (its pid may be reused): only its output is left
   // bwrap's pid-1 child holds PR_SET_PDEATHSIG(SIGKILL) (--die-with-parent): killing bwrap
-  // kills it, and the kernel then kills every process of the pid namespace. The cgroup sweep
-  // covers the window in which the namespace is still being set up.
-  ::kill(bwrap_pid_, SIGKILL);
+  // kills it, and the kernel then kills every process of the pid namespace. Below: the window
+  // in which the namespace is still being set up (and the cgroup sweep, where there is one).
   // And the namespace's pid 1 itself (from bwrap's status fd): its death takes every process
   // of the pid namespace with it, even where PDEATHSIG did not (yet) apply, e.g. while it
   // waits on --block-fd.
   if (child_pid_ < 0 && status_fd_ >= 0) read_status();
+  if (child_pid_ <= 0) {
+    // Not reported yet: bwrap may have cloned it and still be writing its uid map, the child
+    // waiting for that before it sets PDEATHSIG. Killing bwrap now would leave the child
+    // waiting forever. Stop bwrap (no clone can follow), then kill whatever it has cloned.
+    ::kill(bwrap_pid_, SIGSTOP);
+    siginfo_t info{};
+    while (::waitid(P_PID, static_cast<id_t>(bwrap_pid_), &info, WSTOPPED | WEXITED | WNOWAIT) != 0 &&
+           errno == EINTR) {}
+    for (int pid : children_of(bwrap_pid_)) ::kill(pid, SIGKILL);
+  }
+  ::kill(bwrap_pid_, SIGKILL);
   if (child_pid_ > 0) ::kill(child_pid_, SIGKILL);
   if (cgroup_) cgroup_->kill_all();
 }

@@ -9,7 +9,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <filesystem>
+#include <thread>
 
 using namespace triplane::actors;
 using namespace triplane::actors::session;
@@ -310,4 +312,29 @@ TEST_CASE("a held command runs only after release and never when killed first", 
     p->reset();
     CHECK_FALSE(std::filesystem::exists(f.workspace / "ran"));
   }
+}
+
+TEST_CASE("a sandbox destroyed while bwrap is still starting leaves no process behind", "[sandbox]") {
+  fixture f;
+  // Without cgroups to sweep, only bwrap's own processes can be found and killed: destroy each
+  // sandbox at once, while bwrap is still setting its namespaces up, many times over.
+  for (int i = 0; i < 40; ++i) {
+    auto s = f.spec({"/bin/true"});
+    s.hold = true;
+    s.group_name.clear();
+    auto p = sandbox_process::start(f.config, std::move(s), nullptr);
+    REQUIRE(p);
+    if (i % 2) std::this_thread::sleep_for(std::chrono::microseconds(200 * (i % 7)));
+    p->reset();
+  }
+  // Everything of those sandboxes bound this workspace; wait for the kernel to finish them.
+  const std::string marker = f.workspace.string();
+  std::vector<int> left;
+  for (int i = 0; i < 100; ++i) {
+    left = processes_with(marker);
+    if (left.empty()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  INFO(left.size() << " processes of destroyed sandboxes are still alive");
+  CHECK(left.empty());
 }
