@@ -156,7 +156,7 @@ int main(int argc, char** argv) {
 
   // 1. exec of `true` beside its floors, interleaved so that noise hits all three alike.
   {
-    series plain, bare, session_exec, limited_exec;
+    series plain, bare, session_exec, limited_exec, warm_exec, warm_limited_exec;
     std::vector<std::string> bwrap_args = {sandbox.bwrap_path, "--unshare-all", "--die-with-parent",
                                            "--new-session", "--ro-bind", "/usr", "/usr"};
     for (auto& [target, link] : sandbox.symlinks) bwrap_args.insert(bwrap_args.end(), {"--symlink", target, link});
@@ -172,6 +172,18 @@ int main(int argc, char** argv) {
     with_limits.default_limits.max_processes = 1024;
     must(limited->configure(with_limits), "configure");
     must(limited->exec(req), "warm-up exec");
+    // The same two on a node with a sandbox pool (as `triplane serve` runs, its profile the
+    // limits above): a live session then keeps the next exec's sandbox pre-started.
+    exec_limits profile = with_limits.default_limits;
+    auto pool = must(sandbox_pool::create(sandbox, (base / "ws" / ".pool").string(), profile, 2), "sandbox pool");
+    node_resources pooled_node = node;
+    pooled_node.pool = pool.get();
+    auto w = must(session_core::activate(pooled_node, "exec-bench-warm"), "activate");
+    must(w->exec(req), "warm-up exec");
+    auto w_limited = must(session_core::activate(pooled_node, "exec-bench-warm-limited"), "activate");
+    must(w_limited->configure(with_limits), "configure");
+    must(w_limited->exec(req), "warm-up exec");
+    int warm_runs = 0, warm_limited_runs = 0;
     for (int i = 0; i < exec_n; ++i) {
       plain.us.push_back(spawn_and_wait({"/bin/true"}));
       bare.us.push_back(spawn_and_wait(bwrap_args));
@@ -181,6 +193,14 @@ int main(int argc, char** argv) {
       auto t3 = clk::now();
       must(limited->exec(req), "exec with limits");
       limited_exec.us.push_back(since_us(t3));
+      auto t4 = clk::now();
+      must(w->exec(req), "exec, pre-started");
+      warm_exec.us.push_back(since_us(t4));
+      warm_runs += w->last_exec_phases().warm ? 1 : 0;
+      auto t5 = clk::now();
+      must(w_limited->exec(req), "exec with limits, pre-started");
+      warm_limited_exec.us.push_back(since_us(t5));
+      warm_limited_runs += w_limited->last_exec_phases().warm ? 1 : 0;
       if (r.exit_code != 0) die("exec true", make_error(errc::internal, "exit " + std::to_string(r.exit_code)));
     }
     rows.push_back({"fork/exec of true (floor)", plain.pct(50), plain.pct(99), "us", ""});
@@ -189,6 +209,12 @@ int main(int argc, char** argv) {
                     "x" + std::to_string(session_exec.pct(50) / bare.pct(50)).substr(0, 4) + " bare bwrap"});
     rows.push_back({"session exec of true, memory+pids limits", limited_exec.pct(50), limited_exec.pct(99), "us",
                     "x" + std::to_string(limited_exec.pct(50) / bare.pct(50)).substr(0, 4) + " bare bwrap"});
+    rows.push_back({"session exec of true, next sandbox pre-started", warm_exec.pct(50), warm_exec.pct(99), "us",
+                    "x" + std::to_string(warm_exec.pct(50) / bare.pct(50)).substr(0, 4) + " bare bwrap; " +
+                      std::to_string(warm_runs) + "/" + std::to_string(exec_n) + " pre-started"});
+    rows.push_back({"  same, memory+pids limits", warm_limited_exec.pct(50), warm_limited_exec.pct(99), "us",
+                    "x" + std::to_string(warm_limited_exec.pct(50) / bare.pct(50)).substr(0, 4) + " bare bwrap; " +
+                      std::to_string(warm_limited_runs) + "/" + std::to_string(exec_n) + " pre-started"});
   }
 
   // 2. first exec on a passivated session holding 100 files / 1 MiB (lazy: activation loads

@@ -77,13 +77,21 @@ void sandbox_pool::run() {
   }
 }
 
+bool sandbox_pool::fits(const launch_spec& spec) const {
+  if (spec.network != network_policy::none) return false;
+  // Only where the pre-joined cgroup enforces what a fresh start would.
+  return !config_.cgroups || (config_.cgroups->joins(spec.limits) & ~config_.cgroups->joins(profile_)) == 0;
+}
+
+expected<std::unique_ptr<sandbox_process>> sandbox_pool::prestart_for(const std::string& workspace,
+                                                                      const std::string& group_name) const {
+  return sandbox_process::prestart(config_, workspace, profile_, group_name);
+}
+
 std::unique_ptr<sandbox_process> sandbox_pool::take(launch_spec& spec, sandbox_process::output_sink sink,
                                                     std::shared_ptr<output_credit> credit,
                                                     std::string* workspace_dir) {
-  if (spec.network != network_policy::none) return nullptr;
-  // Only where the pre-joined cgroup enforces what a fresh start would.
-  if (config_.cgroups && (config_.cgroups->joins(spec.limits) & ~config_.cgroups->joins(profile_)) != 0)
-    return nullptr;
+  if (!fits(spec)) return nullptr;
   std::unique_lock<std::mutex> lock(mutex_);
   while (!ready_.empty()) {
     entry e = std::move(ready_.front());

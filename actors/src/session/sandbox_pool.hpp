@@ -40,6 +40,17 @@ public:
   std::unique_ptr<sandbox_process> take(launch_spec& spec, sandbox_process::output_sink sink,
                                         std::shared_ptr<output_credit> credit, std::string* workspace_dir);
 
+  /// Whether a sandbox pre-started with this pool's profile runs `spec` as a fresh start would:
+  /// network none, and the cgroup controllers spec's limits need were joined ahead.
+  bool fits(const launch_spec& spec) const;
+
+  /// A sandbox pre-started like the pool's but bound to `workspace` (an existing directory the
+  /// caller owns) and not kept by the pool: for a caller that knows where its next command will
+  /// run (a live session's next exec). It dies with the calling thread (bwrap
+  /// --die-with-parent). Use it through assign() and release(), after checking fits().
+  expected<std::unique_ptr<sandbox_process>> prestart_for(const std::string& workspace,
+                                                          const std::string& group_name) const;
+
   /// Starts replacements for the sandboxes taken. Takers call it once their command has ended:
   /// a sandbox's setup costs CPU (namespaces, mounts) that would otherwise compete with the
   /// command it was taken for. (take() itself only asks for one when the pool ran empty.)

@@ -75,14 +75,24 @@ TEST_CASE("a first exec through a pre-started sandbox sees the rehydrated files,
   // (an empty /run is what is left; a fresh sandbox has none).
   const std::string probe = "id -u; id -g; hostname; ls -l /proc/self/fd | tail -n +2 | cut -c 1-10; "
                             "test -e /run/triplane-exec && echo shim visible; ls -A /run 2>/dev/null; true";
+  s->drop_warm_sandbox();  // the next exec starts its own sandbox
   auto fresh = s->exec(shell(probe));
   REQUIRE(fresh);
+  CHECK_FALSE(s->last_exec_phases().warm);
+  CHECK_FALSE(s->last_exec_phases().pooled);
   f.passivated("gamma", 1);
   auto other = f.activate("gamma");
   auto pooled = other->exec(shell(probe));
   REQUIRE(pooled);
   CHECK(other->last_exec_phases().pooled);
   CHECK(pooled->stdout_data == fresh->stdout_data);
+  // A live session's next exec runs in the sandbox pre-started after its previous one: the
+  // same again, and it sees what changed in the workspace meanwhile.
+  REQUIRE(s->write_file({"src/between", "y", 0644, false, false}));
+  auto warm = s->exec(shell(probe + "; cat src/between"));
+  REQUIRE(warm);
+  CHECK(s->last_exec_phases().warm);
+  CHECK(warm->stdout_data == fresh->stdout_data + "y");
   // Passivation removes it, and the next activation rehydrates what was stored.
   auto dir = s->workspace_dir();
   REQUIRE_FALSE(s->passivate());
@@ -90,7 +100,7 @@ TEST_CASE("a first exec through a pre-started sandbox sees the rehydrated files,
   auto back = f.activate("alpha");
   auto listed = back->exec(shell("cat src/later; ls src | wc -l"));
   REQUIRE(listed);
-  CHECK(listed->stdout_data == "x22\n");
+  CHECK(listed->stdout_data == "x23\n");  // 20 + run.sh + later + between
 }
 
 TEST_CASE("a command missing in a pre-started sandbox fails with 127 and a message", "[sandbox][pool][bad-input]") {

@@ -67,6 +67,8 @@ caf::behavior session_worker(caf::stateful_actor<worker_state>* self, core_ptr c
                              caf::actor_addr session) {
   self->state.core = std::move(core);
   self->state.session = std::move(session);
+  // The sandbox kept ready for the next exec dies with this thread (it started it): reap it.
+  self->attach_functor([core = self->state.core] { core->drop_warm_sandbox(); });
   auto& c = *self->state.core;
   return {
     [&c](exec_atom, const exec_request& req, uint64_t ticket) {

@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <filesystem>
+#include <fstream>
 #include <optional>
 #include <thread>
 
@@ -601,4 +602,46 @@ TEST_CASE("kv reads of an idle session are answered without waking its worker, a
   CHECK(threads() == before);  // a started worker would stay for its 200 ms idle timeout
   CHECK(a.ctx->pins == 0);
   f.passivate(a);
+}
+
+TEST_CASE("a live session keeps a sandbox ready for its next exec only while its worker lives",
+          "[sandbox][session]") {
+  fixture f(300ms);
+  // bwrap processes this process started (children are listed per thread that forked them).
+  auto bwraps = [] {
+    size_t n = 0;
+    for (auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+      std::ifstream children(task.path() / "children");
+      int pid = 0;
+      while (children >> pid) {
+        std::ifstream comm("/proc/" + std::to_string(pid) + "/comm");
+        std::string name;
+        if (comm >> name && name == "bwrap") ++n;
+      }
+    }
+    return n;
+  };
+  auto wait_for = [&](auto pred) {
+    auto deadline = std::chrono::steady_clock::now() + 10s;
+    while (!pred() && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(20ms);
+    return pred();
+  };
+  auto a = f.activate("warm");
+  REQUIRE(call<file_entry>(*f.sys, a.handle, file_write_atom::value,
+                           file_write_request{"x", "1", 0644, false, false}).size == 1);
+  // The node's pool keeps its own pre-started sandboxes: count on top of them.
+  std::this_thread::sleep_for(500ms);
+  const auto base = bwraps();
+  auto r = call<exec_result>(*f.sys, a.handle, exec_atom::value, shell("cat x"));
+  CHECK(r.stdout_data == "1");
+  INFO("bwrap children before: " << base << ", now: " << bwraps());
+  CHECK(wait_for([&] { return bwraps() > base; }));  // the next exec's sandbox
+  auto again = call<exec_result>(*f.sys, a.handle, exec_atom::value, shell("cat x; echo 2 > x"));
+  CHECK(again.stdout_data == "1");
+  CHECK(call<exec_result>(*f.sys, a.handle, exec_atom::value, shell("cat x")).stdout_data == "2\n");
+  // The worker stops after its idle timeout and takes the ready sandbox with it.
+  CHECK(wait_for([&] { return bwraps() <= base; }));
+  CHECK(call<exec_result>(*f.sys, a.handle, exec_atom::value, shell("cat x")).stdout_data == "2\n");
+  f.passivate(a);
+  CHECK(wait_for([&] { return bwraps() <= base; }));
 }

@@ -232,8 +232,7 @@ expected<launch_spec> session_core::resolve(const exec_request& req) {
   spec.stdin_data = req.stdin_data;
   spec.network = s.network;
   spec.workspace = workspace_dir_;
-  spec.group_name = "tp-" + to_hex(sha256(record_.id)).substr(0, 16) + "-" +
-                    std::to_string(::getpid()) + "-" + std::to_string(++launches_);
+  spec.group_name = group_name(++launches_);
   return spec;
 }
 
@@ -272,7 +271,24 @@ expected<exec_result> session_core::exec(const exec_request& req, sandbox_proces
       core.running_credit_ = nullptr;
     }
   } reset_ticket{*this};
-  return run_command(req, std::move(sink), std::move(credit), true);
+  auto result = run_command(req, std::move(sink), std::move(credit), true);
+  // The next exec's sandbox sets itself up now, off that exec's path: an agent runs command
+  // after command in a live session.
+  if (!warm_ && workspace_ && warm_fits_) {
+    auto warm = node_.pool->prestart_for(workspace_dir_, group_name(++launches_));
+    if (warm) warm_ = std::move(*warm);
+  }
+  return result;
+}
+
+void session_core::drop_warm_sandbox() {
+  std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  warm_.reset();
+}
+
+std::string session_core::group_name(uint64_t launch) const {
+  return "tp-" + to_hex(sha256(record_.id)).substr(0, 16) + "-" + std::to_string(::getpid()) + "-" +
+         std::to_string(launch);
 }
 
 expected<exec_result> session_core::run_command(const exec_request& req, sandbox_process::output_sink sink,
@@ -298,7 +314,13 @@ expected<exec_result> session_core::run_command(const exec_request& req, sandbox
   auto argv = spec->argv;
   uint64_t started = now_ms();
   std::unique_ptr<sandbox_process> pooled;
+  warm_fits_ = node_.pool && node_.pool->fits(*spec);
+  std::unique_ptr<sandbox_process> warm = std::move(warm_);
+  if (warm && !(warm_fits_ && !warm->assign(*spec, sink, credit)))
+    warm.reset();  // ended, or cannot run this command as a fresh sandbox would: kill and reap
+  if (warm) phases_.warm = true;
   if (overlap) {
+    warm.reset();  // (none: the workspace directory only exists while materialized)
     if (auto err = remove_tree(workspace_dir_)) return err;
     // A pre-started sandbox, when one is ready: its setup is already done, and the workspace
     // becomes the directory it binds.
@@ -317,9 +339,11 @@ expected<exec_result> session_core::run_command(const exec_request& req, sandbox
   phases_.prepare_us = us_since(phase_start);
   phase_start = steady::now();
   auto proc = pooled ? expected<std::unique_ptr<sandbox_process>>(std::move(pooled))
-                     : sandbox_process::start(*node_.sandbox, std::move(*spec), std::move(sink),
-                                              std::move(credit));
+               : warm ? expected<std::unique_ptr<sandbox_process>>(std::move(warm))
+                      : sandbox_process::start(*node_.sandbox, std::move(*spec), std::move(sink),
+                                               std::move(credit));
   if (!proc) return proc.error();
+  if (phases_.warm) (*proc)->release();
   phases_.spawn_us = us_since(phase_start);
   phase_start = steady::now();
   if (overlap) {
@@ -791,6 +815,7 @@ caf::error session_core::passivate() {
     return make_error(errc::unavailable, "session '" + record_.id +
                                              "' has running background processes and stays live");
   if (auto err = persist()) return err;
+  warm_.reset();
   workspace_.reset();
   stats_.materialized = false;
   auto err = remove_tree(workspace_dir_);
@@ -823,6 +848,7 @@ caf::error session_core::destroy() {
     if (bg->thread.joinable()) bg->thread.join();
   }
   background_.clear();
+  warm_.reset();
   workspace_.reset();
   if (auto err = remove_tree(workspace_dir_)) return err;
   workspace_dir_ = default_workspace_dir_;

@@ -60,6 +60,7 @@ struct exec_phases {
   uint64_t verify_us = 0;       ///< of run_us: the chunks' SHA-256 check beside the command
   uint64_t sync_us = 0;         ///< change detection and storing the record afterwards
   bool pooled = false;          ///< ran in a pre-started sandbox (sandbox_pool)
+  bool warm = false;            ///< ran in the sandbox pre-started after the previous exec
 };
 
 class session_core {
@@ -139,6 +140,11 @@ public:
   /// pre-started sandbox moves it to the directory that sandbox binds.
   const std::string& workspace_dir() const { return workspace_dir_; }
 
+  /// Kills and reaps the sandbox pre-started for the next exec, if any. exec() keeps one ready
+  /// on the live workspace (when the node has a sandbox pool) and it dies with the thread that
+  /// ran that exec: the session's worker calls this as it stops.
+  void drop_warm_sandbox();
+
 private:
   struct background;
   explicit session_core(const node_resources& node);
@@ -148,6 +154,8 @@ private:
   expected<exec_result> run_command(const exec_request& req, sandbox_process::output_sink sink,
                                     std::shared_ptr<output_credit> credit, bool sync_after);
   expected<launch_spec> resolve(const exec_request& req);
+  /// The cgroup name of this session's `launch`-th sandbox (unique per node).
+  std::string group_name(uint64_t launch) const;
   caf::error sync_and_save(bool* quota_exceeded, std::string* quota_message);
   void record_history(const std::vector<std::string>& argv, const exec_result& r, uint64_t started);
   bg_status status_of(background& bg);
@@ -161,6 +169,10 @@ private:
   std::string workspace_dir_;
   std::string default_workspace_dir_;  ///< workspaces_dir/<hex of sha256(id)>
   std::unique_ptr<workspace> workspace_;
+  /// Pre-started on workspace_dir_ after an exec, so that the next one costs only its command
+  /// (sandbox_pool::prestart_for). Gone whenever the workspace directory goes or changes.
+  std::unique_ptr<sandbox_process> warm_;
+  bool warm_fits_ = false;  ///< the last command could have run in one (else none is kept)
   persistence_stats stats_;
   exec_phases phases_;
   uint64_t launches_ = 0;
