@@ -634,6 +634,12 @@ TEST_CASE("a live session keeps a sandbox ready for its next exec only while its
   const auto base = bwraps();
   auto r = call<exec_result>(*f.sys, a.handle, exec_atom::value, shell("cat x"));
   CHECK(r.stdout_data == "1");
+  // One command since activation: none kept (a session woken for one command would only pay
+  // for a second setup).
+  std::this_thread::sleep_for(200ms);
+  CHECK(bwraps() <= base);
+  auto second = call<exec_result>(*f.sys, a.handle, exec_atom::value, shell("cat x"));
+  CHECK(second.stdout_data == "1");
   INFO("bwrap children before: " << base << ", now: " << bwraps());
   CHECK(wait_for([&] { return bwraps() > base; }));  // the next exec's sandbox
   auto again = call<exec_result>(*f.sys, a.handle, exec_atom::value, shell("cat x; echo 2 > x"));

@@ -273,8 +273,10 @@ expected<exec_result> session_core::exec(const exec_request& req, sandbox_proces
   } reset_ticket{*this};
   auto result = run_command(req, std::move(sink), std::move(credit), true);
   // The next exec's sandbox sets itself up now, off that exec's path: an agent runs command
-  // after command in a live session.
-  if (!warm_ && workspace_ && warm_fits_) {
+  // after command in a live session. Not after a session's first exec since activation: a
+  // session woken for one command would only pay a second sandbox setup for nothing.
+  ++execs_since_activation_;
+  if (!warm_ && workspace_ && warm_fits_ && execs_since_activation_ >= 2) {
     auto warm = node_.pool->prestart_for(workspace_dir_, group_name(++launches_));
     if (warm) warm_ = std::move(*warm);
   }
@@ -816,6 +818,7 @@ caf::error session_core::passivate() {
                                              "' has running background processes and stays live");
   if (auto err = persist()) return err;
   warm_.reset();
+  execs_since_activation_ = 0;
   workspace_.reset();
   stats_.materialized = false;
   auto err = remove_tree(workspace_dir_);

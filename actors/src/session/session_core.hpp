@@ -173,6 +173,7 @@ private:
   /// (sandbox_pool::prestart_for). Gone whenever the workspace directory goes or changes.
   std::unique_ptr<sandbox_process> warm_;
   bool warm_fits_ = false;  ///< the last command could have run in one (else none is kept)
+  uint64_t execs_since_activation_ = 0;
   persistence_stats stats_;
   exec_phases phases_;
   uint64_t launches_ = 0;
