@@ -1,6 +1,8 @@
 // bubblewrap launch and supervision of one sandboxed command.
 #include "session/sandbox_process.hpp"
 
+#include "session/fd_guard.hpp"
+
 #include <algorithm>
 #include <cerrno>
 #include <csignal>
@@ -81,17 +83,6 @@ uint64_t now_unix_ms() {
 
 /// What the child needs between clone and execve, prepared by the parent: the child may only
 /// make async-signal-safe calls (it shares the parent's memory until it execs).
-/// A descriptor closed when the owner goes.
-struct owned_fd {
-  int fd = -1;
-  owned_fd() = default;
-  owned_fd(const owned_fd&) = delete;
-  owned_fd& operator=(const owned_fd&) = delete;
-  ~owned_fd() {
-    if (fd >= 0) ::close(fd);
-  }
-};
-
 struct child_setup {
   int c_in, c_out, c_err, c_status, c_seccomp, c_block, c_shim;
   const char* const* join;
@@ -367,7 +358,7 @@ expected<std::unique_ptr<sandbox_process>> sandbox_process::launch(const sandbox
   // The first program of a pre-started sandbox is a copy on the sandbox's own tmpfs (read from
   // fd 6), not a bind of the host's file: it removes itself before it runs the command, so
   // nothing of the host's plumbing stays visible in there.
-  owned_fd shim;
+  fd_guard shim;
   if (deferred) {
     shim.fd = ::open(config.exec_shim.c_str(), O_RDONLY | O_CLOEXEC);
     if (shim.fd < 0)

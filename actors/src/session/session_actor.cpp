@@ -16,6 +16,7 @@
 #include <caf/all.hpp>
 
 #include "session/cgroup_limits.hpp"
+#include "session/fd_guard.hpp"
 #include "session/sandbox_process.hpp"
 #include "session/session_core.hpp"
 #include "session/session_store.hpp"
@@ -25,20 +26,10 @@ namespace triplane::actors {
 using bg_done_atom = caf::atom_constant<caf::atom("ss_bgdone")>;
 using worker_idle_atom = caf::atom_constant<caf::atom("ss_wkidle")>;
 
-/// An exclusive flock on a file, held while the object lives: one node per workspaces directory
-/// (it removes and recreates what is in there, e.g. its pre-started sandboxes' directories).
-struct directory_lock {
-  int fd = -1;
-  directory_lock() = default;
-  directory_lock(const directory_lock&) = delete;
-  directory_lock& operator=(const directory_lock&) = delete;
-  ~directory_lock() {
-    if (fd >= 0) ::close(fd);
-  }
-};
-
 struct session_host::impl {
-  directory_lock workspaces_lock;  ///< first member: released last
+  /// An exclusive flock held while the host lives: one node per workspaces directory (it
+  /// removes and recreates what is in there, e.g. its pre-started sandboxes' directories).
+  session::fd_guard workspaces_lock;  ///< first member: released last
   std::unique_ptr<session::cgroup_host> cgroups;
   session::sandbox_config sandbox;
   std::unique_ptr<session::sandbox_pool> pool;  ///< nullptr when sandboxes cannot be pre-started

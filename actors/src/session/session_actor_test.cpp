@@ -123,6 +123,13 @@ caf::error call_error(caf::actor_system& sys, const caf::actor& dest, caf::messa
   return out;
 }
 
+/// Threads of this process.
+size_t thread_count() {
+  size_t n = 0;
+  for ([[maybe_unused]] auto& e : std::filesystem::directory_iterator("/proc/self/task")) ++n;
+  return n;
+}
+
 exec_request shell(const std::string& s) {
   exec_request r;
   r.shell = s;
@@ -536,27 +543,22 @@ TEST_CASE("two session hosts cannot share a workspaces directory", "[sandbox][se
 TEST_CASE("an idle live session holds no worker thread; its next operation starts one",
           "[sandbox][session]") {
   fixture f(200ms);
-  auto threads = [] {
-    size_t n = 0;
-    for ([[maybe_unused]] auto& e : std::filesystem::directory_iterator("/proc/self/task")) ++n;
-    return n;
-  };
   constexpr int sessions = 20;
   std::vector<activation> live;
   for (int i = 0; i < sessions; ++i) live.push_back(f.activate("idle" + std::to_string(i)));
   // Activated, no operation yet: no worker threads.
   std::this_thread::sleep_for(100ms);
-  const auto before = threads();
+  const auto before = thread_count();
   // Each session's worker runs its operation on its own thread while it lasts...
   for (auto& a : live)
     REQUIRE(call<bool>(*f.sys, a.handle, kv_put_atom::value, std::string("k"), std::string("v")));
-  const auto busy = threads();
+  const auto busy = thread_count();
   CHECK(busy >= before + sessions);
   // ... and stops after the idle timeout, while the sessions stay live.
   auto deadline = std::chrono::steady_clock::now() + 10s;
-  while (threads() > before && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(50ms);
-  INFO("threads: before " << before << ", busy " << busy << ", now " << threads());
-  CHECK(threads() <= before);
+  while (thread_count() > before && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(50ms);
+  INFO("threads: before " << before << ", busy " << busy << ", now " << thread_count());
+  CHECK(thread_count() <= before);
   for (auto& a : live) CHECK(call<kv_value>(*f.sys, a.handle, kv_get_atom::value, std::string("k")).value == "v");
   for (auto& a : live) f.passivate(a);
 }
@@ -565,11 +567,6 @@ TEST_CASE("kv reads of an idle session are answered without waking its worker, a
           "an operation sent before them",
           "[sandbox][session]") {
   fixture f(200ms);
-  auto threads = [] {
-    size_t n = 0;
-    for ([[maybe_unused]] auto& e : std::filesystem::directory_iterator("/proc/self/task")) ++n;
-    return n;
-  };
   auto a = f.activate("reads");
   caf::scoped_actor self{*f.sys};
   // Order: each get is sent right behind a put, without waiting for the put's answer; the put
@@ -591,15 +588,15 @@ TEST_CASE("kv reads of an idle session are answered without waking its worker, a
   // Idle: once the worker has stopped, reads start no thread.
   auto deadline = std::chrono::steady_clock::now() + 10s;
   const auto idle = [&] {
-    auto before = threads();
+    auto before = thread_count();
     std::this_thread::sleep_for(300ms);
-    return threads() == before;
+    return thread_count() == before;
   };
   while (!idle() && std::chrono::steady_clock::now() < deadline) {}
-  const auto before = threads();
+  const auto before = thread_count();
   for (int i = 0; i < 200; ++i) CHECK(call<kv_value>(*f.sys, a.handle, kv_get_atom::value, std::string("k")).value == "v49");
   CHECK(call<std::vector<kv_entry>>(*f.sys, a.handle, kv_list_atom::value, std::string()).size() == 1);
-  CHECK(threads() == before);  // a started worker would stay for its 200 ms idle timeout
+  CHECK(thread_count() == before);  // a started worker would stay for its 200 ms idle timeout
   CHECK(a.ctx->pins == 0);
   f.passivate(a);
 }

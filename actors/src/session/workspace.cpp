@@ -14,6 +14,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "session/fd_guard.hpp"
+
 namespace triplane::actors::session {
 namespace {
 
@@ -46,16 +48,6 @@ int sys_openat2(int dirfd, const char* path, uint64_t flags, uint64_t mode) {
   how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
   return static_cast<int>(::syscall(SYS_openat2, dirfd, path, &how, sizeof how));
 }
-
-struct fd_guard {
-  int fd = -1;
-  explicit fd_guard(int f) : fd(f) {}
-  ~fd_guard() {
-    if (fd >= 0) ::close(fd);
-  }
-  fd_guard(const fd_guard&) = delete;
-  fd_guard& operator=(const fd_guard&) = delete;
-};
 
 std::string join(const std::vector<std::string>& names, size_t count) {
   std::string out;
