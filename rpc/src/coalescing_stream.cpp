@@ -16,8 +16,8 @@ constexpr size_t max_read_buffer = 64 * 1024;
 
 coalescing_stream::coalescing_stream(kj::Own<kj::AsyncIoStream> inner, size_t high_water,
                                      size_t eager_bytes)
-  : inner_(kj::mv(inner)), high_water_(high_water), eager_bytes_(eager_bytes), rbuf_(kj::heapArray<kj::byte>(min_read_buffer)),
-    tasks_(*this) {}
+  : inner_(kj::mv(inner)), high_water_(high_water), eager_bytes_(eager_bytes),
+    rbuf_(kj::heapArray<kj::byte>(min_read_buffer)), tasks_(*this) {}
 
 coalescing_stream::~coalescing_stream() noexcept(false) = default;
 

@@ -59,7 +59,8 @@ void limit(int resource, uint64_t soft, uint64_t hard) {
 int main(int, char** self) {
   // This program is a copy on the sandbox's tmpfs (sandbox_process: bwrap --file): gone from
   // the sandbox's file tree before anything of the command runs.
-  if (self && self[0] && ::unlink(self[0]) != 0) fail("cannot remove the sandbox's exec shim", std::strerror(errno), 125);
+  if (self && self[0] && ::unlink(self[0]) != 0)
+    fail("cannot remove the sandbox's exec shim", std::strerror(errno), 125);
   unsigned char len_bytes[8];
   if (!read_exact(0, reinterpret_cast<char*>(len_bytes), sizeof len_bytes))
     fail("no command header on stdin", nullptr, 125);

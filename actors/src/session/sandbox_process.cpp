@@ -467,8 +467,8 @@ expected<std::unique_ptr<sandbox_process>> sandbox_process::launch(const sandbox
     ::munmap(stack, stack_bytes);
   }
   if (pid < 0) {
-    for (int fd : {c_in, c_out, c_err, c_status, c_seccomp, c_block, c_shim, block_pipe[1], in_pair[0], out_pipe[0],
-                   err_pipe[0], status_pipe[0]})
+    for (int fd : {c_in, c_out, c_err, c_status, c_seccomp, c_block, c_shim, block_pipe[1], in_pair[0],
+                   out_pipe[0], err_pipe[0], status_pipe[0]})
       if (fd >= 0) ::close(fd);
     return make_error(errc::io_error, std::string("clone: ") + std::strerror(clone_errno));
   }

@@ -1,8 +1,9 @@
 // The session virtual actor. Its handlers run on a CAF scheduler thread and forward: every
 // operation runs on the session's worker, a detached actor (its own thread), because exec and
-// disk work block; only reads of the kv memory are answered in place while the worker is idle. The worker starts with the first operation and stops after
-// worker_idle_timeout without one: an idle live session holds no thread. The session stays pinned while an operation or background process runs, so
-// the directory never passivates it mid-operation.
+// disk work block; only reads of the kv memory are answered in place while the worker is idle.
+// The worker starts with the first operation and stops after worker_idle_timeout without one:
+// an idle live session holds no thread. The session stays pinned while an operation or
+// background process runs, so the directory never passivates it mid-operation.
 #include "triplane/actors/session_host.hpp"
 
 #include <cerrno>

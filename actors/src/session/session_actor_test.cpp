@@ -594,7 +594,8 @@ TEST_CASE("kv reads of an idle session are answered without waking its worker, a
   };
   while (!idle() && std::chrono::steady_clock::now() < deadline) {}
   const auto before = thread_count();
-  for (int i = 0; i < 200; ++i) CHECK(call<kv_value>(*f.sys, a.handle, kv_get_atom::value, std::string("k")).value == "v49");
+  for (int i = 0; i < 200; ++i)
+    CHECK(call<kv_value>(*f.sys, a.handle, kv_get_atom::value, std::string("k")).value == "v49");
   CHECK(call<std::vector<kv_entry>>(*f.sys, a.handle, kv_list_atom::value, std::string()).size() == 1);
   CHECK(thread_count() == before);  // a started worker would stay for its 200 ms idle timeout
   CHECK(a.ctx->pins == 0);
