@@ -6,10 +6,13 @@
 #include <atomic>
 #include <chrono>
 #include <csignal>
+#include <cstring>
 #include <filesystem>
 
+#include <fcntl.h>
 #include <unistd.h>
 
+#include "session/fd_guard.hpp"
 #include "session/workspace_sync.hpp"
 
 namespace triplane::actors::session {
@@ -43,6 +46,31 @@ uint64_t workspace_usage(const std::string& root) {
   }
   return total;
 }
+
+/// The supervisor's side of the workspace quota while commands run (the kernel's side is
+/// RLIMIT_FSIZE per file): a stat walk of the workspace every 100 ms to 1 s, 20 times the last
+/// walk's duration, so that walking costs at most ~5% of a core however big the workspace is.
+class quota_watch {
+public:
+  using clock = std::chrono::steady_clock;
+  quota_watch(std::string root, uint64_t limit) : root_(std::move(root)), limit_(limit) {}
+
+  /// Walks the workspace when a walk is due; true when that walk found it over the limit.
+  bool over_if_due() {
+    auto now = clock::now();
+    if (now < next_) return false;
+    bool over = workspace_usage(root_) > limit_;
+    auto took = std::chrono::duration_cast<std::chrono::microseconds>(clock::now() - now);
+    next_ = clock::now() + std::clamp(took * 20, min_interval, max_interval);
+    return over;
+  }
+
+private:
+  static constexpr std::chrono::microseconds min_interval{100000}, max_interval{1000000};
+  std::string root_;
+  uint64_t limit_;
+  clock::time_point next_ = clock::now() + min_interval;
+};
 
 constexpr uint64_t default_output_cap = 1u << 20;
 constexpr uint64_t default_timeout_ms = 60000;
@@ -384,27 +412,18 @@ expected<exec_result> session_core::run_command(const exec_request& req, sandbox
       phases_.verify_us = us_since(phase_start);
     }
   }
-  // Pump, and check the workspace's size with a stat walk every 100 ms to 1 s (20 times the
-  // last walk's duration, so the walks cost at most ~5% of a core): a command that writes many
-  // files is stopped near the quota instead of filling the host's disk first.
-  const uint64_t limit = quota();
+  // Pump, and watch the workspace's size: a command that writes many files is stopped near the
+  // quota instead of filling the host's disk first.
+  quota_watch watch{workspace_dir_, quota()};
   bool over_quota = false;
   bool cancelled = false;
   exec_running_ = true;
-  auto check_interval = std::chrono::microseconds(100000);
-  auto next_check = std::chrono::steady_clock::now() + check_interval;
   while (!(*proc)->pump(50)) {
     if (cancel_requested_.exchange(false)) {  // again after the first: see kill_tree
       cancelled = true;
       (*proc)->kill_tree();
     }
-    if (std::chrono::steady_clock::now() < next_check) continue;
-    auto walk = std::chrono::steady_clock::now();
-    bool over = workspace_usage(workspace_dir_) > limit;
-    auto took = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - walk);
-    check_interval = std::clamp(took * 20, std::chrono::microseconds(100000), std::chrono::microseconds(1000000));
-    next_check = std::chrono::steady_clock::now() + check_interval;
-    if (over && !over_quota) {
+    if (!over_quota && watch.over_if_due()) {
       over_quota = true;
       (*proc)->kill_tree();
     }
@@ -483,17 +502,36 @@ expected<bg_status> session_core::bg_start(const exec_request& req, std::functio
   scan_needed_ = true;
   bg->argv = spec->argv;
   bg->started_ms = now_ms();
+  // The process's thread watches the quota as exec does, through a descriptor of the directory
+  // the sandbox binds: it measures what the process writes to, whatever path that has later.
+  auto dir = std::make_shared<fd_guard>(
+    ::open(workspace_dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (dir->fd < 0)
+    return make_error(errc::io_error, "cannot open the workspace " + workspace_dir_ + ": " +
+                                          std::strerror(errno));
   auto proc = sandbox_process::start(*node_.sandbox, std::move(*spec), nullptr);
   if (!proc) return proc.error();
   bg->proc = std::move(*proc);
   auto* raw = bg.get();
-  raw->thread = std::thread([raw, on_end = std::move(on_end)] {
+  raw->thread = std::thread([raw, on_end = std::move(on_end), limit = quota(), dir] {
+    quota_watch watch{"/proc/self/fd/" + std::to_string(dir->fd), limit};
+    bool over_quota = false;
     for (;;) {
       if (raw->kill_requested) raw->proc->kill_tree();
       if (int sig = raw->pending_signal.exchange(0)) raw->proc->signal(sig);
       bool finished = raw->proc->pump(20);
+      if (!finished && !over_quota && watch.over_if_due()) {
+        over_quota = true;
+        raw->proc->kill_tree();
+      }
       std::unique_lock<std::mutex> lock(raw->mutex);
       raw->snapshot = raw->proc->result();
+      raw->snapshot.enforced.workspace_quota = limit_mechanism::supervisor;
+      if (over_quota) {
+        raw->snapshot.quota_exceeded = true;
+        raw->snapshot.message += std::string(raw->snapshot.message.empty() ? "" : "; ") +
+                                 "killed: workspace grew past its quota while running";
+      }
       if (finished) {
         // on_end first: whoever sees `done` may rely on the end having been announced.
         lock.unlock();

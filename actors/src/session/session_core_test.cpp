@@ -268,6 +268,37 @@ TEST_CASE("a background process keeps the session live until it ends", "[session
   CHECK_FALSE(s->passivate());
 }
 
+TEST_CASE("a background process that fills the workspace past the quota is stopped", "[session][bad-input]") {
+  node_fixture f;
+  auto s = f.activate("bg-quota");
+  session_settings settings;
+  settings.workspace_quota_bytes = 1 << 20;
+  REQUIRE(s->configure(settings));
+  REQUIRE(s->write_file(file("keep.txt", "keep")));
+  // Each file is under the per-file limit: only the supervisor's walk can stop this.
+  auto st = s->bg_start(shell("i=0; while true; do i=$((i+1)); head -c 200000 /dev/zero > f$i; "
+                              "sleep 0.02; done"),
+                        nullptr);
+  REQUIRE(st);
+  auto done = s->bg_wait(st->bg_id, 10000);
+  REQUIRE(done);
+  INFO(done->result.message);
+  REQUIRE_FALSE(done->running);
+  CHECK(done->result.quota_exceeded);
+  CHECK(done->result.term_signal == SIGKILL);
+  CHECK(done->result.message.find("while running") != std::string::npos);
+  CHECK(done->result.enforced.workspace_quota == limit_mechanism::supervisor);
+  // Stopped within a walk or two of crossing the quota (~5 files), not after filling the disk.
+  auto files = s->list_files({"", false});
+  REQUIRE(files);
+  CHECK(files->size() < 40);
+  // What it wrote is not kept: the workspace goes back to its stored state when it is stored.
+  REQUIRE_FALSE(s->passivate());
+  auto again = f.activate("bg-quota");
+  CHECK(code_of(again->stat_file("f1").error()) == errc::not_found);
+  CHECK(read_all(*again, "keep.txt") == "keep");
+}
+
 TEST_CASE("a directory goes out and back in as a tar archive", "[session]") {
   node_fixture f;
   auto s = f.activate("tar");
