@@ -116,7 +116,14 @@ TEST_CASE("a tenant opens a session and reads back its kv entries and files", "[
   auto fv = f->read_file("src/main.py");
   REQUIRE(fv);
   CHECK(*fv == "print('hi')\n");
-  CHECK(code(s->fork("notes-copy")) == errc::already_exists);
+  auto taken = s->fork("notes-copy");
+  REQUIRE_FALSE(taken);
+  CHECK(code(taken) == errc::already_exists);
+  // The error names the id the client knows, never the server's tenant-scoped one.
+  auto why = triplane::describe(taken.error());
+  INFO(why);
+  CHECK(why.find("'notes-copy'") != std::string::npos);
+  CHECK(why.find("alice/") == std::string::npos);
   REQUIRE(f->destroy());
   CHECK(code(alice->open_session("notes-copy", false)) == errc::not_found);
 }
@@ -586,6 +593,20 @@ TEST_CASE("an admin reads node stats and rpc metrics and the supervision tree an
     auto r = cs->exec(opts);
     _exit(!r && triplane::code_of(r.error()) == errc::unavailable ? 0 : 4);
   }
+  // A second one reads a file of the same session while that exec runs: the read waits behind
+  // it (a one-request call, cancelled by failing its request rather than by a canceler).
+  pid_t reader = fork();
+  REQUIRE(reader >= 0);
+  if (reader == 0) {
+    std::this_thread::sleep_for(1000ms);
+    auto c = connection::connect(node.endpoint(), node.tokens().alice);
+    if (!c) _exit(2);
+    auto cs = (*c)->open_session("m2", true);  // before the exec: opening asks the session too
+    if (!cs) _exit(3);
+    std::this_thread::sleep_for(1000ms);
+    auto r = cs->read_file("nothing-here");
+    _exit(!r && triplane::code_of(r.error()) == errc::unavailable ? 0 : 4);
+  }
   auto alice = connect_as(node, node.tokens().alice);
   auto s = alice->open_session("m", true);
   REQUIRE(s);
@@ -611,15 +632,18 @@ TEST_CASE("an admin reads node stats and rpc metrics and the supervision tree an
   REQUIRE(tree);
   CHECK(tree->find("triplane.node") != std::string::npos);
 
-  // Drain: the child's exec in flight is cancelled at the deadline; new calls get unavailable.
-  std::this_thread::sleep_for(2500ms);
+  // Drain: the children's calls in flight are cancelled at the deadline; new calls get
+  // unavailable.
+  std::this_thread::sleep_for(3000ms);
   auto drained = ops->drain(300ms);
   REQUIRE(drained);
-  CHECK(*drained == 1);
-  int status = 0;
-  waitpid(child, &status, 0);
-  CHECK(WIFEXITED(status));
-  CHECK(WEXITSTATUS(status) == 0);
+  CHECK(*drained == 2);
+  for (pid_t p : {child, reader}) {
+    int status = 0;
+    waitpid(p, &status, 0);
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+  }
   CHECK(code(s->kv_get("k")) == errc::unavailable);
   auto after = ops->stats();
   REQUIRE(after);

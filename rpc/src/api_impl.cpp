@@ -78,18 +78,25 @@ kj::Promise<size_t> server_core::drain(milliseconds deadline) {
     auto left = static_cast<size_t>(in_flight);
     if (left > 0) {
       spdlog::warn("rpc: drain deadline passed; cancelling {} calls", left);
-      canceler_.cancel(wire::make_exception(errc::unavailable,
-                                            "the node is shutting down; the call was cancelled"));
+      auto why = wire::make_exception(errc::unavailable,
+                                      "the node is shutting down; the call was cancelled");
+      canceler_.cancel(why);
+      bridge.fail_drainable(why);
     }
     return left;
   });
 }
+
+namespace {
+std::string scoped_id(const std::string& tenant, const std::string& id);
+} // namespace
 
 std::shared_ptr<tenant_state> server_core::tenant_for(const token_record& rec) {
   auto& slot = tenants_[rec.tenant];
   if (!slot) {
     slot = std::make_shared<tenant_state>();
     slot->name = rec.tenant;
+    slot->scope_prefix = scoped_id(rec.tenant, "");
   }
   // Shared by all tokens of the tenant: limits count the tenant, not the token. The role is
   // the token's and travels with the Tenant capability.
@@ -597,7 +604,7 @@ private:
 
   template <class Reply>
   kj::Promise<Reply> ask(caf::message inner) {
-    return core_.ask_session<Reply>(full_id_, std::move(inner), deadline());
+    return core_.ask_session<Reply>(*tenant_, full_id_, std::move(inner), deadline());
   }
 
   /// Moves queued output to the client's sink until the session's reply has come and the queue
@@ -606,7 +613,7 @@ private:
     std::deque<std::pair<actors::output_stream, std::string>> batch;
     {
       std::lock_guard<std::mutex> lock{ch->mu};
-      if (ch->error) return wire::from_caf(*ch->error);
+      if (ch->error) return unscoped(wire::from_caf(*ch->error), tenant_->scope_prefix);
       if (ch->overflow)
         return wire::make_exception(
           errc::limit_exceeded,
@@ -1059,7 +1066,8 @@ public:
       // create=true on a session that has no stored state stores it at once (a configure with
       // its current, default settings), so a later create=false finds it.
       return core_
-        .ask_session<actors::session_info>(full, caf::make_message(actors::info_atom::value),
+        .ask_session<actors::session_info>(*tenant_, full,
+                                           caf::make_message(actors::info_atom::value),
                                            deadline)
         .then([this, id, full, create, deadline](actors::session_info&& info) -> kj::Promise<void> {
           if (info.stored) return kj::READY_NOW;
@@ -1068,7 +1076,7 @@ public:
                        "session '" + id + "' does not exist (open it with create=true)");
           return core_
             .ask_session<actors::session_info>(
-              full, caf::make_message(actors::configure_atom::value, info.settings), deadline)
+              *tenant_, full, caf::make_message(actors::configure_atom::value, info.settings), deadline)
             .ignoreResult();
         })
         .then([this, ctx, id, full]() mutable {

@@ -92,7 +92,7 @@ kj::Promise<caf::message> caf_bridge::send_request(const caf::actor& dest, caf::
 caf_bridge::reply_adapter::reply_adapter(kj::PromiseFulfiller<caf::message>& f,
                                          caf_bridge& bridge, uint64_t key)
   : bridge_(bridge), key_(key) {
-  bridge_.pending_.emplace(key, &f);
+  bridge_.pending_.emplace(key, pending_request{&f, bridge_.drainable_});
 }
 
 caf_bridge::reply_adapter::~reply_adapter() { bridge_.pending_.erase(key_); }
@@ -111,11 +111,10 @@ void caf_bridge::flush_requests() {
   caf::anon_send(forwarder_, request_batch{std::move(batch)});
 }
 
-void caf_bridge::throw_error_reply(const caf::message& reply) {
-  if (reply.match_elements<caf::error>())
-    kj::throwFatalException(wire::from_caf(reply.get_as<caf::error>(0)));
-  kj::throwFatalException(wire::make_exception(
-    errc::internal, "unexpected reply from the node: " + caf::to_string(reply)));
+kj::Exception caf_bridge::error_of_reply(const caf::message& reply) {
+  if (reply.match_elements<caf::error>()) return wire::from_caf(reply.get_as<caf::error>(0));
+  return wire::make_exception(errc::internal,
+                              "unexpected reply from the node: " + caf::to_string(reply));
 }
 
 kj::Promise<void> caf_bridge::receive_replies() {
@@ -143,7 +142,7 @@ void caf_bridge::deliver() {
     ++stats_.replies;
     auto i = pending_.find(key);
     if (i == pending_.end()) continue;  // given up on (deadline, cancelled): dropped
-    auto* fulfiller = i->second;
+    auto* fulfiller = i->second.fulfiller;
     pending_.erase(i);  // answered: the lane forgets it; its adapter's erase finds nothing
     fulfiller->fulfill(std::move(msg));
   }
@@ -183,12 +182,25 @@ void caf_bridge::expire_due() {
       lane.queue.pop_front();
       if (i == pending_.end()) continue;
       ++stats_.timeouts;
-      auto* fulfiller = i->second;
+      auto* fulfiller = i->second.fulfiller;
       pending_.erase(i);
       fulfiller->reject(wire::make_exception(
         errc::timeout, "the node did not answer within " + std::to_string(ms) + " ms"));
     }
   }
+}
+
+void caf_bridge::fail_drainable(const kj::Exception& e) {
+  std::vector<kj::PromiseFulfiller<caf::message>*> doomed;
+  for (auto i = pending_.begin(); i != pending_.end();) {
+    if (!i->second.drainable) {
+      ++i;
+      continue;
+    }
+    doomed.push_back(i->second.fulfiller);
+    i = pending_.erase(i);  // forgotten: a late reply is dropped, the adapter's erase is a no-op
+  }
+  for (auto* f : doomed) f->reject(kj::cp(e));
 }
 
 void caf_bridge::taskFailed(kj::Exception&& e) {

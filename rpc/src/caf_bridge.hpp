@@ -54,21 +54,41 @@ public:
   }
 
   /// As above; a failure (an error reply, the timeout) is passed through `on_error`
-  /// (kj::Exception&& -> kj::Exception) first, in the same continuation.
+  /// (kj::Exception&& -> kj::Exception, copyable) first, in the same continuation.
   template <class Reply, class OnError>
   kj::Promise<Reply> ask(const caf::actor& dest, caf::message msg,
                          std::chrono::milliseconds timeout, OnError on_error) {
     return send_request(dest, std::move(msg), timeout)
-      .then([](caf::message&& reply) -> Reply {
+      .then([on_error](caf::message&& reply) -> Reply {
               if (reply.match_elements<Reply>()) return std::move(reply.get_mutable_as<Reply>(0));
-              throw_error_reply(reply);
+              kj::throwFatalException(on_error(error_of_reply(reply)));
             },
-            [on_error = std::move(on_error)](kj::Exception&& e) -> Reply {
+            [on_error](kj::Exception&& e) -> Reply {
               kj::throwFatalException(on_error(kj::mv(e)));
             });
   }
 
   caf::actor_system& system() { return sys_; }
+
+  /// While one lives, the requests sent are "drainable": fail_drainable() rejects them. For
+  /// calls whose only asynchronous step is one request, so that drain() can cancel them without
+  /// a kj::Canceler node per call on the hot path.
+  class drainable_scope {
+  public:
+    explicit drainable_scope(caf_bridge& b) : bridge_(b), before_(b.drainable_) {
+      bridge_.drainable_ = true;
+    }
+    ~drainable_scope() { bridge_.drainable_ = before_; }
+    drainable_scope(const drainable_scope&) = delete;
+    drainable_scope& operator=(const drainable_scope&) = delete;
+
+  private:
+    caf_bridge& bridge_;
+    bool before_;
+  };
+
+  /// Rejects every pending drainable request with `e` (their late replies are dropped).
+  void fail_drainable(const kj::Exception& e);
 
   /// Calls issued and replies received: for tests and benchmarks.
   struct counters {
@@ -104,7 +124,8 @@ private:
 
   kj::Promise<caf::message> send_request(const caf::actor& dest, caf::message msg,
                                          std::chrono::milliseconds timeout);
-  [[noreturn]] static void throw_error_reply(const caf::message& reply);
+  /// The exception for a reply that is not the expected type: its error, or an internal one.
+  static kj::Exception error_of_reply(const caf::message& reply);
   void flush_requests();
   kj::Promise<void> receive_replies();
   void deliver();
@@ -118,7 +139,12 @@ private:
   caf::actor forwarder_;
   std::shared_ptr<std::vector<std::pair<caf::actor, caf::mailbox_element_ptr>>> outbox_;
   std::shared_ptr<inbox> inbox_;
-  std::unordered_map<uint64_t, kj::PromiseFulfiller<caf::message>*> pending_;
+  struct pending_request {
+    kj::PromiseFulfiller<caf::message>* fulfiller;
+    bool drainable;
+  };
+  std::unordered_map<uint64_t, pending_request> pending_;
+  bool drainable_ = false;  ///< set by a live drainable_scope
   std::unordered_map<int64_t, deadline_lane> lanes_;  ///< by timeout in ms
   kj::Maybe<kj::TimePoint> timer_armed_for_;
   std::vector<std::pair<uint64_t, caf::message>> delivering_;

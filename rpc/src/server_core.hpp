@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <memory>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -23,6 +24,7 @@ namespace triplane::rpc::detail {
 /// Shared by every capability and call of one tenant, across connections.
 struct tenant_state {
   std::string name;
+  std::string scope_prefix;  ///< "<escaped name>/": how its sessions' directory ids begin
   role who = role::tenant;
   uint32_t in_flight = 0;
   uint32_t open_sessions = 0;
@@ -38,9 +40,11 @@ struct connection_state {
 
 class server_core;
 
-/// How a call's deadline is enforced. `timer`: run() races the body against a timer of its own
-/// (any body). `its_request`: the body is one bridge request given the same deadline, whose
-/// timeout answers the call (no second timer per call on the hot path).
+/// How a call's deadline and drain() are enforced. `timer`: run() races the body against a
+/// timer of its own and wraps it in a kj::Canceler (any body). `its_request`: the body sends one
+/// bridge request, with the same deadline, synchronously and does nothing asynchronous besides:
+/// that request's timeout answers the call, and drain() fails the request (no second timer and
+/// no canceler per call on the hot path).
 enum class deadline_by { timer, its_request };
 
 /// One admitted call: counts it in flight, records its latency and outcome when done.
@@ -87,10 +91,11 @@ public:
   /// The bootstrap capability of a new connection.
   capnp::Capability::Client make_bootstrap(std::shared_ptr<connection_state> conn);
 
-  /// Sends `inner` to the session `full_id` through the directory.
+  /// Sends `inner` to the session `full_id` (of `tenant`, which outlives the call) through the
+  /// directory; an error's text loses the tenant's scoping.
   template <class Reply>
-  kj::Promise<Reply> ask_session(const std::string& full_id, caf::message inner,
-                                 std::chrono::milliseconds timeout);
+  kj::Promise<Reply> ask_session(const tenant_state& tenant, const std::string& full_id,
+                                 caf::message inner, std::chrono::milliseconds timeout);
 
   const server_options opts;
   caf::actor directory;
@@ -131,15 +136,21 @@ kj::Promise<void> server_core::run(const char* method, std::shared_ptr<tenant_st
   }
   auto slot = kj::heap<call_slot>(*this, method, tenant, counted);
   auto* s = slot.get();
-  kj::Promise<void> work = kj::evalNow(kj::fwd<Body>(body));
-  if (enforced == deadline_by::timer) {
+  kj::Promise<void> work = nullptr;
+  if (enforced == deadline_by::its_request) {
+    // drain() cancels the call by failing its one request (see caf_bridge::drainable_scope).
+    std::optional<caf_bridge::drainable_scope> scope;
+    if (counted) scope.emplace(bridge);
+    work = kj::evalNow(kj::fwd<Body>(body));
+  } else {
+    work = kj::evalNow(kj::fwd<Body>(body));
     auto ms = static_cast<int64_t>(deadline.count());
     work = work.exclusiveJoin(timer.afterDelay(ms * kj::MILLISECONDS).then([method, ms]() {
       return kj::Promise<void>(wire::make_exception(
         errc::timeout, std::string(method) + " did not finish within " + std::to_string(ms) + " ms"));
     }));
+    if (counted) work = canceler_.wrap(kj::mv(work));
   }
-  if (counted) work = canceler_.wrap(kj::mv(work));
   return work
     .then([s]() { s->finish(errc::ok); },
           [s, conn](kj::Exception&& e) {
@@ -154,14 +165,14 @@ kj::Promise<void> server_core::run(const char* method, std::shared_ptr<tenant_st
 kj::Exception unscoped(const kj::Exception& e, const std::string& scope_prefix);
 
 template <class Reply>
-kj::Promise<Reply> server_core::ask_session(const std::string& full_id, caf::message inner,
+kj::Promise<Reply> server_core::ask_session(const tenant_state& tenant, const std::string& full_id,
+                                            caf::message inner,
                                             std::chrono::milliseconds timeout) {
-  auto prefix = full_id.substr(0, full_id.find('/') + 1);
   return bridge.ask<Reply>(
     directory,
     caf::make_message(runtime::call_atom::value, std::string("session"), full_id,
                       std::move(inner)),
-    timeout, [prefix = std::move(prefix)](kj::Exception&& e) { return unscoped(e, prefix); });
+    timeout, [&tenant](kj::Exception&& e) { return unscoped(e, tenant.scope_prefix); });
 }
 
 } // namespace triplane::rpc::detail
