@@ -22,6 +22,16 @@ std::string read_all(session_core& s, const std::string& path) {
   return d->data;
 }
 
+/// A session with a 1 MiB workspace quota that holds one 4-byte file, keep.txt.
+std::unique_ptr<session_core> activate_with_1mib_quota(node_fixture& f, const std::string& id) {
+  auto s = f.activate(id);
+  session_settings settings;
+  settings.workspace_quota_bytes = 1 << 20;
+  REQUIRE(s->configure(settings));
+  REQUIRE(s->write_file(file("keep.txt", "keep")));
+  return s;
+}
+
 } // namespace
 
 TEST_CASE("a session's files, kv, env, cwd and history survive passivation", "[session]") {
@@ -144,11 +154,7 @@ TEST_CASE("destroy removes the workspace, the record and the session's chunks", 
 
 TEST_CASE("filling the disk past the quota is refused and the workspace restored", "[session][bad-input]") {
   node_fixture f;
-  auto s = f.activate("quota");
-  session_settings settings;
-  settings.workspace_quota_bytes = 1 << 20;
-  REQUIRE(s->configure(settings));
-  REQUIRE(s->write_file(file("keep.txt", "keep")));
+  auto s = activate_with_1mib_quota(f, "quota");
   SECTION("a command that writes many files") {
     auto r = s->exec(shell("for i in $(seq 1 20); do head -c 100000 /dev/zero > f$i; done; echo done"));
     REQUIRE(r);
@@ -270,11 +276,7 @@ TEST_CASE("a background process keeps the session live until it ends", "[session
 
 TEST_CASE("a background process that fills the workspace past the quota is stopped", "[session][bad-input]") {
   node_fixture f;
-  auto s = f.activate("bg-quota");
-  session_settings settings;
-  settings.workspace_quota_bytes = 1 << 20;
-  REQUIRE(s->configure(settings));
-  REQUIRE(s->write_file(file("keep.txt", "keep")));
+  auto s = activate_with_1mib_quota(f, "bg-quota");
   // Each file is under the per-file limit: only the supervisor's walk can stop this.
   auto st = s->bg_start(shell("i=0; while true; do i=$((i+1)); head -c 200000 /dev/zero > f$i; "
                               "sleep 0.02; done"),
