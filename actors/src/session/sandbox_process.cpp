@@ -828,6 +828,47 @@ std::vector<int> children_of(pid_t parent) {
 
 } // namespace
 
+size_t kill_orphaned_sandboxes(const std::string& workspaces_dir) {
+  if (workspaces_dir.empty()) return 0;
+  // bwrap gets the paths as the node configured them; match the absolute form too.
+  std::vector<std::string> prefixes{workspaces_dir + "/"};
+  std::error_code ec;
+  auto absolute = std::filesystem::weakly_canonical(workspaces_dir, ec).string();
+  if (!ec && !absolute.empty() && absolute + "/" != prefixes.front()) prefixes.push_back(absolute + "/");
+  auto read_file = [](const std::string& path, size_t max) {
+    std::string out;
+    fd_guard fd{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
+    if (fd.fd < 0) return out;
+    char buf[4096];
+    ssize_t n;
+    while (out.size() < max && (n = ::read(fd.fd, buf, sizeof buf)) > 0) out.append(buf, static_cast<size_t>(n));
+    return out;
+  };
+  size_t killed = 0;
+  DIR* d = ::opendir("/proc");
+  if (!d) return 0;
+  const pid_t self = ::getpid();
+  while (auto* e = ::readdir(d)) {
+    int pid = std::atoi(e->d_name);
+    if (pid <= 0 || pid == self) continue;
+    auto base = std::string("/proc/") + e->d_name;
+    if (read_file(base + "/comm", 64) != "bwrap\n") continue;
+    auto cmdline = read_file(base + "/cmdline", 1 << 20);
+    bool ours = false;
+    for (size_t at = 0; at < cmdline.size() && !ours;) {
+      auto end = cmdline.find('\0', at);
+      if (end == std::string::npos) end = cmdline.size();
+      std::string_view arg(cmdline.data() + at, end - at);
+      for (const auto& p : prefixes)
+        if (arg.substr(0, p.size()) == p) ours = true;
+      at = end + 1;
+    }
+    if (ours && ::kill(pid, SIGKILL) == 0) ++killed;
+  }
+  ::closedir(d);
+  return killed;
+}
+
 void sandbox_process::kill_tree() {
   if (finished_) return;
   killed_ = true;

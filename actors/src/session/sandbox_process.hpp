@@ -159,4 +159,12 @@ private:
   exec_result result_;
 };
 
+/// Kills the bubblewrap processes (outer bwrap and the pid namespace's init, whose death takes
+/// the sandboxed commands with it) that bind a path under `workspaces_dir`: what an earlier run
+/// of a node on that directory left behind. A node that dies while a sandbox is being set up
+/// can orphan bwrap's child before it has set its parent-death signal; it then waits forever
+/// for a uid map nobody writes. Call only while holding the directory's lock (no live node owns
+/// such a process then). Answers how many processes were killed.
+size_t kill_orphaned_sandboxes(const std::string& workspaces_dir);
+
 } // namespace triplane::actors::session

@@ -6,7 +6,9 @@
 #include <csignal>
 #include <dirent.h>
 #include <fstream>
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -70,6 +72,51 @@ std::vector<int> processes_with(const std::string& marker) {
   }
   ::closedir(d);
   return out;
+}
+
+/// Starts bwrap with `args` as an orphan: its parent exits at once, as a crashed node would.
+/// Answers its pid.
+int start_orphaned_bwrap(const std::string& bwrap, std::vector<std::string> args) {
+  std::vector<char*> argv{const_cast<char*>(bwrap.c_str())};
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  int fds[2];
+  REQUIRE(::pipe(fds) == 0);
+  pid_t middle = ::fork();
+  REQUIRE(middle >= 0);
+  if (middle == 0) {
+    pid_t pid = ::fork();
+    if (pid == 0) {
+      ::setsid();
+      // Nothing of the test's: an orphan holding its output pipe would keep a caller waiting.
+      int null = ::open("/dev/null", O_RDWR | O_CLOEXEC);
+      for (int fd = 0; fd <= 2; ++fd) ::dup2(null, fd);
+      ::execv(argv[0], argv.data());
+      ::_exit(127);
+    }
+    (void)!::write(fds[1], &pid, sizeof pid);
+    ::_exit(0);
+  }
+  ::close(fds[1]);
+  pid_t pid = -1;
+  (void)!::read(fds[0], &pid, sizeof pid);
+  ::close(fds[0]);
+  int status = 0;
+  ::waitpid(middle, &status, 0);
+  return pid;
+}
+
+/// Waits up to `ms` for the number of processes whose command line holds `marker` to satisfy
+/// `done`; answers the last count.
+template <class Done>
+size_t wait_for_processes(const std::string& marker, Done done, int ms = 5000) {
+  size_t n = 0;
+  for (int waited = 0; waited <= ms; waited += 20) {
+    n = processes_with(marker).size();
+    if (done(n)) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return n;
 }
 
 } // namespace
@@ -337,4 +384,45 @@ TEST_CASE("a sandbox destroyed while bwrap is still starting leaves no process b
   }
   INFO(left.size() << " processes of destroyed sandboxes are still alive");
   CHECK(left.empty());
+}
+
+TEST_CASE("sandboxes an earlier run left on a workspaces directory are killed at the next start, "
+          "others are not", "[sandbox]") {
+  fixture f;  // f.workspace plays the node's workspaces directory
+  char other_tmpl[] = "/tmp/tp-sandbox-other-XXXXXX";
+  REQUIRE(::mkdtemp(other_tmpl) != nullptr);
+  const std::filesystem::path other = other_tmpl;
+  std::filesystem::create_directories(f.workspace / "ws");
+  std::filesystem::create_directories(other / "ws");
+  // Distinct sleep lengths tell the sandboxed commands apart (their own command lines do not
+  // name the directory; the namespace's init dying takes them along).
+  auto args = [](const std::filesystem::path& ws, const char* seconds) {
+    return std::vector<std::string>{
+      "--unshare-all", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin",
+      "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64", "--proc", "/proc",
+      "--dev", "/dev", "--bind", ws.string(), "/workspace", "--", "/bin/sleep", seconds};
+  };
+  const std::string mine = std::string("sleep") + '\0' + "6017";
+  const std::string theirs = std::string("sleep") + '\0' + "6029";
+  struct cleanup {  // whatever the outcome, no sandbox of this test outlives it
+    std::vector<std::string> markers;
+    ~cleanup() {
+      for (const auto& m : markers)
+        for (int pid : processes_with(m)) ::kill(pid, SIGKILL);
+    }
+  } guard{{mine, theirs}};
+  start_orphaned_bwrap(f.config.bwrap_path, args(f.workspace / "ws", "6017"));
+  start_orphaned_bwrap(f.config.bwrap_path, args(other / "ws", "6029"));
+  // Outer bwrap, the namespace's init (a bwrap too) and the command, for each.
+  REQUIRE(wait_for_processes(mine, [](size_t n) { return n >= 3; }) >= 3);
+  REQUIRE(wait_for_processes(theirs, [](size_t n) { return n >= 3; }) >= 3);
+
+  CHECK(kill_orphaned_sandboxes(f.workspace.string()) == 2);
+  CHECK(wait_for_processes(mine, [](size_t n) { return n == 0; }) == 0);
+  CHECK(processes_with(theirs).size() == 3);
+
+  CHECK(kill_orphaned_sandboxes(other.string()) == 2);
+  CHECK(wait_for_processes(theirs, [](size_t n) { return n == 0; }) == 0);
+  CHECK(kill_orphaned_sandboxes(f.workspace.string()) == 0);
+  std::filesystem::remove_all(other);
 }

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include <caf/all.hpp>
+#include <spdlog/spdlog.h>
 
 #include "session/cgroup_limits.hpp"
 #include "session/fd_guard.hpp"
@@ -395,6 +396,9 @@ expected<std::unique_ptr<session_host>> session_host::create(storage::database& 
   if (::flock(state->workspaces_lock.fd, LOCK_EX | LOCK_NB) != 0)
     return make_error(errc::unavailable, "workspaces directory '" + options.workspaces_dir +
                                            "' is in use by another node (give each node its own)");
+  if (auto n = session::kill_orphaned_sandboxes(options.workspaces_dir))
+    spdlog::warn("session host: killed {} sandbox processes an earlier run on '{}' left behind",
+                 n, options.workspaces_dir);
   state->cgroups = session::cgroup_host::detect();
   // A dot-name cannot collide with the hex-named workspaces.
   auto sandbox = session::sandbox_config::detect(state->cgroups.get(), options.workspaces_dir + "/.sandbox-etc");
