@@ -1076,7 +1076,8 @@ public:
                        "session '" + id + "' does not exist (open it with create=true)");
           return core_
             .ask_session<actors::session_info>(
-              *tenant_, full, caf::make_message(actors::configure_atom::value, info.settings), deadline)
+              *tenant_, full, caf::make_message(actors::configure_atom::value, info.settings),
+              deadline)
             .ignoreResult();
         })
         .then([this, ctx, id, full]() mutable {

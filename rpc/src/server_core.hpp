@@ -136,14 +136,13 @@ kj::Promise<void> server_core::run(const char* method, std::shared_ptr<tenant_st
   }
   auto slot = kj::heap<call_slot>(*this, method, tenant, counted);
   auto* s = slot.get();
-  kj::Promise<void> work = nullptr;
-  if (enforced == deadline_by::its_request) {
-    // drain() cancels the call by failing its one request (see caf_bridge::drainable_scope).
-    std::optional<caf_bridge::drainable_scope> scope;
-    if (counted) scope.emplace(bridge);
-    work = kj::evalNow(kj::fwd<Body>(body));
-  } else {
-    work = kj::evalNow(kj::fwd<Body>(body));
+  // its_request: drain() cancels the call by failing its one request, sent by the body now
+  // (see caf_bridge::drainable_scope).
+  std::optional<caf_bridge::drainable_scope> drainable;
+  if (counted && enforced == deadline_by::its_request) drainable.emplace(bridge);
+  kj::Promise<void> work = kj::evalNow(kj::fwd<Body>(body));
+  drainable.reset();
+  if (enforced == deadline_by::timer) {
     auto ms = static_cast<int64_t>(deadline.count());
     work = work.exclusiveJoin(timer.afterDelay(ms * kj::MILLISECONDS).then([method, ms]() {
       return kj::Promise<void>(wire::make_exception(

@@ -834,14 +834,16 @@ size_t kill_orphaned_sandboxes(const std::string& workspaces_dir) {
   std::vector<std::string> prefixes{workspaces_dir + "/"};
   std::error_code ec;
   auto absolute = std::filesystem::weakly_canonical(workspaces_dir, ec).string();
-  if (!ec && !absolute.empty() && absolute + "/" != prefixes.front()) prefixes.push_back(absolute + "/");
+  if (!ec && !absolute.empty() && absolute + "/" != prefixes.front())
+    prefixes.push_back(absolute + "/");
   auto read_file = [](const std::string& path, size_t max) {
     std::string out;
     fd_guard fd{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
     if (fd.fd < 0) return out;
     char buf[4096];
     ssize_t n;
-    while (out.size() < max && (n = ::read(fd.fd, buf, sizeof buf)) > 0) out.append(buf, static_cast<size_t>(n));
+    while (out.size() < max && (n = ::read(fd.fd, buf, sizeof buf)) > 0)
+      out.append(buf, static_cast<size_t>(n));
     return out;
   };
   size_t killed = 0;

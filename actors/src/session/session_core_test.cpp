@@ -274,7 +274,8 @@ TEST_CASE("a background process keeps the session live until it ends", "[session
   CHECK_FALSE(s->passivate());
 }
 
-TEST_CASE("a background process that fills the workspace past the quota is stopped", "[session][bad-input]") {
+TEST_CASE("a background process that fills the workspace past the quota is stopped",
+          "[session][bad-input]") {
   node_fixture f;
   auto s = activate_with_1mib_quota(f, "bg-quota");
   // Each file is under the per-file limit: only the supervisor's walk can stop this.
