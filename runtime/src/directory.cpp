@@ -5,7 +5,7 @@
 //   shard -> host  (call_atom, kind, id, msg) the caller's message itself, forwarded without
 //                                             copying; the host replies to the caller
 //   shard -> host  (go_atom, force)          passivate now (unless pinned and !force)
-//   host  -> shard (refuse_atom)             pinned: stays live
+//   host  -> shard (refuse_atom)             pinned, or its state could not be stored: stays live
 //   host  -> shard (ask_atom)                please passivate me (failed activation or handler)
 // The shard stops routing to a host before it sends go_atom and buffers what arrives meanwhile;
 // because CAF keeps per-sender order, go_atom reaches the host after every message the shard
@@ -246,8 +246,20 @@ caf::behavior activation_host(caf::stateful_actor<host_state>* self, const kind_
       }
       if (!st.activation_error && !st.broken) {
         if (st.unsaved_changes) {
-          if (auto err = st.persist_now())
-            spdlog::error("passivating {}: state not stored: {}", st.describe_self(), describe(err));
+          if (auto err = st.persist_now()) {
+            // Passivating now would drop the only copy of the changes. Unless the node is
+            // shutting down or another activation owns the id (its epoch fenced this one out),
+            // stay live: the shard puts the id back in use order, so the next attempt comes
+            // after another idle timeout (or at the live cap's next eviction).
+            if (!force && code_of(err) != errc::stale_epoch) {
+              spdlog::error("passivating {}: state not stored, so it stays live and passivation is retried "
+                            "later: {}", st.describe_self(), describe(err));
+              self->send(st.shard, refuse_atom::value);
+              return;
+            }
+            spdlog::error("passivating {}: state not stored, unsaved changes lost ({}): {}", st.describe_self(),
+                          force ? "the node is shutting down" : "another activation owns it", describe(err));
+          }
         }
         try {
           st.user->on_passivate();

@@ -31,6 +31,8 @@ using poke_atom = caf::atom_constant<caf::atom("poke")>;
 
 /// Counts activations of the test kinds across the whole process.
 std::atomic<int> constructed{0};
+/// While set, every counter's snapshot() fails, as a full disk would make it.
+std::atomic<bool> snapshots_fail{false};
 
 /// A test kind: an integer counter plus the ordered list of values it was sent.
 class counter final : public virtual_actor {
@@ -77,6 +79,7 @@ public:
   }
 
   expected<std::string> snapshot() override {
+    if (snapshots_fail) return make_error(errc::io_error, "no space left on device (test)");
     std::string out(8, '\0');
     std::memcpy(out.data(), &value_, 8);
     out += log_;
@@ -381,6 +384,29 @@ TEST_CASE("an idle actor passivates after its kind's idle timeout and a timer do
   CHECK(f.stats().live == 0);
   CHECK(f.stats().passivations >= 1);
   CHECK(f.call<int64_t>("quick", "sleepy", caf::get_atom::value).value() == 3);
+}
+
+TEST_CASE("an actor whose state cannot be stored stays live until it can be", "[directory]") {
+  fixture f;
+  REQUIRE(f.call<int64_t>("quick", "fragile", incr_atom::value, int64_t{7}));
+  constructed = 0;
+  snapshots_fail = true;
+  struct reset_flag {
+    ~reset_flag() { snapshots_fail = false; }
+  } reset;
+  // Several idle timeouts (100 ms) pass: each attempt fails to store and keeps it live.
+  std::this_thread::sleep_for(500ms);
+  CHECK(f.stats().live == 1);
+  CHECK(f.stats().passivations == 0);
+  CHECK_FALSE(f.passivate("quick", "fragile"));
+  CHECK(f.call<int64_t>("quick", "fragile", caf::get_atom::value).value() == 7);
+  CHECK(constructed == 0);  // the same activation answered: nothing was reloaded
+  snapshots_fail = false;
+  auto deadline = std::chrono::steady_clock::now() + 3s;
+  while (f.stats().live > 0 && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(20ms);
+  CHECK(f.stats().live == 0);
+  CHECK(f.call<int64_t>("quick", "fragile", caf::get_atom::value).value() == 7);
+  CHECK(constructed == 1);
 }
 
 TEST_CASE("a pinned actor is not passivated until released", "[directory]") {

@@ -23,8 +23,11 @@ namespace triplane::runtime {
 /// activation's error when restore() failed, e.g. corrupted naming the id).
 using call_atom = caf::atom_constant<caf::atom("tp_call")>;
 /// `(passivate_atom, kind, id)`: passivate now if live and not pinned (reply: bool, whether
-/// a passivation happened). `(passivate_atom)`: passivate every live activation, pinned ones
-/// included, e.g. at shutdown (reply: uint64_t count, once all are stored and stopped).
+/// a passivation happened). An activation whose state cannot be stored (snapshot() or the
+/// store fails) stays live, as if pinned, and is tried again after its next idle timeout.
+/// `(passivate_atom)`: passivate every live activation, pinned ones included, e.g. at shutdown
+/// (reply: uint64_t count, once all are stored and stopped; a state that cannot be stored
+/// then is logged as lost).
 using passivate_atom = caf::atom_constant<caf::atom("tp_passiv")>;
 /// `(stats_atom)`: reply directory_stats.
 using stats_atom = caf::atom_constant<caf::atom("tp_stats")>;

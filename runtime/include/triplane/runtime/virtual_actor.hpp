@@ -59,14 +59,17 @@ public:
   /// the activation; its supervisor-side restart reloads the last persisted state.
   virtual caf::behavior make_behavior(activation_context& ctx) = 0;
 
-  /// Serialises the current state (a Cap'n Proto message from schemas/).
+  /// Serialises the current state (a Cap'n Proto message from schemas/). An error at an idle
+  /// or live-cap passivation keeps the activation live (retried later); at shutdown it is
+  /// logged and the unsaved changes are lost.
   virtual expected<std::string> snapshot() = 0;
 
   /// The schema version snapshot() writes; stored with every record.
   virtual uint32_t schema_version() const = 0;
 
-  /// Called after the final snapshot is stored, before the activation is destroyed: release
-  /// what the state does not need on disk (temporary files, processes).
+  /// Called after the final snapshot is stored (at shutdown: also when storing it failed),
+  /// before the activation is destroyed: release what the state does not need on disk
+  /// (temporary files, processes).
   virtual void on_passivate() {}
 };
 
