@@ -155,6 +155,9 @@ caf::error session_core::sync_and_save(bool* quota_exceeded, std::string* quota_
       // write added is discarded), and the caller is told.
       if (quota_exceeded) *quota_exceeded = true;
       if (quota_message) *quota_message = describe(outcome.error()) + "; changes discarded";
+      // The sandbox kept ready for the next exec binds the directory being replaced: its
+      // command would run in the removed one (an empty workspace, its writes lost).
+      warm_.reset();
       workspace_.reset();
       record_.files = stored_files_;
       if (auto err = ensure_materialized()) return err;
