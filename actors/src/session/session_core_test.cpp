@@ -302,6 +302,35 @@ TEST_CASE("a background process that fills the workspace past the quota is stopp
   CHECK(read_all(*again, "keep.txt") == "keep");
 }
 
+TEST_CASE("a tree deeper than one system call can name survives passivation", "[session]") {
+  // A command creates directories one name at a time, so their paths have no length limit;
+  // storing and restoring them must not have one either (a restore that fails leaves the
+  // session unusable for good). 24 levels of 200-byte names: 4,824 bytes, past PATH_MAX.
+  node_fixture f;
+  {
+    auto s = f.activate("deep");
+    auto r = s->exec(shell("python3 -c \"import os\n"
+                           "for level in range(24):\n"
+                           "  os.mkdir('d' * 200); os.chdir('d' * 200)\n"
+                           "  open('at-%d.txt' % level, 'w').write('level %d' % level)\n\""));
+    REQUIRE(r);
+    INFO(r->stderr_data);
+    REQUIRE(r->exit_code == 0);
+    REQUIRE_FALSE(s->passivate());
+  }
+  auto s = f.activate("deep");
+  auto r = s->exec(shell("python3 -c \"import os\n"
+                         "for level in range(24):\n"
+                         "  os.chdir('d' * 200); print(open('at-%d.txt' % level).read())\n\""));
+  REQUIRE(r);
+  INFO(r->stderr_data);
+  CHECK(r->exit_code == 0);
+  std::string expected;
+  for (int level = 0; level < 24; ++level) expected += "level " + std::to_string(level) + "\n";
+  CHECK(r->stdout_data == expected);
+  CHECK(s->info().file_count == 24);
+}
+
 TEST_CASE("a directory goes out and back in as a tar archive", "[session]") {
   node_fixture f;
   auto s = f.activate("tar");
