@@ -4,6 +4,9 @@
 
 #include <csignal>
 #include <fstream>
+#include <future>
+
+#include <fcntl.h>
 
 using namespace triplane;
 using namespace triplane::actors;
@@ -329,6 +332,81 @@ TEST_CASE("a tree deeper than one system call can name survives passivation", "[
   for (int level = 0; level < 24; ++level) expected += "level " + std::to_string(level) + "\n";
   CHECK(r->stdout_data == expected);
   CHECK(s->info().file_count == 24);
+}
+
+TEST_CASE("a directory swapped for a symlink to a host path while the node stores the workspace "
+          "never makes the node read that host path", "[session][bad-input]") {
+  // The sandbox cannot reach host paths, but the node reads the workspace on the host, where a
+  // symlink the command made does lead out. A background process flips 'a' between a directory
+  // holding secret.txt and a symlink to a host directory holding a secret.txt of its own, while
+  // the node syncs (a large file it rewrites each round is hashed first, widening the window
+  // between the scan and the read).
+  node_fixture f;
+  auto outside = f.base / "outside";
+  std::filesystem::create_directories(outside);
+  const std::string secret = "host secret, never to be stored\n";
+  std::ofstream(outside / "secret.txt") << secret;
+  auto s = f.activate("swap");
+  auto st = s->bg_start(
+      shell("python3 -c \"import os, time\n"
+            "os.mkdir('real'); open('real/secret.txt', 'w').write('inside')\n"
+            "os.symlink('" + outside.string() + "', 'link')\n"
+            "open('big', 'wb').write(bytes(16 << 20))\n"
+            "while True:\n"
+            "  os.utime('big'); os.utime('real/secret.txt')\n"
+            "  os.rename('real', 'a'); time.sleep(0.002); os.rename('a', 'real')\n"
+            "  os.rename('link', 'a'); time.sleep(0.002); os.rename('a', 'link')\n\""),
+      nullptr);
+  REQUIRE(st);
+  bool stored_host_bytes = false;
+  for (int round = 0; round < 40 && !stored_host_bytes; ++round) {
+    (void)s->write_file(file("tick", std::to_string(round)));  // a sync; it may fail in the race
+    stored_host_bytes = *f.store->refcount(sha256(secret)) > 0 || f.store->chunk(sha256(secret));
+  }
+  CHECK_FALSE(stored_host_bytes);
+  REQUIRE(s->bg_signal(st->bg_id, SIGKILL));
+  auto done = s->bg_wait(st->bg_id, 10000);
+  REQUIRE(done);
+  INFO(done->result.stderr_data);
+  CHECK_FALSE(done->running);
+  CHECK(done->result.term_signal == SIGKILL);  // it flipped until killed
+}
+
+TEST_CASE("a file swapped for a fifo while the node stores the workspace does not hang the session",
+          "[session][bad-input]") {
+  // The node opens changed files to hash them; a fifo swapped in between the scan and that open
+  // would block it until a writer comes, and with it every later operation of the session.
+  node_fixture f;
+  auto s = f.activate("fifo");
+  auto st = s->bg_start(
+      shell("python3 -c \"import os, time\n"
+            "open('file', 'w').write('x'); os.mkfifo('fifo')\n"
+            "open('big', 'wb').write(bytes(16 << 20))\n"
+            "while True:\n"
+            "  os.utime('big'); os.utime('file')\n"
+            "  os.rename('file', 'p'); time.sleep(0.002); os.rename('p', 'file')\n"
+            "  os.rename('fifo', 'p'); time.sleep(0.002); os.rename('p', 'fifo')\n\""),
+      nullptr);
+  REQUIRE(st);
+  std::atomic<bool> stop{false};
+  auto syncs = std::async(std::launch::async, [&] {
+    for (int round = 0; round < 40 && !stop; ++round)
+      (void)s->write_file(file("tick", std::to_string(round)));  // a sync
+  });
+  bool hung = syncs.wait_for(std::chrono::seconds(30)) != std::future_status::ready;
+  CHECK_FALSE(hung);
+  stop = true;
+  while (syncs.wait_for(std::chrono::milliseconds(10)) != std::future_status::ready)
+    for (const char* name : {"p", "fifo"}) {  // a writer releases a reader blocked on the fifo
+      int fd = ::open((s->workspace_dir() + "/" + name).c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+      if (fd >= 0) ::close(fd);
+    }
+  REQUIRE(s->bg_signal(st->bg_id, SIGKILL));
+  auto done = s->bg_wait(st->bg_id, 10000);
+  REQUIRE(done);
+  INFO(done->result.stderr_data);
+  CHECK_FALSE(done->running);
+  CHECK(done->result.term_signal == SIGKILL);  // it flipped until killed
 }
 
 TEST_CASE("a directory goes out and back in as a tar archive", "[session]") {

@@ -15,6 +15,8 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <linux/openat2.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -134,11 +136,55 @@ caf::error scan(int dirfd, const std::string& prefix, std::vector<scanned>& out)
   return {};
 }
 
+/// Opens the file at `path` beneath `rootfd` for reading without following a symlink anywhere
+/// on the way: between the scan and this read, a background process may have replaced a
+/// directory of the path by a symlink, which on the host can lead anywhere (the node must never
+/// read what it points at). openat2 (RESOLVE_NO_SYMLINKS) where the kernel has it and the path
+/// fits in one call, else one name at a time with O_NOFOLLOW. Non-blocking: a fifo swapped in
+/// for the file would otherwise block the open until some writer came. -1 and errno on failure.
+int open_without_symlinks(int rootfd, const std::string& path) {
+  constexpr uint64_t flags = O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC;
+  if (path.size() < PATH_MAX) {
+    open_how how{};
+    how.flags = flags;
+    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+    int fd = static_cast<int>(::syscall(SYS_openat2, rootfd, path.c_str(), &how, sizeof how));
+    if (fd >= 0 || errno != ENOSYS) return fd;
+  }
+  int dir = rootfd;
+  size_t start = 0;
+  for (;;) {
+    auto slash = path.find('/', start);
+    std::string name = path.substr(start, slash == std::string::npos ? std::string::npos : slash - start);
+    int next = ::openat(dir, name.c_str(), slash == std::string::npos ? static_cast<int>(flags)
+                                                                      : O_DIRECTORY | O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    int saved = errno;
+    if (dir != rootfd) ::close(dir);
+    errno = saved;
+    if (next < 0 || slash == std::string::npos) return next;
+    dir = next;
+    start = slash + 1;
+  }
+}
+
+/// Reads the regular file at `path` into chunks. *vanished (and no error) when the file is no
+/// longer there as a regular file reached without symlinks: removed, or a directory of its
+/// path replaced, since the scan.
 caf::error read_chunks(int rootfd, const std::string& path, manifest_entry& e,
-                       std::map<std::string, std::string>& new_chunks) {
-  at_path at(rootfd, path);
-  int fd = at.error() ? (errno = at.error(), -1) : ::openat(at.dir(), at.name(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+                       std::map<std::string, std::string>& new_chunks, bool* vanished) {
+  *vanished = false;
+  int fd = open_without_symlinks(rootfd, path);
+  if (fd < 0 && (errno == ENOENT || errno == ENOTDIR || errno == ELOOP || errno == EXDEV)) {
+    *vanished = true;
+    return {};
+  }
   if (fd < 0) return make_error(errc::io_error, "cannot read '" + path + "': " + std::strerror(errno));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {  // replaced by a fifo or a device
+    ::close(fd);
+    *vanished = true;
+    return {};
+  }
   e.chunks.clear();
   std::string buf;
   uint64_t total = 0;
@@ -210,11 +256,13 @@ expected<sync_outcome> sync_manifest(const std::string& root, manifest& m, uint6
       if (untouched) {
         e.chunks = old->second.chunks;
       } else {
-        if (auto rerr = read_chunks(rootfd, s.path, e, out.new_chunks)) {
+        bool vanished = false;
+        if (auto rerr = read_chunks(rootfd, s.path, e, out.new_chunks, &vanished)) {
           ::close(rootfd);
           return rerr;
         }
         ++out.files_read;
+        if (vanished) continue;  // as if the scan had not seen it (the count check below notes the change)
       }
     }
     if (old == m.end() || old->second.type != e.type || old->second.mode != e.mode ||
