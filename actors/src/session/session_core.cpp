@@ -753,6 +753,9 @@ expected<bool> session_core::kv_put(const std::string& key, std::string value) {
   std::lock_guard<std::recursive_mutex> guard(op_mutex_);
   if (key.empty() || key.size() > max_kv_key_bytes)
     return make_error(errc::invalid_argument, "kv key must be 1.." + std::to_string(max_kv_key_bytes) + " bytes");
+  // The record stores keys as Text, which ends at a NUL: "a\0x" would come back as "a".
+  if (key.find('\0') != std::string::npos)
+    return make_error(errc::invalid_argument, "kv key contains a NUL byte");
   uint64_t limit = record_.settings.max_kv_bytes ? record_.settings.max_kv_bytes : node_.max_kv_bytes;
   uint64_t total = 0;
   for (const auto& [k, v] : record_.kv)

@@ -74,6 +74,39 @@ TEST_CASE("a session's files, kv, env, cwd and history survive passivation", "[s
   CHECK(r->stdout_data == "run:hi\n");
 }
 
+TEST_CASE("kv keys with a NUL byte are refused; binary keys and values survive passivation",
+          "[session][bad-input]") {
+  // The record stores keys as Cap'n Proto Text, which ends at a NUL: "a\0x" would come back as
+  // "a", overwriting the value of "a" (or of "a\0y").
+  node_fixture f;
+  const std::string binary_key("k\xff\x01", 3), binary_value("v\0\xff", 3);
+  {
+    auto s = f.activate("kv-bytes");
+    REQUIRE(s->kv_put("a", "plain"));
+    for (const auto& bad : {std::string("a\0x", 3), std::string("\0", 1), std::string("a\0", 2)}) {
+      INFO(bad.size());
+      auto r = s->kv_put(bad, "shadows a");
+      REQUIRE_FALSE(r);
+      CHECK(code_of(r.error()) == errc::invalid_argument);
+    }
+    REQUIRE(s->kv_put(binary_key, binary_value));
+    REQUIRE(s->kv_list("").size() == 2);
+    REQUIRE(s->kv_list("k\xff").size() == 1);
+    auto over = s->kv_put("big", std::string(2u << 20, 'x'));  // over the node's 1 MiB
+    REQUIRE_FALSE(over);
+    CHECK(code_of(over.error()) == errc::limit_exceeded);
+    REQUIRE_FALSE(s->passivate());
+  }
+  f.open_db();
+  auto s = f.activate("kv-bytes");
+  auto all = s->kv_list("");
+  REQUIRE(all.size() == 2);
+  CHECK(all[0].key == "a");
+  CHECK(all[0].value == "plain");
+  CHECK(all[1].key == binary_key);
+  CHECK(all[1].value == binary_value);
+}
+
 TEST_CASE("after an exec only the changed files are read and stored", "[session]") {
   node_fixture f;
   auto s = f.activate("sync");
