@@ -170,8 +170,14 @@ caf::error session_core::sync_and_save(bool* quota_exceeded, std::string* quota_
       if (outcome->changed || dirty_) {
         record_.last_used_unix_ms = now_ms();
         if (auto err = node_.store->save(record_, stored_ ? &stored_files_ : nullptr,
-                                         outcome->new_chunks))
+                                         outcome->new_chunks)) {
+          // Nothing was stored: forget this sync's view, so that the next one finds the same
+          // changes again and supplies their chunks (kept, the changed files would look
+          // untouched: dropped at passivation, and every later save would refer to chunks
+          // that were never written).
+          record_.files = stored_files_;
           return err;
+        }
         stored_files_ = record_.files;
         stored_ = true;
         dirty_ = false;

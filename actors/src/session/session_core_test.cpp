@@ -7,6 +7,7 @@
 #include <future>
 
 #include <fcntl.h>
+#include <sys/resource.h>
 
 using namespace triplane;
 using namespace triplane::actors;
@@ -142,6 +143,43 @@ TEST_CASE("identical content is stored once and reclaimed when its last session 
   CHECK(f.store->stats()->chunks == 0);
   CHECK(f.store->stats()->sessions == 0);
   CHECK_FALSE(*f.store->exists("a"));
+}
+
+TEST_CASE("changes whose storing failed are stored by the next save, not forgotten", "[session]") {
+  // A failed write of the record (here: the WAL cannot grow, as on a full disk) must leave the
+  // session able to store the same changes later; remembering them as stored would drop them
+  // at passivation and make every later save refer to chunks that were never written.
+  node_fixture f;
+  auto s = f.activate("retry");
+  REQUIRE(s->write_file(file("old.txt", "old")));
+  std::filesystem::path wal;
+  for (const auto& e : std::filesystem::directory_iterator(f.base / "db"))
+    if (e.path().extension() == ".log" && (wal.empty() || e.path() > wal)) wal = e.path();
+  REQUIRE_FALSE(wal.empty());
+  const std::string data(300000, 'n');
+  {
+    struct rlimit saved {};
+    REQUIRE(::getrlimit(RLIMIT_FSIZE, &saved) == 0);
+    auto previous = ::signal(SIGXFSZ, SIG_IGN);
+    struct rlimit low = saved;
+    low.rlim_cur = data.size() + 16;  // the workspace file fits; the WAL, already longer, cannot take it
+    REQUIRE(std::filesystem::file_size(wal) > 16);
+    REQUIRE(::setrlimit(RLIMIT_FSIZE, &low) == 0);
+    auto failed = s->write_file(file("new.bin", data));
+    ::setrlimit(RLIMIT_FSIZE, &saved);
+    ::signal(SIGXFSZ, previous);
+    REQUIRE_FALSE(failed);
+  }
+  f.open_db();  // RocksDB refuses writes after a failed WAL write until reopened
+  auto later = s->write_file(file("later.txt", "later"));
+  INFO((later ? std::string() : describe(later.error())));
+  REQUIRE(later);
+  REQUIRE_FALSE(s->passivate());
+  f.open_db();
+  auto back = f.activate("retry");
+  CHECK(read_all(*back, "old.txt") == "old");
+  CHECK(read_all(*back, "later.txt") == "later");
+  CHECK(read_all(*back, "new.bin") == data);
 }
 
 TEST_CASE("fork copies a session without copying file contents", "[session]") {
