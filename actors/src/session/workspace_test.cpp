@@ -8,6 +8,9 @@
 #include <fstream>
 #include <thread>
 
+#include <csignal>
+
+#include <sys/resource.h>
 #include <unistd.h>
 
 using namespace triplane;
@@ -105,6 +108,44 @@ TEST_CASE("files are written, read by range, listed, moved and removed", "[works
   CHECK(*removed == 4);
   CHECK_FALSE(fs::exists(t.ws() / "a"));
   CHECK(code_of(w.stat("a").error()) == errc::not_found);
+}
+
+TEST_CASE("a write that fails part-way leaves the file as it was", "[workspace][bad-input]") {
+  // As on a full disk: the kernel refuses the write past a size (RLIMIT_FSIZE here). A file
+  // written without append is replaced whole or not at all, never left truncated.
+  temp_tree t;
+  bool use_openat2 = GENERATE(true, false);
+  INFO("openat2=" << use_openat2);
+  auto ws = workspace::open(t.ws().string(), use_openat2);
+  REQUIRE(ws);
+  auto& w = **ws;
+  REQUIRE(w.write({"doc.txt", "precious", 0600, false, false}));
+  struct rlimit saved {};
+  REQUIRE(::getrlimit(RLIMIT_FSIZE, &saved) == 0);
+  auto previous = ::signal(SIGXFSZ, SIG_IGN);
+  struct rlimit low = saved;
+  low.rlim_cur = 100000;
+  REQUIRE(::setrlimit(RLIMIT_FSIZE, &low) == 0);
+  auto r = w.write({"doc.txt", std::string(200000, 'x'), 0644, false, false});
+  ::setrlimit(RLIMIT_FSIZE, &saved);
+  ::signal(SIGXFSZ, previous);
+  REQUIRE_FALSE(r);
+  CHECK(code_of(r.error()) == errc::limit_exceeded);
+  CHECK(slurp(t.ws() / "doc.txt") == "precious");
+  CHECK((fs::status(t.ws() / "doc.txt").permissions() & fs::perms::mask) == fs::perms(0600));
+  size_t entries = 0;
+  for (auto& e : fs::directory_iterator(t.ws())) {
+    INFO(e.path());
+    ++entries;
+  }
+  CHECK(entries == 1);  // nothing half-written left beside it
+  // Writes that succeed replace the contents and the mode.
+  REQUIRE(w.write({"doc.txt", "new", 0644, false, false}));
+  CHECK(slurp(t.ws() / "doc.txt") == "new");
+  CHECK((fs::status(t.ws() / "doc.txt").permissions() & fs::perms::mask) == fs::perms(0644));
+  CHECK(code_of(w.write({"", "x", 0644, false, false}).error()) == errc::invalid_argument);
+  REQUIRE(w.make_directory({"sub", false, 0755}));
+  CHECK(code_of(w.write({"sub", "x", 0644, false, false}).error()) == errc::invalid_argument);
 }
 
 TEST_CASE("symlink tricks never reach outside the workspace", "[workspace][bad-input]") {
