@@ -209,6 +209,46 @@ TEST_CASE("fork copies a session without copying file contents", "[session]") {
   CHECK(*f.store->refcount(sha256(std::string(100000, 'd'))) == 1);
 }
 
+TEST_CASE("a fork onto the id of a live session that was never stored becomes that session",
+          "[session]") {
+  // The id is free in the store (fork checks only that), but its session may be live: looked at
+  // (info, kv) or destroyed and kept live as a fresh one. It must see the fork's state, and must
+  // not overwrite the fork's record with its own (which also left the fork's chunk references
+  // counted for ever).
+  node_fixture f;
+  auto parent = f.activate("parent");
+  REQUIRE(parent->write_file(file("a.txt", "from the parent")));
+  REQUIRE(parent->kv_put("k", "v"));
+  session_record unaware;  // a first save where a record exists is refused, not an overwrite
+  unaware.id = "parent";
+  CHECK(code_of(f.store->save(unaware, nullptr, {})) == errc::already_exists);
+  auto child = f.activate("child");
+  CHECK(child->info().file_count == 0);  // live, nothing stored
+  auto reused = f.activate("reused");
+  REQUIRE(reused->write_file(file("old.txt", "old")));
+  REQUIRE_FALSE(reused->destroy());  // live again as a fresh, unstored session
+  REQUIRE(parent->fork("child"));
+  REQUIRE(parent->fork("reused"));
+  for (auto* s : {child.get(), reused.get()}) {
+    INFO(s->id());
+    CHECK(s->info().file_count == 1);
+    CHECK(s->kv_get("k").value == "v");
+    CHECK(read_all(*s, "a.txt") == "from the parent");
+    CHECK(code_of(s->stat_file("old.txt").error()) == errc::not_found);
+    REQUIRE(s->write_file(file("own.txt", s->id())));
+    REQUIRE_FALSE(s->passivate());
+    auto back = f.activate(s->id());
+    CHECK(read_all(*back, "a.txt") == "from the parent");
+    CHECK(read_all(*back, "own.txt") == s->id());
+  }
+  REQUIRE_FALSE(parent->destroy());
+  REQUIRE_FALSE(child->destroy());
+  REQUIRE_FALSE(reused->destroy());
+  CHECK(f.store->stats()->chunks == 0);
+  CHECK(f.store->stats()->sessions == 0);
+  CHECK(*f.store->refcount(sha256("from the parent")) == 0);
+}
+
 TEST_CASE("destroy removes the workspace, the record and the session's chunks", "[session]") {
   node_fixture f;
   auto s = f.activate("doomed");
