@@ -75,7 +75,7 @@ TEST_CASE("a session's files, kv, env, cwd and history survive passivation", "[s
   CHECK(r->stdout_data == "run:hi\n");
 }
 
-TEST_CASE("kv keys with a NUL byte are refused; binary keys and values survive passivation",
+TEST_CASE("kv keys with a NUL byte are refused, and binary keys and values survive passivation",
           "[session][bad-input]") {
   // The record stores keys as Cap'n Proto Text, which ends at a NUL: "a\0x" would come back as
   // "a", overwriting the value of "a" (or of "a\0y").
