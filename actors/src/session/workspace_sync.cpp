@@ -155,13 +155,14 @@ int open_without_symlinks(int rootfd, const std::string& path) {
   size_t start = 0;
   for (;;) {
     auto slash = path.find('/', start);
-    std::string name = path.substr(start, slash == std::string::npos ? std::string::npos : slash - start);
-    int next = ::openat(dir, name.c_str(), slash == std::string::npos ? static_cast<int>(flags)
-                                                                      : O_DIRECTORY | O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    std::string name = path.substr(start, slash == std::string::npos ? slash : slash - start);
+    bool last = slash == std::string::npos;
+    int next = ::openat(dir, name.c_str(),
+                        last ? static_cast<int>(flags) : O_DIRECTORY | O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
     int saved = errno;
     if (dir != rootfd) ::close(dir);
     errno = saved;
-    if (next < 0 || slash == std::string::npos) return next;
+    if (next < 0 || last) return next;
     dir = next;
     start = slash + 1;
   }
@@ -286,7 +287,8 @@ caf::error write_regular(const std::string& root, const std::string& path, manif
                          const session_store& store, bool verify) {
   at_path at(AT_FDCWD, root + "/" + path);
   int fd = at.error() ? (errno = at.error(), -1)
-                      : ::openat(at.dir(), at.name(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+                      : ::openat(at.dir(), at.name(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+                                 0600);
   if (fd < 0) return make_error(errc::io_error, "cannot create '" + path + "': " + std::strerror(errno));
   caf::error write_error;
   for (const auto& hash : e.chunks) {
