@@ -188,6 +188,9 @@ caf::error session_core::sync_and_save(bool* quota_exceeded, std::string* quota_
       record_.files = stored_files_;
       if (auto err = ensure_materialized()) return err;
     } else if (!outcome) {
+      // What changed on disk is still there and not stored: the next persist (passivation
+      // included) must scan again rather than take the session for stored.
+      scan_needed_ = true;
       return outcome.error();
     } else {
       if (running_background() == 0) scan_needed_ = false;
@@ -202,6 +205,7 @@ caf::error session_core::sync_and_save(bool* quota_exceeded, std::string* quota_
           // untouched: dropped at passivation, and every later save would refer to chunks
           // that were never written).
           record_.files = stored_files_;
+          scan_needed_ = true;
           return err;
         }
         stored_files_ = record_.files;

@@ -171,6 +171,9 @@ TEST_CASE("changes whose storing failed are stored by the next save, not forgott
     REQUIRE_FALSE(failed);
   }
   f.open_db();  // RocksDB refuses writes after a failed WAL write until reopened
+  REQUIRE_FALSE(s->passivate());  // stores what the failed save could not
+  s = f.activate("retry");
+  CHECK(read_all(*s, "new.bin") == data);
   auto later = s->write_file(file("later.txt", "later"));
   INFO((later ? std::string() : describe(later.error())));
   REQUIRE(later);
@@ -443,6 +446,39 @@ TEST_CASE("a tree deeper than one system call can name survives passivation", "[
   for (int level = 0; level < 24; ++level) expected += "level " + std::to_string(level) + "\n";
   CHECK(r->stdout_data == expected);
   CHECK(s->info().file_count == 24);
+}
+
+TEST_CASE("changes a failed sync could not store are stored at passivation, not dropped",
+          "[session][bad-input]") {
+  // A sync can fail after the change is on disk (here: the node is out of descriptors while
+  // it scans). The operation reports the error; the change stays in the live workspace, so
+  // the session must not forget it needs storing: passivation would otherwise drop it.
+  node_fixture f;
+  auto s = f.activate("nofile");
+  auto made = s->exec(shell("mkdir -p $(seq -s / 1 30) && echo deep > $(seq -s / 1 30)/deep.txt"));
+  REQUIRE(made);
+  REQUIRE(made->exit_code == 0);
+  size_t open_fds = 0;
+  for (auto& e : std::filesystem::directory_iterator("/proc/self/fd")) {
+    (void)e;
+    ++open_fds;
+  }
+  struct rlimit saved {};
+  REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved) == 0);
+  struct rlimit low = saved;
+  low.rlim_cur = open_fds + 12;  // enough for the write, not for a scan 30 directories deep
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
+  auto r = s->write_file(file("tick", "t"));
+  ::setrlimit(RLIMIT_NOFILE, &saved);
+  REQUIRE_FALSE(r);
+  CHECK(code_of(r.error()) == errc::io_error);
+  CHECK(read_all(*s, "tick") == "t");  // on disk, not stored yet
+  REQUIRE_FALSE(s->passivate());
+  auto back = f.activate("nofile");
+  std::string deep;
+  for (int i = 1; i <= 30; ++i) deep += std::to_string(i) + "/";
+  CHECK(read_all(*back, deep + "deep.txt") == "deep\n");
+  CHECK(read_all(*back, "tick") == "t");
 }
 
 TEST_CASE("a directory swapped for a symlink to a host path while the node stores the workspace "
