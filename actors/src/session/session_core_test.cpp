@@ -5,6 +5,8 @@
 #include <csignal>
 #include <fstream>
 #include <future>
+#include <random>
+#include <set>
 
 #include <fcntl.h>
 #include <sys/resource.h>
@@ -250,6 +252,89 @@ TEST_CASE("a fork onto the id of a live session that was never stored becomes th
   CHECK(f.store->stats()->chunks == 0);
   CHECK(f.store->stats()->sessions == 0);
   CHECK(*f.store->refcount(sha256("from the parent")) == 0);
+}
+
+TEST_CASE("chunk reference counts always equal the references of the stored records, and nothing "
+          "is left once every session is destroyed", "[session]") {
+  // Random writes (3 contents, some over a chunk), rewrites back and forth, execs, moves,
+  // removes, forks, passivations and destroys over a growing set of sessions; after every step
+  // the store is checked whole.
+  node_fixture f;
+  auto sessions = *f.db->column("sandbox.sessions");
+  auto refs = *f.db->column("sandbox.refs");
+  auto chunks = *f.db->column("sandbox.chunks");
+  auto check_store = [&] {
+    std::map<std::string, uint64_t> referenced;
+    REQUIRE_FALSE(f.db->for_each(sessions, "", [&](std::string_view k, std::string_view v) {
+      auto r = decode_record(v, std::string(k));
+      REQUIRE(r);
+      for (const auto& [path, e] : r->files)
+        for (const auto& c : e.chunks) ++referenced[c];
+      return true;
+    }));
+    std::map<std::string, uint64_t> counted;
+    REQUIRE_FALSE(f.db->for_each(refs, "", [&](std::string_view k, std::string_view) {
+      auto n = f.store->refcount(k);
+      REQUIRE(n);
+      if (*n) counted[std::string(k)] = *n;
+      return true;
+    }));
+    CHECK(counted == referenced);
+    std::set<std::string> stored;
+    REQUIRE_FALSE(f.db->for_each(chunks, "", [&](std::string_view k, std::string_view) {
+      stored.insert(std::string(k));
+      return true;
+    }));
+    std::set<std::string> wanted;
+    for (const auto& [c, n] : referenced) wanted.insert(c);
+    CHECK(stored == wanted);
+  };
+  std::mt19937 rng(42);
+  std::map<std::string, std::unique_ptr<session_core>> live;
+  std::vector<std::string> ids;
+  auto get = [&](const std::string& id) -> session_core& {
+    auto& p = live[id];
+    if (!p) p = f.activate(id);
+    return *p;
+  };
+  auto name = [&] { return "f" + std::to_string(rng() % 3); };
+  for (int step = 0; step < 300; ++step) {
+    unsigned op = rng() % 9;
+    std::string id = ids.empty() || op == 0 ? "s" + std::to_string(step) : ids[rng() % ids.size()];
+    if (std::find(ids.begin(), ids.end(), id) == ids.end()) ids.push_back(id);
+    INFO("step " << step << " op " << op << " session " << id);
+    auto& s = get(id);
+    std::string content(1000 + (rng() % 3) * chunk_bytes, static_cast<char>('a' + rng() % 3));
+    switch (op) {
+      case 0:
+      case 1: (void)s.write_file(file(name(), content)); break;
+      case 2: (void)s.exec(shell("echo $$ > g; cp f0 f9 2>/dev/null; true")); break;
+      case 3: {
+        auto child = "s" + std::to_string(step) + "-fork";
+        if (s.fork(child)) ids.push_back(child);
+        break;
+      }
+      case 4:
+        REQUIRE_FALSE(s.passivate());
+        live.erase(id);
+        break;
+      case 5: REQUIRE_FALSE(s.destroy()); break;
+      case 6: (void)s.remove_file({name(), true}); break;
+      case 7: (void)s.move_file({name(), name(), true}); break;
+      case 8: (void)s.read_file({"f0", 0, 10}); break;
+    }
+    check_store();
+  }
+  for (const auto& id : ids) REQUIRE_FALSE(get(id).destroy());
+  check_store();
+  CHECK(f.store->stats()->chunks == 0);
+  CHECK(f.store->stats()->sessions == 0);
+  size_t counters = 0;
+  REQUIRE_FALSE(f.db->for_each(refs, "", [&](std::string_view, std::string_view) {
+    ++counters;
+    return true;
+  }));
+  CHECK(counters == 0);
 }
 
 TEST_CASE("destroy removes the workspace, the record and the session's chunks", "[session]") {
