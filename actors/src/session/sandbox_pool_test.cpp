@@ -235,3 +235,36 @@ TEST_CASE("execs the pool cannot serve start their own sandbox", "[sandbox][pool
     CHECK(r->stdout_data == "2\n");
   }
 }
+
+TEST_CASE("after a write past the quota resets the workspace, the next exec sees and keeps the "
+          "restored files rather than running in the sandbox kept ready on the removed directory",
+          "[sandbox][pool][session][bad-input]") {
+  pool_fixture f({}, 1);
+  if (!f.pool) {
+    WARN("triplane-sandbox-exec not found: no pre-started sandboxes to test");
+    return;
+  }
+  auto s = f.activate("reset");
+  session_settings settings;
+  settings.workspace_quota_bytes = 1 << 20;
+  REQUIRE(s->configure(settings));
+  REQUIRE(s->write_file({"keep.txt", "keep", 0644, false, false}));
+  REQUIRE(s->exec(shell("true")));
+  REQUIRE(s->exec(shell("true")));  // from the second exec on, the next one's sandbox is kept ready
+  REQUIRE(s->write_file({"a.bin", std::string(600000, 'a'), 0644, false, false}));
+  auto over = s->write_file({"b.bin", std::string(600000, 'b'), 0644, false, false});
+  REQUIRE_FALSE(over);
+  CHECK(code_of(over.error()) == errc::limit_exceeded);
+  auto r = s->exec(shell("cat keep.txt; ls; echo made > out.txt"));
+  REQUIRE(r);
+  INFO(r->stdout_data << r->stderr_data);
+  CHECK(r->stdout_data == "keepa.bin\nkeep.txt\n");
+  auto out = s->read_file({"out.txt", 0, 0});
+  REQUIRE(out);
+  CHECK(out->data == "made\n");
+  REQUIRE_FALSE(s->passivate());
+  auto back = f.activate("reset");
+  auto kept = back->read_file({"out.txt", 0, 0});
+  REQUIRE(kept);
+  CHECK(kept->data == "made\n");
+}

@@ -132,7 +132,33 @@ uint64_t session_core::quota() const {
                                                 : node_.max_workspace_bytes;
 }
 
+caf::error session_core::adopt_forked_record() {
+  if (stored_) return {};
+  auto stored = node_.store->load(record_.id);
+  if (!stored) return stored.error();
+  if (!*stored) return {};
+  if (running_background() > 0)
+    return make_error(errc::unavailable, "session '" + record_.id +
+                                             "' was created by a fork while its background processes ran; "
+                                             "it takes that state once they have ended");
+  // What this live copy holds was never stored (every operation stores its changes): the
+  // fork's record is the session now.
+  warm_.reset();
+  workspace_.reset();
+  stats_ = {};
+  if (auto err = remove_tree(workspace_dir_)) return err;
+  workspace_dir_ = default_workspace_dir_;
+  record_ = std::move(**stored);
+  stored_files_ = record_.files;
+  stored_ = true;
+  dirty_ = false;
+  scan_needed_ = false;
+  execs_since_activation_ = 0;
+  return {};
+}
+
 caf::error session_core::ensure_materialized() {
+  if (auto err = adopt_forked_record()) return err;
   if (workspace_) return {};
   auto start = std::chrono::steady_clock::now();
   if (auto err = remove_tree(workspace_dir_)) return err;
@@ -155,10 +181,16 @@ caf::error session_core::sync_and_save(bool* quota_exceeded, std::string* quota_
       // write added is discarded), and the caller is told.
       if (quota_exceeded) *quota_exceeded = true;
       if (quota_message) *quota_message = describe(outcome.error()) + "; changes discarded";
+      // The sandbox kept ready for the next exec binds the directory being replaced: its
+      // command would run in the removed one (an empty workspace, its writes lost).
+      warm_.reset();
       workspace_.reset();
       record_.files = stored_files_;
       if (auto err = ensure_materialized()) return err;
     } else if (!outcome) {
+      // What changed on disk is still there and not stored: the next persist (passivation
+      // included) must scan again rather than take the session for stored.
+      scan_needed_ = true;
       return outcome.error();
     } else {
       if (running_background() == 0) scan_needed_ = false;
@@ -167,8 +199,15 @@ caf::error session_core::sync_and_save(bool* quota_exceeded, std::string* quota_
       if (outcome->changed || dirty_) {
         record_.last_used_unix_ms = now_ms();
         if (auto err = node_.store->save(record_, stored_ ? &stored_files_ : nullptr,
-                                         outcome->new_chunks))
+                                         outcome->new_chunks)) {
+          // Nothing was stored: forget this sync's view, so that the next one finds the same
+          // changes again and supplies their chunks (kept, the changed files would look
+          // untouched: dropped at passivation, and every later save would refer to chunks
+          // that were never written).
+          record_.files = stored_files_;
+          scan_needed_ = true;
           return err;
+        }
         stored_files_ = record_.files;
         stored_ = true;
         dirty_ = false;
@@ -324,6 +363,7 @@ std::string session_core::group_name(uint64_t launch) const {
 expected<exec_result> session_core::run_command(const exec_request& req, sandbox_process::output_sink sink,
                                                 std::shared_ptr<output_credit> credit, bool sync_after) {
   std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  if (auto err = adopt_forked_record()) return err;
   using steady = std::chrono::steady_clock;
   auto us_since = [](steady::time_point t) {
     return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(steady::now() - t).count());
@@ -727,29 +767,34 @@ expected<uint64_t> session_core::tar_in(const tar_in_request& req) {
   return static_cast<uint64_t>(std::count(r->stdout_data.begin(), r->stdout_data.end(), '\n'));
 }
 
-kv_value session_core::kv_get(const std::string& key) const {
+kv_value session_core::kv_get(const std::string& key) {
   std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  (void)adopt_forked_record();  // (on a storage error: what this copy holds)
   auto i = record_.kv.find(key);
   if (i == record_.kv.end()) return {};
   return {true, i->second};
 }
 
-std::optional<kv_value> session_core::try_kv_get(const std::string& key) const {
+std::optional<kv_value> session_core::try_kv_get(const std::string& key) {
   std::unique_lock<std::recursive_mutex> guard(op_mutex_, std::try_to_lock);
-  if (!guard.owns_lock()) return std::nullopt;
+  if (!guard.owns_lock() || !stored_) return std::nullopt;  // (unstored: a fork may have made it)
   return kv_get(key);
 }
 
-std::optional<std::vector<kv_entry>> session_core::try_kv_list(const std::string& prefix) const {
+std::optional<std::vector<kv_entry>> session_core::try_kv_list(const std::string& prefix) {
   std::unique_lock<std::recursive_mutex> guard(op_mutex_, std::try_to_lock);
-  if (!guard.owns_lock()) return std::nullopt;
+  if (!guard.owns_lock() || !stored_) return std::nullopt;  // (unstored: a fork may have made it)
   return kv_list(prefix);
 }
 
 expected<bool> session_core::kv_put(const std::string& key, std::string value) {
   std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  if (auto err = adopt_forked_record()) return err;
   if (key.empty() || key.size() > max_kv_key_bytes)
     return make_error(errc::invalid_argument, "kv key must be 1.." + std::to_string(max_kv_key_bytes) + " bytes");
+  // The record stores keys as Text, which ends at a NUL: "a\0x" would come back as "a".
+  if (key.find('\0') != std::string::npos)
+    return make_error(errc::invalid_argument, "kv key contains a NUL byte");
   uint64_t limit = record_.settings.max_kv_bytes ? record_.settings.max_kv_bytes : node_.max_kv_bytes;
   uint64_t total = 0;
   for (const auto& [k, v] : record_.kv)
@@ -764,13 +809,15 @@ expected<bool> session_core::kv_put(const std::string& key, std::string value) {
 
 bool session_core::kv_delete(const std::string& key) {
   std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  (void)adopt_forked_record();  // (on a storage error, the persist that follows reports one)
   bool existed = record_.kv.erase(key) > 0;
   if (existed) dirty_ = true;
   return existed;
 }
 
-std::vector<kv_entry> session_core::kv_list(const std::string& prefix) const {
+std::vector<kv_entry> session_core::kv_list(const std::string& prefix) {
   std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  (void)adopt_forked_record();  // (on a storage error: what this copy holds)
   std::vector<kv_entry> out;
   for (auto i = record_.kv.lower_bound(prefix); i != record_.kv.end(); ++i) {
     if (i->first.compare(0, prefix.size(), prefix) != 0) break;
@@ -782,6 +829,7 @@ std::vector<kv_entry> session_core::kv_list(const std::string& prefix) const {
 expected<session_info> session_core::set_env(const std::map<std::string, std::string>& set,
                                              const std::vector<std::string>& unset) {
   std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  if (auto err = adopt_forked_record()) return err;
   for (const auto& [k, v] : set) {
     if (auto err = validate_env_name(k)) return err;
     if (v.find('\0') != std::string::npos)
@@ -813,6 +861,7 @@ expected<session_info> session_core::set_cwd(const std::string& dir) {
 
 expected<session_info> session_core::configure(const session_settings& settings) {
   std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  if (auto err = adopt_forked_record()) return err;
   if (settings.network != network_policy::none && settings.network != network_policy::loopback)
     return make_error(errc::invalid_argument, "unknown network policy");
   record_.settings = settings;
@@ -820,8 +869,9 @@ expected<session_info> session_core::configure(const session_settings& settings)
   return info();
 }
 
-session_info session_core::info() const {
+session_info session_core::info() {
   std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  (void)adopt_forked_record();  // (on a storage error: what this copy holds)
   session_info i;
   i.id = record_.id;
   i.created_unix_ms = record_.created_unix_ms;
@@ -843,6 +893,7 @@ session_info session_core::info() const {
 
 caf::error session_core::persist() {
   std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  if (auto err = adopt_forked_record()) return err;
   // Every exec and file operation already synced and stored its changes; only background
   // processes (and kv/env/settings changes) leave something to do here.
   if (stored_ && !dirty_ && !scan_needed_) return {};
@@ -884,6 +935,8 @@ expected<session_info> session_core::fork(const std::string& new_id) {
 
 caf::error session_core::destroy() {
   std::lock_guard<std::recursive_mutex> guard(op_mutex_);
+  if (!stored_ && running_background() == 0)  // a fork's record under this id is destroyed too
+    if (auto err = adopt_forked_record()) return err;
   for (auto& [id, bg] : background_) {
     bg->kill_requested = true;
     if (bg->thread.joinable()) bg->thread.join();

@@ -108,20 +108,22 @@ public:
   expected<std::string> tar_out(const std::string& dir);
   expected<uint64_t> tar_in(const tar_in_request& req);
 
-  kv_value kv_get(const std::string& key) const;
+  kv_value kv_get(const std::string& key);
   expected<bool> kv_put(const std::string& key, std::string value);
   bool kv_delete(const std::string& key);
-  std::vector<kv_entry> kv_list(const std::string& prefix) const;
+  std::vector<kv_entry> kv_list(const std::string& prefix);
   /// kv_get and kv_list that never wait: nullopt when another operation holds the state (an
-  /// exec, a file operation). Safe on a CAF scheduler thread.
-  std::optional<kv_value> try_kv_get(const std::string& key) const;
-  std::optional<std::vector<kv_entry>> try_kv_list(const std::string& prefix) const;
+  /// exec, a file operation), or when the session was never stored (then a fork may have
+  /// stored it meanwhile, and finding out takes a read of the store). Safe on a CAF scheduler
+  /// thread.
+  std::optional<kv_value> try_kv_get(const std::string& key);
+  std::optional<std::vector<kv_entry>> try_kv_list(const std::string& prefix);
 
   expected<session_info> set_env(const std::map<std::string, std::string>& set,
                                  const std::vector<std::string>& unset);
   expected<session_info> set_cwd(const std::string& dir);
   expected<session_info> configure(const session_settings& settings);
-  session_info info() const;
+  session_info info();
 
   /// Writes what changed (files since the last sync, settings, kv, ...) in one atomic batch.
   caf::error persist();
@@ -148,6 +150,11 @@ public:
 private:
   struct background;
   explicit session_core(const node_resources& node);
+  /// A session never stored by this copy may have been created meanwhile by a fork onto its id
+  /// (the store only refuses a fork onto an id with a record, and this copy may be live: looked
+  /// at, or destroyed and kept as a fresh one): then it takes the fork's record. Every
+  /// operation calls it first; a no-op once stored.
+  caf::error adopt_forked_record();
   caf::error ensure_materialized();
   /// exec(); with !sync_after the workspace's changes are left for the caller to store (or
   /// discard) and the result's quota check is the caller's too.

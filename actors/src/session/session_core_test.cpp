@@ -4,6 +4,12 @@
 
 #include <csignal>
 #include <fstream>
+#include <future>
+#include <random>
+#include <set>
+
+#include <fcntl.h>
+#include <sys/resource.h>
 
 using namespace triplane;
 using namespace triplane::actors;
@@ -71,6 +77,39 @@ TEST_CASE("a session's files, kv, env, cwd and history survive passivation", "[s
   CHECK(r->stdout_data == "run:hi\n");
 }
 
+TEST_CASE("kv keys with a NUL byte are refused, and binary keys and values survive passivation",
+          "[session][bad-input]") {
+  // The record stores keys as Cap'n Proto Text, which ends at a NUL: "a\0x" would come back as
+  // "a", overwriting the value of "a" (or of "a\0y").
+  node_fixture f;
+  const std::string binary_key("k\xff\x01", 3), binary_value("v\0\xff", 3);
+  {
+    auto s = f.activate("kv-bytes");
+    REQUIRE(s->kv_put("a", "plain"));
+    for (const auto& bad : {std::string("a\0x", 3), std::string("\0", 1), std::string("a\0", 2)}) {
+      INFO(bad.size());
+      auto r = s->kv_put(bad, "shadows a");
+      REQUIRE_FALSE(r);
+      CHECK(code_of(r.error()) == errc::invalid_argument);
+    }
+    REQUIRE(s->kv_put(binary_key, binary_value));
+    REQUIRE(s->kv_list("").size() == 2);
+    REQUIRE(s->kv_list("k\xff").size() == 1);
+    auto over = s->kv_put("big", std::string(2u << 20, 'x'));  // over the node's 1 MiB
+    REQUIRE_FALSE(over);
+    CHECK(code_of(over.error()) == errc::limit_exceeded);
+    REQUIRE_FALSE(s->passivate());
+  }
+  f.open_db();
+  auto s = f.activate("kv-bytes");
+  auto all = s->kv_list("");
+  REQUIRE(all.size() == 2);
+  CHECK(all[0].key == "a");
+  CHECK(all[0].value == "plain");
+  CHECK(all[1].key == binary_key);
+  CHECK(all[1].value == binary_value);
+}
+
 TEST_CASE("after an exec only the changed files are read and stored", "[session]") {
   node_fixture f;
   auto s = f.activate("sync");
@@ -108,6 +147,46 @@ TEST_CASE("identical content is stored once and reclaimed when its last session 
   CHECK_FALSE(*f.store->exists("a"));
 }
 
+TEST_CASE("changes whose storing failed are stored by the next save, not forgotten", "[session]") {
+  // A failed write of the record (here: the WAL cannot grow, as on a full disk) must leave the
+  // session able to store the same changes later; remembering them as stored would drop them
+  // at passivation and make every later save refer to chunks that were never written.
+  node_fixture f;
+  auto s = f.activate("retry");
+  REQUIRE(s->write_file(file("old.txt", "old")));
+  std::filesystem::path wal;
+  for (const auto& e : std::filesystem::directory_iterator(f.base / "db"))
+    if (e.path().extension() == ".log" && (wal.empty() || e.path() > wal)) wal = e.path();
+  REQUIRE_FALSE(wal.empty());
+  const std::string data(300000, 'n');
+  {
+    struct rlimit saved {};
+    REQUIRE(::getrlimit(RLIMIT_FSIZE, &saved) == 0);
+    auto previous = ::signal(SIGXFSZ, SIG_IGN);
+    struct rlimit low = saved;
+    low.rlim_cur = data.size() + 16;  // the workspace file fits; the WAL, already longer, cannot take it
+    REQUIRE(std::filesystem::file_size(wal) > 16);
+    REQUIRE(::setrlimit(RLIMIT_FSIZE, &low) == 0);
+    auto failed = s->write_file(file("new.bin", data));
+    ::setrlimit(RLIMIT_FSIZE, &saved);
+    ::signal(SIGXFSZ, previous);
+    REQUIRE_FALSE(failed);
+  }
+  f.open_db();  // RocksDB refuses writes after a failed WAL write until reopened
+  REQUIRE_FALSE(s->passivate());  // stores what the failed save could not
+  s = f.activate("retry");
+  CHECK(read_all(*s, "new.bin") == data);
+  auto later = s->write_file(file("later.txt", "later"));
+  INFO((later ? std::string() : describe(later.error())));
+  REQUIRE(later);
+  REQUIRE_FALSE(s->passivate());
+  f.open_db();
+  auto back = f.activate("retry");
+  CHECK(read_all(*back, "old.txt") == "old");
+  CHECK(read_all(*back, "later.txt") == "later");
+  CHECK(read_all(*back, "new.bin") == data);
+}
+
 TEST_CASE("fork copies a session without copying file contents", "[session]") {
   node_fixture f;
   auto parent = f.activate("parent");
@@ -133,6 +212,129 @@ TEST_CASE("fork copies a session without copying file contents", "[session]") {
   REQUIRE_FALSE(parent->destroy());
   CHECK(read_all(*child, "data.bin").size() == 100000);
   CHECK(*f.store->refcount(sha256(std::string(100000, 'd'))) == 1);
+}
+
+TEST_CASE("a fork onto the id of a live session that was never stored becomes that session",
+          "[session]") {
+  // The id is free in the store (fork checks only that), but its session may be live: looked at
+  // (info, kv) or destroyed and kept live as a fresh one. It must see the fork's state, and must
+  // not overwrite the fork's record with its own (which also left the fork's chunk references
+  // counted for ever).
+  node_fixture f;
+  auto parent = f.activate("parent");
+  REQUIRE(parent->write_file(file("a.txt", "from the parent")));
+  REQUIRE(parent->kv_put("k", "v"));
+  session_record unaware;  // a first save where a record exists is refused, not an overwrite
+  unaware.id = "parent";
+  CHECK(code_of(f.store->save(unaware, nullptr, {})) == errc::already_exists);
+  auto child = f.activate("child");
+  CHECK(child->info().file_count == 0);  // live, nothing stored
+  auto reused = f.activate("reused");
+  REQUIRE(reused->write_file(file("old.txt", "old")));
+  REQUIRE_FALSE(reused->destroy());  // live again as a fresh, unstored session
+  REQUIRE(parent->fork("child"));
+  REQUIRE(parent->fork("reused"));
+  for (auto* s : {child.get(), reused.get()}) {
+    INFO(s->id());
+    CHECK(s->info().file_count == 1);
+    CHECK(s->kv_get("k").value == "v");
+    CHECK(read_all(*s, "a.txt") == "from the parent");
+    CHECK(code_of(s->stat_file("old.txt").error()) == errc::not_found);
+    REQUIRE(s->write_file(file("own.txt", s->id())));
+    REQUIRE_FALSE(s->passivate());
+    auto back = f.activate(s->id());
+    CHECK(read_all(*back, "a.txt") == "from the parent");
+    CHECK(read_all(*back, "own.txt") == s->id());
+  }
+  REQUIRE_FALSE(parent->destroy());
+  REQUIRE_FALSE(child->destroy());
+  REQUIRE_FALSE(reused->destroy());
+  CHECK(f.store->stats()->chunks == 0);
+  CHECK(f.store->stats()->sessions == 0);
+  CHECK(*f.store->refcount(sha256("from the parent")) == 0);
+}
+
+TEST_CASE("chunk reference counts always equal the references of the stored records, and nothing "
+          "is left once every session is destroyed", "[session]") {
+  // Random writes (3 contents, some over a chunk), rewrites back and forth, execs, moves,
+  // removes, forks, passivations and destroys over a growing set of sessions; after every step
+  // the store is checked whole.
+  node_fixture f;
+  auto sessions = *f.db->column("sandbox.sessions");
+  auto refs = *f.db->column("sandbox.refs");
+  auto chunks = *f.db->column("sandbox.chunks");
+  auto check_store = [&] {
+    std::map<std::string, uint64_t> referenced;
+    REQUIRE_FALSE(f.db->for_each(sessions, "", [&](std::string_view k, std::string_view v) {
+      auto r = decode_record(v, std::string(k));
+      REQUIRE(r);
+      for (const auto& [path, e] : r->files)
+        for (const auto& c : e.chunks) ++referenced[c];
+      return true;
+    }));
+    std::map<std::string, uint64_t> counted;
+    REQUIRE_FALSE(f.db->for_each(refs, "", [&](std::string_view k, std::string_view) {
+      auto n = f.store->refcount(k);
+      REQUIRE(n);
+      if (*n) counted[std::string(k)] = *n;
+      return true;
+    }));
+    CHECK(counted == referenced);
+    std::set<std::string> stored;
+    REQUIRE_FALSE(f.db->for_each(chunks, "", [&](std::string_view k, std::string_view) {
+      stored.insert(std::string(k));
+      return true;
+    }));
+    std::set<std::string> wanted;
+    for (const auto& [c, n] : referenced) wanted.insert(c);
+    CHECK(stored == wanted);
+  };
+  std::mt19937 rng(42);
+  std::map<std::string, std::unique_ptr<session_core>> live;
+  std::vector<std::string> ids;
+  auto get = [&](const std::string& id) -> session_core& {
+    auto& p = live[id];
+    if (!p) p = f.activate(id);
+    return *p;
+  };
+  auto name = [&] { return "f" + std::to_string(rng() % 3); };
+  for (int step = 0; step < 300; ++step) {
+    unsigned op = rng() % 9;
+    std::string id = ids.empty() || op == 0 ? "s" + std::to_string(step) : ids[rng() % ids.size()];
+    if (std::find(ids.begin(), ids.end(), id) == ids.end()) ids.push_back(id);
+    INFO("step " << step << " op " << op << " session " << id);
+    auto& s = get(id);
+    std::string content(1000 + (rng() % 3) * chunk_bytes, static_cast<char>('a' + rng() % 3));
+    switch (op) {
+      case 0:
+      case 1: (void)s.write_file(file(name(), content)); break;
+      case 2: (void)s.exec(shell("echo $$ > g; cp f0 f9 2>/dev/null; true")); break;
+      case 3: {
+        auto child = "s" + std::to_string(step) + "-fork";
+        if (s.fork(child)) ids.push_back(child);
+        break;
+      }
+      case 4:
+        REQUIRE_FALSE(s.passivate());
+        live.erase(id);
+        break;
+      case 5: REQUIRE_FALSE(s.destroy()); break;
+      case 6: (void)s.remove_file({name(), true}); break;
+      case 7: (void)s.move_file({name(), name(), true}); break;
+      case 8: (void)s.read_file({"f0", 0, 10}); break;
+    }
+    check_store();
+  }
+  for (const auto& id : ids) REQUIRE_FALSE(get(id).destroy());
+  check_store();
+  CHECK(f.store->stats()->chunks == 0);
+  CHECK(f.store->stats()->sessions == 0);
+  size_t counters = 0;
+  REQUIRE_FALSE(f.db->for_each(refs, "", [&](std::string_view, std::string_view) {
+    ++counters;
+    return true;
+  }));
+  CHECK(counters == 0);
 }
 
 TEST_CASE("destroy removes the workspace, the record and the session's chunks", "[session]") {
@@ -300,6 +502,143 @@ TEST_CASE("a background process that fills the workspace past the quota is stopp
   auto again = f.activate("bg-quota");
   CHECK(code_of(again->stat_file("f1").error()) == errc::not_found);
   CHECK(read_all(*again, "keep.txt") == "keep");
+}
+
+TEST_CASE("a tree deeper than one system call can name survives passivation", "[session]") {
+  // A command creates directories one name at a time, so their paths have no length limit;
+  // storing and restoring them must not have one either (a restore that fails leaves the
+  // session unusable for good). 24 levels of 200-byte names: 4,824 bytes, past PATH_MAX.
+  node_fixture f;
+  {
+    auto s = f.activate("deep");
+    auto r = s->exec(shell("python3 -c \"import os\n"
+                           "for level in range(24):\n"
+                           "  os.mkdir('d' * 200); os.chdir('d' * 200)\n"
+                           "  open('at-%d.txt' % level, 'w').write('level %d' % level)\n\""));
+    REQUIRE(r);
+    INFO(r->stderr_data);
+    REQUIRE(r->exit_code == 0);
+    REQUIRE_FALSE(s->passivate());
+  }
+  auto s = f.activate("deep");
+  auto r = s->exec(shell("python3 -c \"import os\n"
+                         "for level in range(24):\n"
+                         "  os.chdir('d' * 200); print(open('at-%d.txt' % level).read())\n\""));
+  REQUIRE(r);
+  INFO(r->stderr_data);
+  CHECK(r->exit_code == 0);
+  std::string expected;
+  for (int level = 0; level < 24; ++level) expected += "level " + std::to_string(level) + "\n";
+  CHECK(r->stdout_data == expected);
+  CHECK(s->info().file_count == 24);
+}
+
+TEST_CASE("changes a failed sync could not store are stored at passivation, not dropped",
+          "[session][bad-input]") {
+  // A sync can fail after the change is on disk (here: the node is out of descriptors while
+  // it scans). The operation reports the error; the change stays in the live workspace, so
+  // the session must not forget it needs storing: passivation would otherwise drop it.
+  node_fixture f;
+  auto s = f.activate("nofile");
+  auto made = s->exec(shell("mkdir -p $(seq -s / 1 30) && echo deep > $(seq -s / 1 30)/deep.txt"));
+  REQUIRE(made);
+  REQUIRE(made->exit_code == 0);
+  size_t open_fds = 0;
+  for (auto& e : std::filesystem::directory_iterator("/proc/self/fd")) {
+    (void)e;
+    ++open_fds;
+  }
+  struct rlimit saved {};
+  REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved) == 0);
+  struct rlimit low = saved;
+  low.rlim_cur = open_fds + 12;  // enough for the write, not for a scan 30 directories deep
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
+  auto r = s->write_file(file("tick", "t"));
+  ::setrlimit(RLIMIT_NOFILE, &saved);
+  REQUIRE_FALSE(r);
+  CHECK(code_of(r.error()) == errc::io_error);
+  CHECK(read_all(*s, "tick") == "t");  // on disk, not stored yet
+  REQUIRE_FALSE(s->passivate());
+  auto back = f.activate("nofile");
+  std::string deep;
+  for (int i = 1; i <= 30; ++i) deep += std::to_string(i) + "/";
+  CHECK(read_all(*back, deep + "deep.txt") == "deep\n");
+  CHECK(read_all(*back, "tick") == "t");
+}
+
+TEST_CASE("a directory swapped for a symlink to a host path while the node stores the workspace "
+          "never makes the node read that host path", "[session][bad-input]") {
+  // The sandbox cannot reach host paths, but the node reads the workspace on the host, where a
+  // symlink the command made does lead out. A background process flips 'a' between a directory
+  // holding secret.txt and a symlink to a host directory holding a secret.txt of its own, while
+  // the node syncs (a large file it rewrites each round is hashed first, widening the window
+  // between the scan and the read).
+  node_fixture f;
+  auto outside = f.base / "outside";
+  std::filesystem::create_directories(outside);
+  const std::string secret = "host secret, never to be stored\n";
+  std::ofstream(outside / "secret.txt") << secret;
+  auto s = f.activate("swap");
+  auto st = s->bg_start(
+      shell("python3 -c \"import os, time\n"
+            "os.mkdir('real'); open('real/secret.txt', 'w').write('inside')\n"
+            "os.symlink('" + outside.string() + "', 'link')\n"
+            "open('big', 'wb').write(bytes(16 << 20))\n"
+            "while True:\n"
+            "  os.utime('big'); os.utime('real/secret.txt')\n"
+            "  os.rename('real', 'a'); time.sleep(0.002); os.rename('a', 'real')\n"
+            "  os.rename('link', 'a'); time.sleep(0.002); os.rename('a', 'link')\n\""),
+      nullptr);
+  REQUIRE(st);
+  bool stored_host_bytes = false;
+  for (int round = 0; round < 40 && !stored_host_bytes; ++round) {
+    (void)s->write_file(file("tick", std::to_string(round)));  // a sync; it may fail in the race
+    stored_host_bytes = *f.store->refcount(sha256(secret)) > 0 || f.store->chunk(sha256(secret));
+  }
+  CHECK_FALSE(stored_host_bytes);
+  REQUIRE(s->bg_signal(st->bg_id, SIGKILL));
+  auto done = s->bg_wait(st->bg_id, 10000);
+  REQUIRE(done);
+  INFO(done->result.stderr_data);
+  CHECK_FALSE(done->running);
+  CHECK(done->result.term_signal == SIGKILL);  // it flipped until killed
+}
+
+TEST_CASE("a file swapped for a fifo while the node stores the workspace does not hang the session",
+          "[session][bad-input]") {
+  // The node opens changed files to hash them; a fifo swapped in between the scan and that open
+  // would block it until a writer comes, and with it every later operation of the session.
+  node_fixture f;
+  auto s = f.activate("fifo");
+  auto st = s->bg_start(
+      shell("python3 -c \"import os, time\n"
+            "open('file', 'w').write('x'); os.mkfifo('fifo')\n"
+            "open('big', 'wb').write(bytes(16 << 20))\n"
+            "while True:\n"
+            "  os.utime('big'); os.utime('file')\n"
+            "  os.rename('file', 'p'); time.sleep(0.002); os.rename('p', 'file')\n"
+            "  os.rename('fifo', 'p'); time.sleep(0.002); os.rename('p', 'fifo')\n\""),
+      nullptr);
+  REQUIRE(st);
+  std::atomic<bool> stop{false};
+  auto syncs = std::async(std::launch::async, [&] {
+    for (int round = 0; round < 40 && !stop; ++round)
+      (void)s->write_file(file("tick", std::to_string(round)));  // a sync
+  });
+  bool hung = syncs.wait_for(std::chrono::seconds(30)) != std::future_status::ready;
+  CHECK_FALSE(hung);
+  stop = true;
+  while (syncs.wait_for(std::chrono::milliseconds(10)) != std::future_status::ready)
+    for (const char* name : {"p", "fifo"}) {  // a writer releases a reader blocked on the fifo
+      int fd = ::open((s->workspace_dir() + "/" + name).c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+      if (fd >= 0) ::close(fd);
+    }
+  REQUIRE(s->bg_signal(st->bg_id, SIGKILL));
+  auto done = s->bg_wait(st->bg_id, 10000);
+  REQUIRE(done);
+  INFO(done->result.stderr_data);
+  CHECK_FALSE(done->running);
+  CHECK(done->result.term_signal == SIGKILL);  // it flipped until killed
 }
 
 TEST_CASE("a directory goes out and back in as a tar archive", "[session]") {

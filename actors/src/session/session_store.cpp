@@ -230,6 +230,13 @@ caf::error session_store::save(const session_record& record, const manifest* pre
   if (previous)
     for (const auto& [hash, n] : chunk_counts(*previous)) delta[hash] -= n;
   std::lock_guard<std::mutex> guard(refs_mutex_);
+  if (!previous) {  // a first save must not replace a record (a fork's) it did not account for
+    auto taken = exists(record.id);
+    if (!taken) return taken.error();
+    if (*taken)
+      return make_error(errc::already_exists, "session '" + record.id +
+                                                   "' was stored meanwhile (by a fork onto its id)");
+  }
   storage::write_batch batch(db_);
   batch.put(sessions_, record.id, encode_record(record));
   std::vector<std::string> dropped;

@@ -87,7 +87,8 @@ public:
   /// Stores `record`, whose previous stored version had manifest `previous` (nullptr: none).
   /// `new_chunks` holds the bytes of chunks the record references that may not be stored yet
   /// (hash -> bytes); chunks already stored are not rewritten. One atomic batch; chunks whose
-  /// count dropped to 0 are reclaimed afterwards.
+  /// count dropped to 0 are reclaimed afterwards. With previous == nullptr, already_exists when
+  /// `record.id` has a record (its references would never be released).
   caf::error save(const session_record& record, const manifest* previous,
                   const std::map<std::string, std::string>& new_chunks);
   /// Stores a copy of `source` under `new_id` (one more reference to each of its chunks, no

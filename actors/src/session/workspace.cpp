@@ -186,22 +186,57 @@ expected<file_entry> workspace::write(const file_write_request& req) {
   fd_guard dir{open_dir(*names, names->size() - 1, req.create_parents, &err)};
   if (dir.fd < 0) return err;
   const auto& name = names->back();
-  int flags = O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC | (req.append ? O_APPEND : O_TRUNC);
-  fd_guard file{::openat(dir.fd, name.c_str(), flags, req.mode & 0777)};
+  // Without append, the data goes to a new file beside the target, renamed over it once
+  // complete: a write that fails part-way (a full disk, the file size limit) leaves the old
+  // contents, never a truncated file that the next sync would store.
+  std::string temp;
+  if (!req.append) {
+    struct stat current {};
+    if (::fstatat(dir.fd, name.c_str(), &current, AT_SYMLINK_NOFOLLOW) == 0) {
+      if (S_ISLNK(current.st_mode)) return errno_error(ELOOP, "cannot write", req.path);
+      if (S_ISDIR(current.st_mode)) return errno_error(EISDIR, "cannot write", req.path);
+      if (!S_ISREG(current.st_mode))
+        return make_error(errc::invalid_argument, "'" + req.path + "' is not a regular file");
+    } else if (errno != ENOENT) {
+      return errno_error(errno, "cannot write", req.path);
+    }
+  }
+  fd_guard file;
+  if (req.append) {
+    // Non-blocking: opening a fifo (a command can leave one) would otherwise wait for a reader.
+    file.fd = ::openat(dir.fd, name.c_str(),
+                       O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC | O_APPEND | O_NONBLOCK, req.mode & 0777);
+    if (file.fd < 0 && errno == ENXIO)  // a fifo without a reader
+      return make_error(errc::invalid_argument, "'" + req.path + "' is not a regular file");
+  } else {
+    for (int attempt = 0; attempt < 100 && file.fd < 0; ++attempt) {  // (a name the command took)
+      temp = ".triplane-write-" + std::to_string(::getpid()) + "-" + std::to_string(++writes_);
+      file.fd = ::openat(dir.fd, temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+                         req.mode & 0777);
+      if (file.fd < 0 && errno != EEXIST) break;
+    }
+  }
   if (file.fd < 0) return errno_error(errno, "cannot write", req.path);
+  auto fail = [&](caf::error err) -> caf::error {
+    if (!temp.empty()) ::unlinkat(dir.fd, temp.c_str(), 0);
+    return err;
+  };
   struct stat st {};
   if (::fstat(file.fd, &st) != 0 || !S_ISREG(st.st_mode))
-    return make_error(errc::invalid_argument, "'" + req.path + "' is not a regular file");
+    return fail(make_error(errc::invalid_argument, "'" + req.path + "' is not a regular file"));
   ::fchmod(file.fd, req.mode & 07777);
   size_t done = 0;
   while (done < req.data.size()) {
     auto n = ::write(file.fd, req.data.data() + done, req.data.size() - done);
     if (n < 0) {
       if (errno == EINTR) continue;
-      return errno_error(errno, "cannot write", req.path);
+      return fail(errno_error(errno, "cannot write", req.path));
     }
     done += static_cast<size_t>(n);
   }
+  // (A symlink or directory swapped in meanwhile is replaced, or refused: never followed.)
+  if (!temp.empty() && ::renameat(dir.fd, temp.c_str(), dir.fd, name.c_str()) != 0)
+    return fail(errno_error(errno, "cannot write", req.path));
   return stat_at(dir.fd, name, join(*names, names->size()));
 }
 
@@ -211,7 +246,8 @@ expected<file_data> workspace::read(const file_read_request& req) {
   caf::error err;
   fd_guard dir{open_dir(*names, names->size() - 1, false, &err)};
   if (dir.fd < 0) return err;
-  fd_guard file{::openat(dir.fd, names->back().c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC)};
+  // Non-blocking: opening a fifo (a command can leave one) would otherwise wait for a writer.
+  fd_guard file{::openat(dir.fd, names->back().c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK)};
   if (file.fd < 0) return errno_error(errno, "cannot read", req.path);
   struct stat st {};
   if (::fstat(file.fd, &st) != 0 || !S_ISREG(st.st_mode))
@@ -300,10 +336,21 @@ expected<file_entry> workspace::make_directory(const mkdir_request& req) {
   if (!names) return names.error();
   caf::error err;
   if (req.parents) {
-    fd_guard dir{open_dir(*names, names->size(), true, &err)};
-    if (dir.fd < 0) return err;
-    ::fchmod(dir.fd, req.mode & 07777);
-    return stat_at(dir.fd, "", join(*names, names->size()));
+    fd_guard parent{open_dir(*names, names->size() - 1, true, &err)};
+    if (parent.fd < 0) return err;
+    const auto& name = names->back();
+    const std::string shown = join(*names, names->size());
+    bool created = ::mkdirat(parent.fd, name.c_str(), req.mode & 07777) == 0;
+    if (!created && errno != EEXIST) return errno_error(errno, "cannot create directory", shown);
+    // As open_dir resolves each name: beneath, and without following symlinks in the fallback.
+    fd_guard dir{openat2_ ? sys_openat2(parent.fd, name.c_str(), O_DIRECTORY | O_RDONLY | O_CLOEXEC, 0)
+                          : ::openat(parent.fd, name.c_str(), O_DIRECTORY | O_RDONLY | O_CLOEXEC | O_NOFOLLOW)};
+    if (dir.fd < 0)
+      return errno_error(errno == ENOTDIR && !openat2_ ? ELOOP : errno, "cannot open directory", shown);
+    // The mode is the new directory's (exactly: not masked by the umask); an existing one
+    // keeps its own, as with mkdir -p.
+    if (created) ::fchmod(dir.fd, req.mode & 07777);
+    return stat_at(dir.fd, "", shown);
   }
   fd_guard parent{open_dir(*names, names->size() - 1, false, &err)};
   if (parent.fd < 0) return err;

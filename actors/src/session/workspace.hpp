@@ -75,6 +75,7 @@ private:
   int root_fd_ = -1;
   bool openat2_ = false;
   workspace_limits limits_;
+  uint64_t writes_ = 0;  ///< names the temporary files of replacing writes
 };
 
 /// Removes a whole directory tree without following symlinks (best effort, returns errors).

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <climits>
 #include <cstring>
 #include <filesystem>
 #include <functional>
@@ -14,6 +15,8 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <linux/openat2.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -30,6 +33,62 @@ timespec ts_of(int64_t ns) {
   t.tv_nsec = static_cast<long>(ns % 1000000000);
   return t;
 }
+
+/// A path (relative to `dirfd`, or absolute) as a (directory fd, name) pair for the *at()
+/// calls: the path itself when one system call can take it, else the parent opened in pieces
+/// under PATH_MAX and the last name. Commands create trees one name at a time, so workspace
+/// paths have no length limit; storing and restoring them must not have one either.
+class at_path {
+public:
+  at_path(int dirfd, const std::string& path) : dir_(dirfd), name_(path) {
+    if (name_.size() < PATH_MAX) return;
+    auto slash = name_.rfind('/');
+    if (slash == std::string::npos || slash == 0) {
+      errno_ = ENAMETOOLONG;
+      return;
+    }
+    std::string parent = name_.substr(0, slash);
+    name_.erase(0, slash + 1);
+    size_t pos = 0;
+    while (pos < parent.size()) {
+      size_t len = parent.size() - pos;
+      if (len >= PATH_MAX) {  // cut at a '/' (every name is at most NAME_MAX bytes)
+        auto cut = parent.rfind('/', pos + PATH_MAX - 1);
+        if (cut == std::string::npos || cut <= pos) {
+          errno_ = ENAMETOOLONG;
+          return;
+        }
+        len = cut - pos;
+      }
+      int next = ::openat(dir_, parent.substr(pos, len).c_str(),
+                          O_DIRECTORY | O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+      if (next < 0) {
+        errno_ = errno;
+        return;
+      }
+      opened_.reset(next);
+      dir_ = next;
+      pos += len + 1;
+    }
+  }
+  int dir() const { return dir_; }
+  const char* name() const { return name_.c_str(); }
+  /// 0, or the errno of opening the parent (then the *at() calls are not to be made).
+  int error() const { return errno_; }
+
+private:
+  struct owned_fd {
+    int fd = -1;
+    ~owned_fd() { reset(-1); }
+    void reset(int f) {
+      if (fd >= 0) ::close(fd);
+      fd = f;
+    }
+  } opened_;
+  int dir_;
+  std::string name_;
+  int errno_ = 0;
+};
 
 struct scanned {
   std::string path;
@@ -77,10 +136,56 @@ caf::error scan(int dirfd, const std::string& prefix, std::vector<scanned>& out)
   return {};
 }
 
+/// Opens the file at `path` beneath `rootfd` for reading without following a symlink anywhere
+/// on the way: between the scan and this read, a background process may have replaced a
+/// directory of the path by a symlink, which on the host can lead anywhere (the node must never
+/// read what it points at). openat2 (RESOLVE_NO_SYMLINKS) where the kernel has it and the path
+/// fits in one call, else one name at a time with O_NOFOLLOW. Non-blocking: a fifo swapped in
+/// for the file would otherwise block the open until some writer came. -1 and errno on failure.
+int open_without_symlinks(int rootfd, const std::string& path) {
+  constexpr uint64_t flags = O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC;
+  if (path.size() < PATH_MAX) {
+    open_how how{};
+    how.flags = flags;
+    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+    int fd = static_cast<int>(::syscall(SYS_openat2, rootfd, path.c_str(), &how, sizeof how));
+    if (fd >= 0 || errno != ENOSYS) return fd;
+  }
+  int dir = rootfd;
+  size_t start = 0;
+  for (;;) {
+    auto slash = path.find('/', start);
+    std::string name = path.substr(start, slash == std::string::npos ? slash : slash - start);
+    bool last = slash == std::string::npos;
+    int next = ::openat(dir, name.c_str(),
+                        last ? static_cast<int>(flags) : O_DIRECTORY | O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    int saved = errno;
+    if (dir != rootfd) ::close(dir);
+    errno = saved;
+    if (next < 0 || last) return next;
+    dir = next;
+    start = slash + 1;
+  }
+}
+
+/// Reads the regular file at `path` into chunks. *vanished (and no error) when the file is no
+/// longer there as a regular file reached without symlinks: removed, or a directory of its
+/// path replaced, since the scan.
 caf::error read_chunks(int rootfd, const std::string& path, manifest_entry& e,
-                       std::map<std::string, std::string>& new_chunks) {
-  int fd = ::openat(rootfd, path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+                       std::map<std::string, std::string>& new_chunks, bool* vanished) {
+  *vanished = false;
+  int fd = open_without_symlinks(rootfd, path);
+  if (fd < 0 && (errno == ENOENT || errno == ENOTDIR || errno == ELOOP || errno == EXDEV)) {
+    *vanished = true;
+    return {};
+  }
   if (fd < 0) return make_error(errc::io_error, "cannot read '" + path + "': " + std::strerror(errno));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {  // replaced by a fifo or a device
+    ::close(fd);
+    *vanished = true;
+    return {};
+  }
   e.chunks.clear();
   std::string buf;
   uint64_t total = 0;
@@ -152,11 +257,13 @@ expected<sync_outcome> sync_manifest(const std::string& root, manifest& m, uint6
       if (untouched) {
         e.chunks = old->second.chunks;
       } else {
-        if (auto rerr = read_chunks(rootfd, s.path, e, out.new_chunks)) {
+        bool vanished = false;
+        if (auto rerr = read_chunks(rootfd, s.path, e, out.new_chunks, &vanished)) {
           ::close(rootfd);
           return rerr;
         }
         ++out.files_read;
+        if (vanished) continue;  // as if the scan had not seen it (the count check below notes the change)
       }
     }
     if (old == m.end() || old->second.type != e.type || old->second.mode != e.mode ||
@@ -178,8 +285,10 @@ namespace {
 /// against their hash), mode and mtime as recorded, stat cache refreshed.
 caf::error write_regular(const std::string& root, const std::string& path, manifest_entry& e,
                          const session_store& store, bool verify) {
-  std::string full = root + "/" + path;
-  int fd = ::open(full.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+  at_path at(AT_FDCWD, root + "/" + path);
+  int fd = at.error() ? (errno = at.error(), -1)
+                      : ::openat(at.dir(), at.name(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+                                 0600);
   if (fd < 0) return make_error(errc::io_error, "cannot create '" + path + "': " + std::strerror(errno));
   caf::error write_error;
   for (const auto& hash : e.chunks) {
@@ -275,22 +384,26 @@ caf::error materialize(const std::string& root, manifest& m, const session_store
   for (auto& [path, e] : m) {
     std::string full = root + "/" + path;
     switch (e.type) {
-      case file_type::directory:
-        if (::mkdir(full.c_str(), 0700) != 0 && errno != EEXIST)
-          return make_error(errc::io_error, "cannot create '" + path + "': " + std::strerror(errno));
+      case file_type::directory: {
+        at_path at(AT_FDCWD, full);
+        if (at.error() || (::mkdirat(at.dir(), at.name(), 0700) != 0 && errno != EEXIST))
+          return make_error(errc::io_error, "cannot create '" + path + "': " +
+                                                std::strerror(at.error() ? at.error() : errno));
         dirs.emplace_back(full, &e);
         break;
-      case file_type::symlink:
-        if (::symlink(e.link_target.c_str(), full.c_str()) != 0)
-          return make_error(errc::io_error, "cannot create symlink '" + path + "': " + std::strerror(errno));
-        {
-          struct stat st {};
-          if (::lstat(full.c_str(), &st) == 0) {
-            e.ino = st.st_ino;
-            e.ctime_ns = ns_of(st.st_ctim);
-          }
+      }
+      case file_type::symlink: {
+        at_path at(AT_FDCWD, full);
+        if (at.error() || ::symlinkat(e.link_target.c_str(), at.dir(), at.name()) != 0)
+          return make_error(errc::io_error, "cannot create symlink '" + path + "': " +
+                                                std::strerror(at.error() ? at.error() : errno));
+        struct stat st {};
+        if (::fstatat(at.dir(), at.name(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
+          e.ino = st.st_ino;
+          e.ctime_ns = ns_of(st.st_ctim);
         }
         break;
+      }
       case file_type::regular:
         files.emplace_back(&path, &e);
         file_bytes += e.size;
@@ -307,11 +420,13 @@ caf::error materialize(const std::string& root, manifest& m, const session_store
   if (first_error) return first_error;
   // Directories last, deepest first: creating their children changed their mtimes.
   for (auto i = dirs.rbegin(); i != dirs.rend(); ++i) {
-    ::chmod(i->first.c_str(), i->second->mode);
+    at_path at(AT_FDCWD, i->first);
+    if (at.error()) continue;  // (it was created above: only a concurrent change gets here)
+    ::fchmodat(at.dir(), at.name(), i->second->mode, 0);
     timespec times[2] = {ts_of(i->second->mtime_ns), ts_of(i->second->mtime_ns)};
-    ::utimensat(AT_FDCWD, i->first.c_str(), times, AT_SYMLINK_NOFOLLOW);
+    ::utimensat(at.dir(), at.name(), times, AT_SYMLINK_NOFOLLOW);
     struct stat st {};
-    if (::lstat(i->first.c_str(), &st) == 0) {
+    if (::fstatat(at.dir(), at.name(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
       i->second->ino = st.st_ino;
       i->second->ctime_ns = ns_of(st.st_ctim);
     }

@@ -6,8 +6,14 @@
 #include <atomic>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <thread>
 
+#include <csignal>
+
+#include <fcntl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 using namespace triplane;
@@ -105,6 +111,103 @@ TEST_CASE("files are written, read by range, listed, moved and removed", "[works
   CHECK(*removed == 4);
   CHECK_FALSE(fs::exists(t.ws() / "a"));
   CHECK(code_of(w.stat("a").error()) == errc::not_found);
+}
+
+TEST_CASE("a write that fails part-way leaves the file as it was", "[workspace][bad-input]") {
+  // As on a full disk: the kernel refuses the write past a size (RLIMIT_FSIZE here). A file
+  // written without append is replaced whole or not at all, never left truncated.
+  temp_tree t;
+  bool use_openat2 = GENERATE(true, false);
+  INFO("openat2=" << use_openat2);
+  auto ws = workspace::open(t.ws().string(), use_openat2);
+  REQUIRE(ws);
+  auto& w = **ws;
+  REQUIRE(w.write({"doc.txt", "precious", 0600, false, false}));
+  struct rlimit saved {};
+  REQUIRE(::getrlimit(RLIMIT_FSIZE, &saved) == 0);
+  auto previous = ::signal(SIGXFSZ, SIG_IGN);
+  struct rlimit low = saved;
+  low.rlim_cur = 100000;
+  REQUIRE(::setrlimit(RLIMIT_FSIZE, &low) == 0);
+  auto r = w.write({"doc.txt", std::string(200000, 'x'), 0644, false, false});
+  ::setrlimit(RLIMIT_FSIZE, &saved);
+  ::signal(SIGXFSZ, previous);
+  REQUIRE_FALSE(r);
+  CHECK(code_of(r.error()) == errc::limit_exceeded);
+  CHECK(slurp(t.ws() / "doc.txt") == "precious");
+  CHECK((fs::status(t.ws() / "doc.txt").permissions() & fs::perms::mask) == fs::perms(0600));
+  size_t entries = 0;
+  for (auto& e : fs::directory_iterator(t.ws())) {
+    INFO(e.path());
+    ++entries;
+  }
+  CHECK(entries == 1);  // nothing half-written left beside it
+  // Writes that succeed replace the contents and the mode.
+  REQUIRE(w.write({"doc.txt", "new", 0644, false, false}));
+  CHECK(slurp(t.ws() / "doc.txt") == "new");
+  CHECK((fs::status(t.ws() / "doc.txt").permissions() & fs::perms::mask) == fs::perms(0644));
+  CHECK(code_of(w.write({"", "x", 0644, false, false}).error()) == errc::invalid_argument);
+  REQUIRE(w.make_directory({"sub", false, 0755}));
+  CHECK(code_of(w.write({"sub", "x", 0644, false, false}).error()) == errc::invalid_argument);
+}
+
+TEST_CASE("reading or appending to a fifo is refused at once instead of waiting for a peer",
+          "[workspace][bad-input]") {
+  // A command can leave a fifo in the workspace; opening it blocks until the other side opens,
+  // which would hold the session's operations (and its passivation) for ever.
+  temp_tree t;
+  bool use_openat2 = GENERATE(true, false);
+  INFO("openat2=" << use_openat2);
+  auto ws = workspace::open(t.ws().string(), use_openat2);
+  REQUIRE(ws);
+  auto& w = **ws;
+  REQUIRE(::mkfifo((t.ws() / "pipe").c_str(), 0644) == 0);
+  auto peer = [&](int mode) {  // opening the other side releases an open that blocks
+    int fd = ::open((t.ws() / "pipe").c_str(), mode | O_NONBLOCK | O_CLOEXEC);
+    if (fd >= 0) ::close(fd);
+  };
+  auto read = std::async(std::launch::async, [&] { return w.read({"pipe", 0, 0}); });
+  bool read_blocked = read.wait_for(std::chrono::seconds(5)) != std::future_status::ready;
+  while (read.wait_for(std::chrono::milliseconds(10)) != std::future_status::ready) peer(O_WRONLY);
+  CHECK_FALSE(read_blocked);
+  auto r = read.get();
+  REQUIRE_FALSE(r);
+  CHECK(code_of(r.error()) == errc::invalid_argument);
+  auto append = std::async(std::launch::async, [&] { return w.write({"pipe", "x", 0644, false, true}); });
+  bool append_blocked = append.wait_for(std::chrono::seconds(5)) != std::future_status::ready;
+  // (a reader that opens and closes at once: the writer's open returns, its write gets EPIPE)
+  auto previous = ::signal(SIGPIPE, SIG_IGN);
+  while (append.wait_for(std::chrono::milliseconds(10)) != std::future_status::ready) peer(O_RDONLY);
+  ::signal(SIGPIPE, previous);
+  CHECK_FALSE(append_blocked);
+  auto a = append.get();
+  REQUIRE_FALSE(a);
+  auto replaced = w.write({"pipe", "x", 0644, false, false});
+  REQUIRE_FALSE(replaced);
+  CHECK(code_of(replaced.error()) == errc::invalid_argument);
+}
+
+TEST_CASE("mkdir with parents leaves an existing directory's mode alone", "[workspace]") {
+  // "An existing directory is then not an error" (mkdir_request): like mkdir -p, not a chmod.
+  // (tar_in makes its target directory this way: extracting must not change its mode.)
+  temp_tree t;
+  bool use_openat2 = GENERATE(true, false);
+  INFO("openat2=" << use_openat2);
+  auto ws = workspace::open(t.ws().string(), use_openat2);
+  REQUIRE(ws);
+  auto& w = **ws;
+  REQUIRE(w.make_directory({"private", false, 0700}));
+  auto again = w.make_directory({"private", true, 0755});
+  REQUIRE(again);
+  CHECK(again->mode == 0700);
+  CHECK((fs::status(t.ws() / "private").permissions() & fs::perms::mask) == fs::perms(0700));
+  auto made = w.make_directory({"private/a/b", true, 0750});
+  REQUIRE(made);
+  CHECK(made->mode == 0750);
+  CHECK(w.stat("private")->mode == 0700);
+  REQUIRE(w.write({"file", "x", 0644, false, false}));
+  CHECK_FALSE(w.make_directory({"file", true, 0755}));
+  CHECK(w.stat("file")->mode == 0644);
 }
 
 TEST_CASE("symlink tricks never reach outside the workspace", "[workspace][bad-input]") {

@@ -116,7 +116,8 @@ using tar_in_atom = caf::atom_constant<caf::atom("ss_tarin")>;
 /// caf::optional: CAF 0.17 unwraps optionals in replies, which breaks typed forwarding.)
 using kv_get_atom = caf::atom_constant<caf::atom("ss_kvget")>;
 /// `(kv_put_atom, std::string key, std::string value)` -> bool (true when the key was new).
-/// limit_exceeded beyond session_settings.max_kv_bytes in total.
+/// limit_exceeded beyond session_settings.max_kv_bytes in total; invalid_argument for a key
+/// that is empty, over 1,024 bytes or holds a NUL byte (values are any bytes).
 using kv_put_atom = caf::atom_constant<caf::atom("ss_kvput")>;
 /// `(kv_delete_atom, std::string key)` -> bool (true when the key existed).
 using kv_delete_atom = caf::atom_constant<caf::atom("ss_kvdel")>;
