@@ -732,6 +732,12 @@ TEST_CASE("greedy tokens generated over RPC by the node's inference worker equal
     auto first = std::find(streamed.begin(), streamed.end(), streamed[3]);
     CHECK(joined(s->tokens) == joined({streamed.begin(), first + 1}));
   }
+  SECTION("a negative temperature means greedy, as api.capnp documents") {
+    g.temperature = -1.0f;
+    auto neg = alice->generate(g);
+    REQUIRE(neg);
+    CHECK(joined(neg->tokens) == reference);
+  }
   SECTION("bad requests are refused with invalid_argument or not_found") {
     triplane::client::generate_options bad;
     CHECK(code(alice->generate(bad)) == errc::invalid_argument);  // empty prompt
@@ -825,4 +831,46 @@ TEST_CASE("a client that disconnects mid-generation has its call cancelled, the 
   auto cli = output_of("TRIPLANE_ENDPOINT=" + node.endpoint() + " TRIPLANE_TOKEN="
                        + node.tokens().ops + " " + TRIPLANE_CLI + " stats 2>&1");
   CHECK(cli.find("completed 1, cancelled 1,") != std::string::npos);
+}
+
+TEST_CASE("a client whose token callback fails gets its generation cancelled and keeps its "
+          "connection", "[rpc][inference][cancel]") {
+  if (!have_tiny_model()) return;
+  node_process node({"--model", tiny_model});
+  auto alice = connect_as(node, node.tokens().alice);
+  triplane::client::generate_options g;
+  g.prompt_tokens = {1, 2, 3};
+  g.max_tokens = 1000;
+  auto r = alice->generate(g, [](const std::vector<uint32_t>&) {
+    throw std::runtime_error("token log is full on the client");
+  });
+  REQUIRE_FALSE(r);
+  INFO(triplane::describe(r.error()));
+  CHECK(triplane::code_of(r.error()) == errc::cancelled);
+  CHECK(triplane::describe(r.error()).find("token log is full on the client") != std::string::npos);
+  // The same connection keeps serving: a failing sink is the client's business, not a
+  // malformed call.
+  auto models = alice->list_models();
+  REQUIRE(models);
+  CHECK(models->size() == 1);
+  g.max_tokens = 4;
+  auto after = alice->generate(g);
+  REQUIRE(after);
+  CHECK(after->generated_tokens == 4);
+  // The worker stopped generating for the failed call.
+  auto ops = connect_as(node, node.tokens().ops);
+  triplane::client::inference_worker_stats st;
+  for (int i = 0; i < 100; ++i) {
+    auto s = ops->inference_stats();
+    REQUIRE(s);
+    st = *s;
+    if (st.running == 0 && st.queued == 0) break;
+    std::this_thread::sleep_for(50ms);
+  }
+  CHECK(st.running == 0);
+  CHECK(st.requests_cancelled == 1);
+  CHECK(st.tokens_generated < 1000);
+  auto m = ops->metrics();
+  REQUIRE(m);
+  for (const auto& [c, n] : m->errors) CHECK(c != "internal");
 }

@@ -192,6 +192,18 @@ std::string from_data(capnp::Data::Reader d) {
   return {reinterpret_cast<const char*>(d.begin()), d.size()};
 }
 
+/// A failure of a sink the client provided (OutputSink, TokenSink) is the client's problem, not
+/// a malformed call: it becomes a triplane `cancelled` error naming `what`, so that run() does
+/// not close the connection for it.
+kj::Promise<void> sink_failures(kj::Promise<void> p, const char* what) {
+  return p.catch_([what](kj::Exception&& e) -> kj::Promise<void> {
+    if (std::string_view(e.getDescription().cStr()).find("triplane:") != std::string_view::npos)
+      return kj::mv(e);
+    return wire::make_exception(errc::cancelled, std::string("the client's ") + what
+                                                   + " failed: " + e.getDescription().cStr());
+  });
+}
+
 // ------------------------------------------------------------------------------------------
 // Exec output. A streaming exec is flow-controlled end to end (actors::exec_stream_atom with a
 // window, see session_protocol.hpp): the session sends its chunks to a relay actor, which queues
@@ -626,8 +638,9 @@ private:
           st.result = std::move(ch->result);
           if (!st.has_sink) return kj::READY_NOW;
           // Completes after every write was handled by the client's sink.
-          return sink_failures(st.sink.doneRequest().send().ignoreResult()).exclusiveJoin(
-            st.interrupted.addBranch().then([this, ch, &st]() { return pump(ch, st); }));
+          return sink_failures(st.sink.doneRequest().send().ignoreResult(), "output sink")
+            .exclusiveJoin(
+              st.interrupted.addBranch().then([this, ch, &st]() { return pump(ch, st); }));
         }
         auto paf = kj::newPromiseAndCrossThreadFulfiller<void>();
         ch->waiter = kj::mv(paf.fulfiller);
@@ -635,21 +648,9 @@ private:
       }
     }
     if (!st.has_sink) return pump(ch, st);  // not streamed: the result carries the output
-    return sink_failures(send_batch(std::move(batch), st))
+    return sink_failures(send_batch(std::move(batch), st), "output sink")
       .exclusiveJoin(st.interrupted.addBranch())
       .then([this, ch, &st]() { return pump(ch, st); });
-  }
-
-  /// A failure of the client's own sink is the client's problem, not a malformed call: it
-  /// becomes a triplane error (so the connection is not closed for it).
-  static kj::Promise<void> sink_failures(kj::Promise<void> p) {
-    return p.catch_([](kj::Exception&& e) -> kj::Promise<void> {
-      if (std::string_view(e.getDescription().cStr()).find("triplane:") != std::string_view::npos)
-        return kj::mv(e);
-      return wire::make_exception(errc::cancelled,
-                                  std::string("the client's output sink failed: ")
-                                    + e.getDescription().cStr());
-    });
   }
 
   kj::Promise<void> send_batch(std::deque<std::pair<actors::output_stream, std::string>> batch,
@@ -807,7 +808,9 @@ public:
         wire::fail(errc::invalid_argument, "stopTokens has more than 1024 entries");
       for (auto t : stops) req->stop_tokens.push_back(checked_token(t, "stopTokens"));
       req->max_new_tokens = r.getMaxTokens() == 0 ? 16 : r.getMaxTokens();
-      req->sampling.temperature = r.getTemperature();
+      // api.capnp: <= 0 is greedy (the sampler takes only >= 0); NaN stays and is refused.
+      auto temperature = r.getTemperature();
+      req->sampling.temperature = temperature < 0.0f ? 0.0f : temperature;
       req->sampling.top_k = r.getTopK();
       req->sampling.top_p = r.getTopP() == 0.0f ? 1.0f : r.getTopP();
       req->sampling.seed = r.getSeed();
@@ -914,7 +917,7 @@ private:
             return wire::make_exception(f.error_code == errc::ok ? errc::internal : f.error_code,
                                         "generation failed: " + f.error_message);
           if (!st.has_sink) return kj::READY_NOW;
-          return st.sink.doneRequest().send().ignoreResult();
+          return sink_failures(st.sink.doneRequest().send().ignoreResult(), "token sink");
         }
         auto paf = kj::newPromiseAndCrossThreadFulfiller<void>();
         ch->waiter = kj::mv(paf.fulfiller);
@@ -930,7 +933,9 @@ private:
     for (size_t i = 0; i < batch.size(); ++i)
       ids.set(static_cast<unsigned>(i), static_cast<uint32_t>(batch[i]));
     // A streaming send resolves when the flow-control window has room, not on delivery.
-    return req.send().then([this, ch, &st]() { return pump(ch, st); });
+    return sink_failures(req.send(), "token sink").then([this, ch, &st]() {
+      return pump(ch, st);
+    });
   }
 
   server_core& core_;
