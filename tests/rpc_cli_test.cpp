@@ -111,6 +111,34 @@ TEST_CASE("triplane-cli prints human-readable errors and exits 1 or 2", "[rpc][c
   CHECK(r.out.find("error: unavailable") != std::string::npos);
 }
 
+TEST_CASE("triplane-cli refuses numeric options it cannot represent instead of wrapping or "
+          "truncating them", "[rpc][cli]") {
+  node_process node;
+  const auto& token = node.tokens().alice;
+  // Each would otherwise reach the node as a different number than the one typed: "-1" wraps
+  // to 4294967295 ms, 2^32 to 0 (the node's default), "5s" is read as 5.
+  for (std::string bad : {"-1", "4294967296", "5s", "", "0x10", " 7"}) {
+    INFO("--timeout-ms '" << bad << "'");
+    auto r = run(node, token, cli + " session exec work --create --timeout-ms '" + bad
+                                + "' -- echo it-ran");
+    CHECK(r.status == 2);
+    CHECK(r.out.find("--timeout-ms") != std::string::npos);
+    CHECK(r.out.find("it-ran") == std::string::npos);
+  }
+  auto ok = run(node, token,
+                cli + " session exec work --create --timeout-ms 4294967295 -- echo it-ran");
+  CHECK(ok.status == 0);
+  CHECK(ok.out == "it-ran\n");
+  for (std::string bad : {"--max-tokens -1", "--max-tokens 4294967296", "--top-k -3",
+                          "--seed -1", "--seed 18446744073709551616", "--temperature 0.5x",
+                          "--top-p ''"}) {
+    INFO(bad);
+    auto r = run(node, token, cli + " generate --tokens 1,2 " + bad);
+    CHECK(r.status == 2);
+    CHECK(r.out.find(bad.substr(0, bad.find(' '))) != std::string::npos);
+  }
+}
+
 TEST_CASE("the C++ example client runs against a live node", "[rpc][example]") {
   node_process node;
   auto r = run(node, node.tokens().bob, TRIPLANE_EXAMPLE_CLIENT);
