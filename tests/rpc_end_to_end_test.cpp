@@ -271,6 +271,29 @@ TEST_CASE("exec output streams to the client's callback and exit codes come back
   }
 }
 
+TEST_CASE("an exec without a timeout of its own is bounded by the node, not cut short by the "
+          "client's per-call timeout", "[rpc][limits]") {
+  node_process node;
+  auto alice = connect_as(node, node.tokens().alice);
+  auto s = alice->open_session("patient", true);
+  REQUIRE(s);
+  // The node's default exec timeout (60 s) applies; the client does not know it and must not
+  // give up (and cancel the command) after its own 1 s call timeout.
+  alice->set_call_timeout(1000ms);
+  triplane::client::exec_options opts;
+  opts.shell = "sleep 2; echo slept";
+  auto r = s->exec(opts);
+  REQUIRE(r);
+  CHECK(r->stdout_data == "slept\n");
+  // A command with its own timeout is still bounded by it plus the call timeout.
+  opts.timeout_ms = 500;
+  opts.shell = "sleep 5";
+  auto start = std::chrono::steady_clock::now();
+  auto killed = s->exec(opts);
+  CHECK(std::chrono::steady_clock::now() - start < 3s);
+  if (killed) CHECK(killed->exit_code != 0);
+}
+
 TEST_CASE("a bad token is refused with permission_denied and repeated failures close the "
           "connection", "[rpc][auth]") {
   node_process node;
@@ -873,4 +896,23 @@ TEST_CASE("a client whose token callback fails gets its generation cancelled and
   auto m = ops->metrics();
   REQUIRE(m);
   for (const auto& [c, n] : m->errors) CHECK(c != "internal");
+}
+
+TEST_CASE("a generation that takes longer than the client's per-call timeout completes",
+          "[rpc][inference][limits]") {
+  if (!have_tiny_model()) return;
+  node_process node({"--model", tiny_model});
+  auto alice = connect_as(node, node.tokens().alice);
+  alice->set_call_timeout(100ms);
+  triplane::client::generate_options g;
+  g.prompt_tokens = {1, 2, 3};
+  g.max_tokens = 1000;
+  auto start = std::chrono::steady_clock::now();
+  auto r = alice->generate(g);
+  auto took = std::chrono::steady_clock::now() - start;
+  INFO("took " << std::chrono::duration_cast<std::chrono::milliseconds>(took).count() << " ms");
+  REQUIRE(took > 100ms);  // else this test would prove nothing
+  REQUIRE(r);
+  CHECK(r->generated_tokens == 1000);
+  CHECK(r->finish_reason == "length");
 }

@@ -12,6 +12,11 @@ namespace triplane::client {
 
 namespace {
 
+/// The longest a node runs an exec without a timeout of its own or a generation, by default
+/// (rpc::limits::exec_max_timeout and generate_deadline): the node answers those calls by then
+/// itself, so the client waits that long beyond its per-call timeout instead of cancelling them.
+constexpr std::chrono::milliseconds longest_node_bound{600000};
+
 /// kj allows one event loop per thread: connections made on one thread share it.
 struct thread_loop {
   kj::AsyncIoContext io = kj::setupAsyncIo();
@@ -180,6 +185,7 @@ expected<generate_result> connection::generate(
   r.setTopK(opts.top_k);
   r.setSeed(opts.seed);
   if (on_tokens) req.setSink(kj::heap<token_sink>(std::move(on_tokens)));
+  // A generation may run as long as the node's generate deadline, not the per-call timeout.
   return impl_->wait(req.send().then(
     [](capnp::Response<api::Inference::GenerateResults>&& res) {
       auto g = res.getResult();
@@ -191,7 +197,7 @@ expected<generate_result> connection::generate(
       out.duration_us = g.getDurationUs();
       out.time_to_first_token_us = g.getTimeToFirstTokenUs();
       return out;
-    }));
+    }), impl_->timeout + longest_node_bound);
 }
 
 expected<std::vector<model_info>> connection::list_models() {
@@ -305,7 +311,10 @@ expected<exec_result> session::exec(const exec_options& opts, output_callback on
   r.setOutputCapBytes(opts.output_cap_bytes);
   bool streaming = static_cast<bool>(on_output);
   if (streaming) req.setSink(kj::heap<callback_sink>(std::move(on_output)));
-  auto limit = state_->conn->timeout + std::chrono::milliseconds(opts.timeout_ms);
+  // The node ends the command at its timeout; one without a timeout at the node's default,
+  // which the client does not know: allow the longest a node takes by default.
+  auto command = opts.timeout_ms ? std::chrono::milliseconds(opts.timeout_ms) : longest_node_bound;
+  auto limit = state_->conn->timeout + command;
   return state_->conn->wait(
     req.send().then([](capnp::Response<api::Session::ExecResults>&& res) {
       auto x = res.getResult();

@@ -119,7 +119,8 @@ public:
   const std::string& id() const { return id_; }
 
   /// Runs a command. With `on_output`, output is delivered to it live and the result carries
-  /// none; without, stdout/stderr come in the result.
+  /// none; without, stdout/stderr come in the result. Waits for the command's timeout_ms (0: up
+  /// to 10 minutes, the longest a node allows by default) plus the per-call timeout.
   expected<exec_result> exec(const exec_options& opts, output_callback on_output = {});
   expected<std::string> read_file(const std::string& path, uint64_t offset = 0,
                                   uint64_t length = 0);
@@ -168,7 +169,8 @@ public:
 
   /// Generates tokens; with `on_tokens` they are passed to it as they come (in order, possibly
   /// several per call) and the result's `tokens` stays empty. unavailable when the node serves
-  /// no model.
+  /// no model. Waits up to 10 minutes (a node's default generate deadline) plus the per-call
+  /// timeout.
   expected<generate_result> generate(
     const generate_options& opts,
     std::function<void(const std::vector<uint32_t>&)> on_tokens = {});
@@ -183,7 +185,7 @@ public:
   /// Number of calls the node cancelled at the deadline.
   expected<uint32_t> drain(std::chrono::milliseconds deadline);
 
-  /// Per-call timeout on the client side (exec adds its own command timeout to it).
+  /// Per-call timeout on the client side (exec and generate add their own bound to it).
   void set_call_timeout(std::chrono::milliseconds t);
 
   struct impl;  // implementation detail
