@@ -6,6 +6,7 @@
 #include <string>
 
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include "support/serve_process.hpp"
 
@@ -137,6 +138,27 @@ TEST_CASE("triplane-cli refuses numeric options it cannot represent instead of w
     CHECK(r.status == 2);
     CHECK(r.out.find(bad.substr(0, bad.find(' '))) != std::string::npos);
   }
+}
+
+TEST_CASE("triplane-cli fails with a message when it cannot write what it read", "[rpc][cli]") {
+  node_process node;
+  const auto& token = node.tokens().alice;
+  auto r = run(node, token, "echo payload | " + cli + " session put box --create f.txt");
+  REQUIRE(r.status == 0);
+  if (access("/dev/full", W_OK) != 0) {
+    WARN("SKIP: no writable /dev/full on this machine");
+    return;
+  }
+  // /dev/full: every write fails with ENOSPC, as on a full disk.
+  for (std::string command : {" session get box f.txt /dev/full",
+                              " session cat box f.txt >/dev/full", " session ls box >/dev/full"}) {
+    INFO(command);
+    r = run(node, token, cli + command);
+    CHECK(r.status == 1);
+    CHECK(r.out.find("cannot write") != std::string::npos);
+  }
+  r = run(node, token, cli + " session get box f.txt /dev/null");
+  CHECK(r.status == 0);
 }
 
 TEST_CASE("the C++ example client runs against a live node", "[rpc][example]") {

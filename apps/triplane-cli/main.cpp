@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <iostream>
 #include <optional>
@@ -169,6 +170,11 @@ int run_session(triplane::client::connection& conn, args_view& a) {
       std::ofstream out{pos[1], std::ios::binary};
       if (!out) return usage("cannot write '" + pos[1] + "'");
       out << *data;
+      out.close();
+      if (!out) {
+        std::cerr << "error: cannot write '" << pos[1] << "': " << std::strerror(errno) << "\n";
+        return 1;
+      }
     } else {
       fwrite(data->data(), 1, data->size(), stdout);
     }
@@ -390,11 +396,20 @@ int run(int argc, char** argv) {
   return usage("unknown command '" + cmd + "'");
 }
 
+/// `status`, unless what went to stdout could not all be written (a full disk, a closed
+/// file): then 1 with a message, since the caller would otherwise take lost data for success.
+int checked_stdout(int status) {
+  std::cout.flush();
+  if (std::fflush(stdout) == 0 && !std::ferror(stdout) && std::cout.good()) return status;
+  std::cerr << "error: cannot write the output: " << std::strerror(errno) << "\n";
+  return status == 0 ? 1 : status;
+}
+
 } // namespace
 
 int main(int argc, char** argv) {
   try {
-    return run(argc, argv);
+    return checked_stdout(run(argc, argv));
   } catch (const std::exception& e) {  // e.g. a number option that is not a number
     return usage(std::string("bad arguments: ") + e.what());
   }
