@@ -337,6 +337,55 @@ TEST_CASE("a bad token is refused with permission_denied and repeated failures c
   CHECK(m->auth_failures >= 6);
 }
 
+TEST_CASE("pipelined authentication guesses are checked one at a time, slowed down and cut off "
+          "like sequential ones", "[rpc][auth]") {
+  node_process node;
+  {
+  auto io = kj::setupAsyncIo();
+  auto addr = io.provider->getNetwork().parseAddress(node.endpoint()).wait(io.waitScope);
+  auto stream = addr->connect().wait(io.waitScope);
+  capnp::TwoPartyClient rpc(*stream);
+  auto boot = rpc.bootstrap().castAs<triplane::api::Bootstrap>();
+  // 40 wrong guesses sent at once, then the right token: the node must not check them all
+  // at once (a pipelining client would otherwise guess as fast as it can send). After the
+  // five failures a connection is allowed, the right token is never checked.
+  auto start = std::chrono::steady_clock::now();
+  kj::Vector<kj::Promise<std::string>> guesses;
+  auto outcome = [](auto&& p) {
+    return kj::mv(p).then([](auto&&) { return std::string("accepted"); },
+                          [](kj::Exception&& e) { return std::string(e.getDescription().cStr()); });
+  };
+  for (int i = 0; i < 40; ++i) {
+    auto req = boot.authenticateRequest();
+    req.setToken("guess-" + std::to_string(i));
+    guesses.add(outcome(req.send()));
+  }
+  auto right = boot.authenticateRequest();
+  right.setToken(node.tokens().alice);
+  auto answer = outcome(right.send()).wait(io.waitScope);
+  auto took = std::chrono::steady_clock::now() - start;
+  INFO("answer to the right token: " << answer << " after "
+       << std::chrono::duration_cast<std::chrono::milliseconds>(took).count() << " ms");
+  CHECK(answer != "accepted");
+  auto all = kj::joinPromises(guesses.releaseAsArray()).wait(io.waitScope);
+  int accepted = 0;
+  for (auto& a : all) accepted += a == "accepted";
+  CHECK(accepted == 0);
+  }
+
+  auto ops = connect_as(node, node.tokens().ops);
+  auto m = ops->metrics();
+  REQUIRE(m);
+  uint64_t denied = 0;
+  for (const auto& mm : m->methods)
+    if (mm.method == "Bootstrap.authenticate") denied = mm.errors;
+  CHECK(denied >= 5);
+  // A fresh connection with the right token is not slowed down by another's failures.
+  auto fresh_start = std::chrono::steady_clock::now();
+  auto alice = connect_as(node, node.tokens().alice);
+  CHECK(std::chrono::steady_clock::now() - fresh_start < 500ms);
+}
+
 TEST_CASE("tenant B cannot open or read or list or fork tenant A's sessions even by guessing ids",
           "[rpc][isolation]") {
   node_process node;

@@ -1123,15 +1123,69 @@ public:
     : core_(core), conn_(std::move(conn)) {}
 
   kj::Promise<void> authenticate(AuthenticateContext ctx) override {
-    capnp::Text::Reader token;
     try {
       check_params(ctx);
-      token = ctx.getParams().getToken();
+      (void)ctx.getParams().getToken();  // a token that is not text is a malformed call
     } catch (kj::Exception& e) {
       core_.metrics.record("Bootstrap.authenticate", 0, errc::invalid_argument);
       close_on_malformed(conn_, e);
       throw;
     }
+    // Attempts pipelined on one connection are checked one after another, each no sooner than
+    // the wait a failure of the attempts before it earns, and none beyond the connection's
+    // budget: sending many guesses at once gains nothing over sending them in turn.
+    auto max = core_.opts.limits.auth_failures_before_close;
+    auto earlier = conn_->auth_failures + conn_->auth_unchecked;
+    if (earlier >= max) {
+      ++core_.metrics.auth_failures;
+      core_.metrics.record("Bootstrap.authenticate", 0, errc::permission_denied);
+      wire::fail(errc::permission_denied,
+                 "too many authentication attempts on this connection (limit "
+                   + std::to_string(max) + "); not checked");
+    }
+    auto now = core_.timer.now();
+    auto turn = std::max(now, conn_->next_auth_check);
+    conn_->next_auth_check = turn + failure_delay_ms(earlier + 1) * kj::MILLISECONDS;
+    if (turn == now) return check_token(ctx);
+    ++conn_->auth_unchecked;
+    auto waiting = kj::heap<unchecked_attempt>(conn_);
+    auto* w = waiting.get();
+    return core_.timer.atTime(turn)
+      .then([this, ctx, w]() mutable {
+        w->checked();
+        return check_token(ctx);
+      })
+      .attach(kj::mv(waiting));
+  }
+
+  kj::Promise<void> protocolVersion(ProtocolVersionContext ctx) override {
+    ctx.getResults(result_size(0)).setVersion(1);
+    return kj::READY_NOW;
+  }
+
+private:
+  /// An authenticate call waiting for its turn: counted in connection_state::auth_unchecked
+  /// until checked or dropped (the client cancelled it).
+  struct unchecked_attempt {
+    explicit unchecked_attempt(std::shared_ptr<connection_state> c) : conn(std::move(c)) {}
+    ~unchecked_attempt() { checked(); }
+    void checked() {
+      if (counted) --conn->auth_unchecked;
+      counted = false;
+    }
+    std::shared_ptr<connection_state> conn;
+    bool counted = true;
+  };
+
+  /// The wait before answering the `failures`-th failure of a connection: doubled per failure,
+  /// capped.
+  int64_t failure_delay_ms(uint32_t failures) const {
+    auto base = core_.opts.limits.auth_failure_delay.count();
+    return std::min<int64_t>(base << std::min<uint32_t>(failures - 1, 8), 5000);
+  }
+
+  kj::Promise<void> check_token(AuthenticateContext ctx) {
+    auto token = ctx.getParams().getToken();
     const token_record* rec = nullptr;
     if (token.size() <= 1024) rec = match_token(core_.opts.tokens, {token.cStr(), token.size()});
     if (rec) {
@@ -1150,8 +1204,7 @@ public:
                  failures);
     // Slow down guessing: each failure on a connection doubles the wait (capped), and the
     // connection is closed after too many.
-    auto base = core_.opts.limits.auth_failure_delay.count();
-    auto delay = std::min<int64_t>(base << std::min<uint32_t>(failures - 1, 8), 5000);
+    auto delay = failure_delay_ms(failures);
     auto conn = conn_;
     auto max = core_.opts.limits.auth_failures_before_close;
     return core_.timer.afterDelay(delay * kj::MILLISECONDS).then([conn, failures, max]() {
@@ -1164,12 +1217,6 @@ public:
     });
   }
 
-  kj::Promise<void> protocolVersion(ProtocolVersionContext ctx) override {
-    ctx.getResults(result_size(0)).setVersion(1);
-    return kj::READY_NOW;
-  }
-
-private:
   server_core& core_;
   std::shared_ptr<connection_state> conn_;
 };
