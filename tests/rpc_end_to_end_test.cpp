@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <dirent.h>
 #include <fstream>
+#include <optional>
 #include <thread>
 
 #include <signal.h>
@@ -126,6 +127,35 @@ TEST_CASE("a tenant opens a session and reads back its kv entries and files", "[
   CHECK(why.find("alice/") == std::string::npos);
   REQUIRE(f->destroy());
   CHECK(code(alice->open_session("notes-copy", false)) == errc::not_found);
+}
+
+TEST_CASE("a session handle used after its connection was closed fails with unavailable instead "
+          "of crashing", "[rpc]") {
+  node_process node;
+  std::optional<triplane::client::session> orphan;
+  {
+    auto alice = connect_as(node, node.tokens().alice);
+    auto s = alice->open_session("orphan", true);
+    REQUIRE(s);
+    REQUIRE(s->kv_put("k", "v"));
+    orphan = *s;
+  }  // the connection is gone; the handle is not
+  auto r = orphan->kv_get("k");
+  REQUIRE_FALSE(r);
+  CHECK(triplane::code_of(r.error()) == errc::unavailable);
+  CHECK(triplane::describe(r.error()).find("closed") != std::string::npos);
+  triplane::client::exec_options opts;
+  opts.shell = "true";
+  CHECK(code(orphan->exec(opts)) == errc::unavailable);
+  CHECK(code(orphan->fork("orphan-2")) == errc::unavailable);
+  orphan.reset();  // destroying it is safe too
+  // A new connection on this thread works and sees the data.
+  auto again = connect_as(node, node.tokens().alice);
+  auto s2 = again->open_session("orphan", false);
+  REQUIRE(s2);
+  auto v = s2->kv_get("k");
+  REQUIRE(v);
+  CHECK(v->value_or("") == "v");
 }
 
 TEST_CASE("a client on the same host reaches the node over its Unix-domain socket as over TCP",

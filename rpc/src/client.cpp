@@ -64,7 +64,10 @@ struct connection::impl {
 };
 
 struct session::state {
-  connection::impl* conn;
+  // Declared first so that it is destroyed last: the capability below lives on this loop.
+  std::shared_ptr<thread_loop> loop;
+  /// A handle does not keep its connection open: once the connection is closed, calls fail.
+  std::weak_ptr<connection::impl> conn;
   api::Session::Client cap;
 };
 
@@ -108,6 +111,11 @@ public:
 private:
   std::function<void(const std::vector<uint32_t>&)> cb_;
 };
+
+caf::error connection_closed(const std::string& id) {
+  return make_error(errc::unavailable, "session '" + id
+                                         + "': its connection was closed; connect again");
+}
 
 } // namespace
 
@@ -159,12 +167,12 @@ expected<session> connection::open_session(const std::string& id, bool create) {
   auto req = impl_->tenant.sessionRequest();
   req.setId(id);
   req.setCreate(create);
-  auto* c = impl_.get();
-  auto cap = c->wait(req.send().then([](capnp::Response<api::Tenant::SessionResults>&& r) {
+  auto cap = impl_->wait(req.send().then([](capnp::Response<api::Tenant::SessionResults>&& r) {
     return r.getSession();
   }));
   if (!cap) return cap.error();
-  return session(std::make_shared<session::state>(session::state{c, kj::mv(*cap)}), id);
+  return session(
+    std::make_shared<session::state>(session::state{impl_->loop, impl_, kj::mv(*cap)}), id);
 }
 
 expected<generate_result> connection::generate(
@@ -295,6 +303,8 @@ expected<uint32_t> connection::drain(std::chrono::milliseconds deadline) {
 // session
 
 expected<exec_result> session::exec(const exec_options& opts, output_callback on_output) {
+  auto c = state_->conn.lock();
+  if (!c) return connection_closed(id_);
   auto req = state_->cap.execRequest();
   auto r = req.initRequest();
   auto argv = r.initArgv(static_cast<unsigned>(opts.argv.size()));
@@ -314,8 +324,8 @@ expected<exec_result> session::exec(const exec_options& opts, output_callback on
   // The node ends the command at its timeout; one without a timeout at the node's default,
   // which the client does not know: allow the longest a node takes by default.
   auto command = opts.timeout_ms ? std::chrono::milliseconds(opts.timeout_ms) : longest_node_bound;
-  auto limit = state_->conn->timeout + command;
-  return state_->conn->wait(
+  auto limit = c->timeout + command;
+  return c->wait(
     req.send().then([](capnp::Response<api::Session::ExecResults>&& res) {
       auto x = res.getResult();
       exec_result out;
@@ -334,31 +344,37 @@ expected<exec_result> session::exec(const exec_options& opts, output_callback on
 
 expected<std::string> session::read_file(const std::string& path, uint64_t offset,
                                          uint64_t length) {
+  auto c = state_->conn.lock();
+  if (!c) return connection_closed(id_);
   auto req = state_->cap.readFileRequest();
   req.setPath(path);
   req.setOffset(offset);
   req.setLength(length);
-  return state_->conn->wait(req.send().then(
+  return c->wait(req.send().then(
     [](capnp::Response<api::Session::ReadFileResults>&& res) { return from_data(res.getData()); }));
 }
 
 expected<void> session::write_file(const std::string& path, std::string_view data,
                                    bool make_parents, bool executable) {
+  auto c = state_->conn.lock();
+  if (!c) return connection_closed(id_);
   auto req = state_->cap.writeFileRequest();
   req.setPath(path);
   req.setData(as_data(data));
   req.setMakeParents(make_parents);
   req.setExecutable(executable);
-  auto r = state_->conn->wait(req.send().ignoreResult().then([] { return true; }));
+  auto r = c->wait(req.send().ignoreResult().then([] { return true; }));
   if (!r) return r.error();
   return {};
 }
 
 expected<std::vector<file_entry>> session::list_files(const std::string& path, bool recursive) {
+  auto c = state_->conn.lock();
+  if (!c) return connection_closed(id_);
   auto req = state_->cap.listFilesRequest();
   req.setPath(path);
   req.setRecursive(recursive);
-  return state_->conn->wait(req.send().then(
+  return c->wait(req.send().then(
     [](capnp::Response<api::Session::ListFilesResults>&& res) {
       std::vector<file_entry> out;
       for (auto e : res.getEntries()) out.push_back({e.getPath().cStr(), e.getSize(), e.getMode()});
@@ -367,18 +383,22 @@ expected<std::vector<file_entry>> session::list_files(const std::string& path, b
 }
 
 expected<void> session::remove_file(const std::string& path, bool recursive) {
+  auto c = state_->conn.lock();
+  if (!c) return connection_closed(id_);
   auto req = state_->cap.removeFileRequest();
   req.setPath(path);
   req.setRecursive(recursive);
-  auto r = state_->conn->wait(req.send().ignoreResult().then([] { return true; }));
+  auto r = c->wait(req.send().ignoreResult().then([] { return true; }));
   if (!r) return r.error();
   return {};
 }
 
 expected<std::optional<std::string>> session::kv_get(const std::string& key) {
+  auto c = state_->conn.lock();
+  if (!c) return connection_closed(id_);
   auto req = state_->cap.kvGetRequest();
   req.setKey(key);
-  return state_->conn->wait(req.send().then(
+  return c->wait(req.send().then(
     [](capnp::Response<api::Session::KvGetResults>&& res) -> std::optional<std::string> {
       if (!res.getFound()) return std::nullopt;
       return from_data(res.getValue());
@@ -386,25 +406,31 @@ expected<std::optional<std::string>> session::kv_get(const std::string& key) {
 }
 
 expected<void> session::kv_put(const std::string& key, std::string_view value) {
+  auto c = state_->conn.lock();
+  if (!c) return connection_closed(id_);
   auto req = state_->cap.kvPutRequest();
   req.setKey(key);
   req.setValue(as_data(value));
-  auto r = state_->conn->wait(req.send().ignoreResult().then([] { return true; }));
+  auto r = c->wait(req.send().ignoreResult().then([] { return true; }));
   if (!r) return r.error();
   return {};
 }
 
 expected<bool> session::kv_delete(const std::string& key) {
+  auto c = state_->conn.lock();
+  if (!c) return connection_closed(id_);
   auto req = state_->cap.kvDeleteRequest();
   req.setKey(key);
-  return state_->conn->wait(req.send().then(
+  return c->wait(req.send().then(
     [](capnp::Response<api::Session::KvDeleteResults>&& res) { return res.getExisted(); }));
 }
 
 expected<std::vector<std::string>> session::kv_list(const std::string& prefix) {
+  auto c = state_->conn.lock();
+  if (!c) return connection_closed(id_);
   auto req = state_->cap.kvListRequest();
   req.setPrefix(prefix);
-  return state_->conn->wait(req.send().then(
+  return c->wait(req.send().then(
     [](capnp::Response<api::Session::KvListResults>&& res) {
       std::vector<std::string> out;
       for (auto k : res.getKeys()) out.emplace_back(k.cStr(), k.size());
@@ -413,23 +439,29 @@ expected<std::vector<std::string>> session::kv_list(const std::string& prefix) {
 }
 
 expected<session> session::fork(const std::string& new_id) {
+  auto c = state_->conn.lock();
+  if (!c) return connection_closed(id_);
   auto req = state_->cap.forkRequest();
   req.setNewId(new_id);
-  auto cap = state_->conn->wait(req.send().then(
+  auto cap = c->wait(req.send().then(
     [](capnp::Response<api::Session::ForkResults>&& res) { return res.getSession(); }));
   if (!cap) return cap.error();
-  return session(std::make_shared<state>(state{state_->conn, kj::mv(*cap)}), new_id);
+  return session(std::make_shared<state>(state{c->loop, c, kj::mv(*cap)}), new_id);
 }
 
 expected<void> session::destroy() {
-  auto r = state_->conn->wait(
+  auto c = state_->conn.lock();
+  if (!c) return connection_closed(id_);
+  auto r = c->wait(
     state_->cap.destroyRequest().send().ignoreResult().then([] { return true; }));
   if (!r) return r.error();
   return {};
 }
 
 expected<session_info> session::info() {
-  return state_->conn->wait(state_->cap.infoRequest().send().then(
+  auto c = state_->conn.lock();
+  if (!c) return connection_closed(id_);
+  return c->wait(state_->cap.infoRequest().send().then(
     [](capnp::Response<api::Session::InfoResults>&& res) {
       auto i = res.getInfo();
       session_info out;

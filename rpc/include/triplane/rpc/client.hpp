@@ -6,7 +6,8 @@
 //
 // Threading: a connection runs on the Cap'n Proto event loop of the thread that created it
 // (connections made on one thread share that thread's loop); use it and its session handles
-// only on that thread. Session handles must not outlive their connection. Do not fork() a
+// only on that thread. A session handle does not keep its connection open: once the
+// connection is destroyed, the handle's calls fail with `unavailable`. Do not fork() a
 // process that holds a connection and use the client library in the child.
 #pragma once
 
@@ -192,7 +193,7 @@ public:
 
 private:
   explicit connection(std::unique_ptr<impl> i);
-  std::unique_ptr<impl> impl_;
+  std::shared_ptr<impl> impl_;  ///< shared with nobody; sessions watch it (weak_ptr)
 };
 
 } // namespace triplane::client
