@@ -161,6 +161,21 @@ TEST_CASE("triplane-cli fails with a message when it cannot write what it read",
   CHECK(r.status == 0);
 }
 
+TEST_CASE("triplane-cli refuses a file too large for one call with limit_exceeded and says why",
+          "[rpc][cli]") {
+  node_process node;
+  const auto& token = node.tokens().alice;
+  // 70 MB: more than one Cap'n Proto message carries (64 MiB on both ends).
+  auto r = run(node, token, "head -c 70000000 /dev/zero | " + cli + " session put box --create big");
+  INFO(r.out);
+  CHECK(r.status == 1);
+  CHECK(r.out.find("error: limit_exceeded:") != std::string::npos);
+  CHECK(r.out.find("64 MiB") != std::string::npos);
+  // The connection and the session are fine: a smaller file goes through.
+  r = run(node, token, "head -c 1000000 /dev/zero | " + cli + " session put box --create small");
+  CHECK(r.status == 0);
+}
+
 TEST_CASE("the C++ example client runs against a live node", "[rpc][example]") {
   node_process node;
   auto r = run(node, node.tokens().bob, TRIPLANE_EXAMPLE_CLIENT);

@@ -112,6 +112,21 @@ private:
   std::function<void(const std::vector<uint32_t>&)> cb_;
 };
 
+/// Cap'n Proto's default limit on one message (ReaderOptions::traversalLimitInWords), which a
+/// node's reader_limits keep by default: a larger request would be refused by the sending side
+/// with an internal error that does not say what to do.
+constexpr uint64_t max_message_words = 8u << 20;
+
+/// limit_exceeded when `req` (a request about to be sent) is too large for one message.
+template <class Request>
+caf::error check_message_size(Request& req, const char* what) {
+  auto words = req.asReader().totalSize().wordCount;
+  if (words + 64 <= max_message_words) return caf::none;  // 64 words: the call's framing
+  return make_error(errc::limit_exceeded,
+                    std::string(what) + " takes " + std::to_string(words * 8)
+                      + " bytes; one call carries at most 64 MiB: send less per call");
+}
+
 caf::error connection_closed(const std::string& id) {
   return make_error(errc::unavailable, "session '" + id
                                          + "': its connection was closed; connect again");
@@ -319,6 +334,7 @@ expected<exec_result> session::exec(const exec_options& opts, output_callback on
   r.setCwd(opts.cwd);
   r.setTimeoutMs(opts.timeout_ms);
   r.setOutputCapBytes(opts.output_cap_bytes);
+  if (auto err = check_message_size(req, "the exec request (argv, env, stdin)")) return err;
   bool streaming = static_cast<bool>(on_output);
   if (streaming) req.setSink(kj::heap<callback_sink>(std::move(on_output)));
   // The node ends the command at its timeout; one without a timeout at the node's default,
@@ -363,6 +379,7 @@ expected<void> session::write_file(const std::string& path, std::string_view dat
   req.setData(as_data(data));
   req.setMakeParents(make_parents);
   req.setExecutable(executable);
+  if (auto err = check_message_size(req, "the file")) return err;
   auto r = c->wait(req.send().ignoreResult().then([] { return true; }));
   if (!r) return r.error();
   return {};
@@ -411,6 +428,7 @@ expected<void> session::kv_put(const std::string& key, std::string_view value) {
   auto req = state_->cap.kvPutRequest();
   req.setKey(key);
   req.setValue(as_data(value));
+  if (auto err = check_message_size(req, "the value")) return err;
   auto r = c->wait(req.send().ignoreResult().then([] { return true; }));
   if (!r) return r.error();
   return {};

@@ -125,6 +125,8 @@ public:
   expected<exec_result> exec(const exec_options& opts, output_callback on_output = {});
   expected<std::string> read_file(const std::string& path, uint64_t offset = 0,
                                   uint64_t length = 0);
+  /// limit_exceeded (not sent) when the data does not fit in one call (64 MiB with the path);
+  /// so do exec and kv_put for their requests.
   expected<void> write_file(const std::string& path, std::string_view data,
                             bool make_parents = false, bool executable = false);
   expected<std::vector<file_entry>> list_files(const std::string& path, bool recursive = false);
