@@ -158,6 +158,32 @@ TEST_CASE("a session handle used after its connection was closed fails with unav
   CHECK(v->value_or("") == "v");
 }
 
+TEST_CASE("a file read too large for one answer is refused with limit_exceeded and a range read "
+          "of it works", "[rpc][limits]") {
+  node_process node;
+  auto alice = connect_as(node, node.tokens().alice);
+  auto s = alice->open_session("huge", true);
+  REQUIRE(s);
+  // Just under the session's 64 MiB read limit, just over what one 64 MiB message carries with
+  // its framing.
+  triplane::client::exec_options opts;
+  opts.shell = "head -c 67108860 /dev/zero > big";
+  auto made = s->exec(opts);
+  REQUIRE(made);
+  REQUIRE(made->exit_code == 0);
+  auto whole = s->read_file("big");
+  REQUIRE_FALSE(whole);
+  INFO(triplane::describe(whole.error()));
+  CHECK(triplane::code_of(whole.error()) == errc::limit_exceeded);
+  CHECK(triplane::describe(whole.error()).find("read a range") != std::string::npos);
+  auto head = s->read_file("big", 0, 32u << 20);
+  REQUIRE(head);
+  CHECK(head->size() == (32u << 20));
+  auto tail = s->read_file("big", 32u << 20);
+  REQUIRE(tail);
+  CHECK(tail->size() == 67108860 - (32u << 20));
+}
+
 TEST_CASE("a client on the same host reaches the node over its Unix-domain socket as over TCP",
           "[rpc][unix]") {
   triplane::testing::temp_directory dir{"triplane-rpc-unix"};

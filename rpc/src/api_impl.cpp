@@ -184,6 +184,9 @@ capnp::MessageSize result_size(size_t payload_bytes) {
   return {8 + (payload_bytes + 7) / 8, 0};
 }
 
+/// Room for the Return message around an answer's payload (header, payload struct, pointers).
+constexpr uint64_t answer_framing_bytes = 1024;
+
 capnp::Data::Reader as_data(const std::string& s) {
   return {reinterpret_cast<const kj::byte*>(s.data()), s.size()};
 }
@@ -433,8 +436,20 @@ public:
       req.path = checked_text(p.getPath(), 4096, "path");
       req.offset = p.getOffset();
       req.length = p.getLength();
+      // One answer is one message: Cap'n Proto would refuse to send a larger one with an
+      // internal error (the session allows reads up to its own limit, which may be as large).
+      auto message_bytes = core_.opts.reader.traversal_limit_words * 8;
+      auto max_bytes = message_bytes > answer_framing_bytes ? message_bytes - answer_framing_bytes
+                                                            : 0;
       return ask<actors::file_data>(caf::make_message(actors::file_read_atom::value, req))
-        .then([ctx](actors::file_data&& d) mutable { ctx.getResults().setData(as_data(d.data)); });
+        .then([ctx, max_bytes, path = req.path](actors::file_data&& d) mutable {
+          if (d.data.size() > max_bytes)
+            wire::fail(errc::limit_exceeded,
+                       "reading " + std::to_string(d.data.size()) + " bytes of '" + path
+                         + "' at once is more than one answer carries ("
+                         + std::to_string(max_bytes) + " bytes); read a range (offset, length)");
+          ctx.getResults().setData(as_data(d.data));
+        });
     });
   }
 
