@@ -458,6 +458,70 @@ TEST_CASE("a client that sends calls but never reads their replies holds bounded
   check_healthy(**good, "the unread client gone");
 }
 
+TEST_CASE("an unauthenticated client that floods calls and never finishes them is cut off while "
+          "others are served and node memory stays bounded", "[rpc][bad-input]") {
+  node_process node;
+  auto good = connection::connect(node.endpoint(), node.tokens().alice);
+  REQUIRE(good);
+  auto rss_start = node.rss_kib();
+  // Bootstrap messages, each a new question the client never finishes (no Finish message):
+  // without a bound, every one keeps an answer (and a reference to the bootstrap capability)
+  // on the node. The client reads and discards the answers, so nothing waits to be written.
+  int fd = raw_connect(node.port());
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> sent{0};
+  std::thread reader([&] {
+    char buf[65536];
+    while (!stop) {
+      pollfd p{fd, POLLIN, 0};
+      if (poll(&p, 1, 50) <= 0) continue;
+      if (recv(fd, buf, sizeof buf, 0) <= 0) return;
+    }
+  });
+  std::thread sender([&] {
+    for (uint32_t round = 0; !stop; ++round) {
+      std::string msgs;
+      for (uint32_t q = 0; q < 4096; ++q) {
+        capnp::MallocMessageBuilder b;
+        b.initRoot<capnp::rpc::Message>().initBootstrap().setQuestionId(round * 4096 + q);
+        msgs += serialize(b);
+      }
+      for (size_t done = 0; done < msgs.size();) {
+        auto w = send(fd, msgs.data() + done, msgs.size() - done, MSG_NOSIGNAL);
+        if (w <= 0) return;
+        done += static_cast<size_t>(w);
+      }
+      sent += 4096;
+    }
+  });
+  // Each call of the well-behaved client must still be answered: the flood starved them all.
+  (*good)->set_call_timeout(2000ms);
+  long rss_peak = rss_start;
+  int unhealthy = 0;
+  std::string why;
+  for (int i = 0; i < 10; ++i) {
+    auto s = (*good)->open_session("healthy", true);
+    auto put = s ? s->kv_put("after", "flood") : triplane::expected<void>(s.error());
+    if (!put) {
+      ++unhealthy;
+      why = triplane::describe(put.error());
+    }
+    rss_peak = std::max(rss_peak, node.rss_kib());
+    std::this_thread::sleep_for(100ms);
+  }
+  stop = true;
+  INFO("well-behaved calls that failed: " << unhealthy << " (last: " << why << ")");
+  CHECK(unhealthy == 0);
+  shutdown(fd, SHUT_RDWR);
+  sender.join();
+  reader.join();
+  close(fd);
+  INFO("RSS start " << rss_start << " KiB, peak " << rss_peak << " KiB; " << sent.load()
+                    << " bootstrap messages sent");
+  CHECK(rss_peak - rss_start < 64 * 1024);
+  check_healthy(**good, "bootstrap flood gone");
+}
+
 TEST_CASE("a thousand idle connections do not stop the node from serving", "[rpc][bad-input]") {
   rlimit lim{};
   REQUIRE(getrlimit(RLIMIT_NOFILE, &lim) == 0);

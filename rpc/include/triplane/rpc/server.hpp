@@ -36,6 +36,9 @@ struct limits {
   /// may wait unwritten; beyond, the connection's further calls are not read until the client
   /// reads (so a client that never reads cannot grow the node's memory without bound).
   uint64_t max_unsent_bytes = 16u << 20;
+  /// Per connection: bytes a client may send before it is authenticated (a Bootstrap and an
+  /// authenticate call take about a kilobyte); beyond, the connection is closed.
+  uint64_t max_unauthenticated_bytes = 64u << 10;
   uint32_t auth_failures_before_close = 5;     ///< per connection
   std::chrono::milliseconds auth_failure_delay{200};  ///< doubled per failure on a connection
   std::chrono::milliseconds unauthenticated_idle{30000};  ///< close if not authenticated by then
