@@ -92,7 +92,8 @@ struct ExecRequest {
   stdin @2 :Data;
   env @3 :List(EnvVar);    # overrides on top of the session's environment
   cwd @4 :Text;            # relative to the workspace root; empty = session's working directory
-  timeoutMs @5 :UInt32;    # 0 = the server's default
+  timeoutMs @5 :UInt32;    # 0 = the server's default (60 s); more than the server's maximum
+                           # (10 minutes by default) is cut to that maximum
   outputCapBytes @6 :UInt64;
   # Bytes of output kept (and streamed) per stream; the rest is read and dropped and the result
   # says truncated. 0 = the node's default (1 MiB); more than the server's maximum (64 MiB by
@@ -132,7 +133,8 @@ interface Session {
   # disconnecting kills the command. Commands run in the session's sandbox (bubblewrap, no
   # network); one session runs one command at a time, later ones wait.
   readFile @1 (path :Text, offset :UInt64, length :UInt64) -> (data :Data);
-  # length 0 = to the end.
+  # length 0 = to the end. A read larger than one message carries (64 MiB by default) is
+  # limit_exceeded: read it in ranges.
   writeFile @2 (path :Text, data :Data, makeParents :Bool, executable :Bool) -> ();
   listFiles @3 (path :Text, recursive :Bool) -> (entries :List(FileEntry));
   removeFile @4 (path :Text, recursive :Bool) -> ();

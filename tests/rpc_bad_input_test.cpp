@@ -4,6 +4,7 @@
 // client throughout, and keep its memory bounded.
 #include <catch2/catch.hpp>
 
+#include <atomic>
 #include <cstring>
 #include <fstream>
 #include <random>
@@ -104,6 +105,25 @@ std::string authenticate_call(Fill&& fill) {
   call.initTarget().initPromisedAnswer().setQuestionId(0);
   call.setInterfaceId(capnp::typeId<triplane::api::Bootstrap>());
   call.setMethodId(0);
+  fill(call.initParams().getContent());
+  return serialize(b);
+}
+
+/// A Call (question `question`) of `interface_id`.`method` on the capability in pointer field 0
+/// of question `on_question`'s results (field 0 of each of those results is the capability
+/// this test wants: Bootstrap.authenticate -> tenant, Tenant.session -> session); `fill` writes
+/// the params. With promise pipelining, a client needs no answer to send the next call.
+template <class Fill>
+std::string pipelined_call(uint32_t question, uint32_t on_question, uint64_t interface_id,
+                           uint16_t method, Fill&& fill) {
+  capnp::MallocMessageBuilder b;
+  auto call = b.initRoot<capnp::rpc::Message>().initCall();
+  call.setQuestionId(question);
+  auto target = call.initTarget().initPromisedAnswer();
+  target.setQuestionId(on_question);
+  target.initTransform(1)[0].setGetPointerField(0);
+  call.setInterfaceId(interface_id);
+  call.setMethodId(method);
   fill(call.initParams().getContent());
   return serialize(b);
 }
@@ -360,6 +380,146 @@ TEST_CASE("a fast exec for a connected client that never reads is stopped by its
   check_healthy(**good, "stuck reader timed out");
   kill(child, SIGKILL);
   waitpid(child, nullptr, 0);
+}
+
+TEST_CASE("a client that sends calls but never reads their replies holds bounded node memory",
+          "[rpc][bad-input][flow]") {
+  // 16 calls in flight per tenant: the node's memory for one connection is bounded by its
+  // unsent-bytes limit plus the answers of 16 calls, whatever the client sends.
+  node_process node({"--triplane.rpc-max-calls=16"});
+  auto good = connection::connect(node.endpoint(), node.tokens().alice);
+  REQUIRE(good);
+  auto s = (*good)->open_session("bulk", true);
+  REQUIRE(s);
+  const std::string big(900 * 1024, 'v');  // within the session's 1 MiB of kv
+  REQUIRE(s->kv_put("big", big));
+  auto rss_start = node.rss_kib();
+
+  // A raw client with a tiny receive window pipelines authenticate, Tenant.session and then
+  // kvGet calls of the 900 KiB value, a few at a time (so that each finds a free call slot:
+  // about 300 MB of answers a second), and never reads a byte.
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  REQUIRE(fd >= 0);
+  int small = 4096;
+  setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(node.port());
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+  std::string preamble = bootstrap_message();
+  preamble += authenticate_call([&](capnp::AnyPointer::Builder p) {
+    p.initAs<triplane::api::Bootstrap::AuthenticateParams>().setToken(node.tokens().alice);
+  });
+  preamble += pipelined_call(2, 1, capnp::typeId<triplane::api::Tenant>(), 0,
+                             [](capnp::AnyPointer::Builder p) {
+                               auto params = p.initAs<triplane::api::Tenant::SessionParams>();
+                               params.setId("bulk");
+                               params.setCreate(false);
+                             });
+  std::atomic<bool> stop{false};
+  std::atomic<uint32_t> sent{0};
+  // Blocks in send() once the node stops reading: shutdown() below releases it.
+  std::thread sender([&] {
+    auto send_fully = [fd](const std::string& bytes) {
+      for (size_t done = 0; done < bytes.size();) {
+        auto w = send(fd, bytes.data() + done, bytes.size() - done, MSG_NOSIGNAL);
+        if (w <= 0) return false;
+        done += static_cast<size_t>(w);
+      }
+      return true;
+    };
+    if (!send_fully(preamble)) return;
+    for (uint32_t q = 3; q < 1000000 && !stop; ++q) {
+      auto call = pipelined_call(q, 2, capnp::typeId<triplane::api::Session>(), 5,
+                                 [](capnp::AnyPointer::Builder p) {
+                                   p.initAs<triplane::api::Session::KvGetParams>().setKey("big");
+                                 });
+      if (!send_fully(call)) return;
+      ++sent;
+      if (q % 4 == 0) std::this_thread::sleep_for(10ms);
+    }
+  });
+
+  long rss_peak = rss_start;
+  for (int i = 0; i < 30; ++i) {
+    check_healthy(**good, "unread replies, round " + std::to_string(i));
+    rss_peak = std::max(rss_peak, node.rss_kib());
+    std::this_thread::sleep_for(100ms);
+  }
+  stop = true;
+  INFO("RSS start " << rss_start << " KiB, peak " << rss_peak << " KiB; " << sent.load()
+                    << " calls sent");
+  CHECK(sent.load() > 100);
+  CHECK(rss_peak - rss_start < 128 * 1024);
+  shutdown(fd, SHUT_RDWR);
+  sender.join();
+  close(fd);
+  check_healthy(**good, "the unread client gone");
+}
+
+TEST_CASE("an unauthenticated client that floods calls and never finishes them is cut off while "
+          "others are served and node memory stays bounded", "[rpc][bad-input]") {
+  node_process node;
+  auto good = connection::connect(node.endpoint(), node.tokens().alice);
+  REQUIRE(good);
+  auto rss_start = node.rss_kib();
+  // Bootstrap messages, each a new question the client never finishes (no Finish message):
+  // without a bound, every one keeps an answer (and a reference to the bootstrap capability)
+  // on the node. The client reads and discards the answers, so nothing waits to be written.
+  int fd = raw_connect(node.port());
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> sent{0};
+  std::thread reader([&] {
+    char buf[65536];
+    while (!stop) {
+      pollfd p{fd, POLLIN, 0};
+      if (poll(&p, 1, 50) <= 0) continue;
+      if (recv(fd, buf, sizeof buf, 0) <= 0) return;
+    }
+  });
+  std::thread sender([&] {
+    for (uint32_t round = 0; !stop; ++round) {
+      std::string msgs;
+      for (uint32_t q = 0; q < 4096; ++q) {
+        capnp::MallocMessageBuilder b;
+        b.initRoot<capnp::rpc::Message>().initBootstrap().setQuestionId(round * 4096 + q);
+        msgs += serialize(b);
+      }
+      for (size_t done = 0; done < msgs.size();) {
+        auto w = send(fd, msgs.data() + done, msgs.size() - done, MSG_NOSIGNAL);
+        if (w <= 0) return;
+        done += static_cast<size_t>(w);
+      }
+      sent += 4096;
+    }
+  });
+  // Each call of the well-behaved client must still be answered: the flood starved them all.
+  (*good)->set_call_timeout(2000ms);
+  long rss_peak = rss_start;
+  int unhealthy = 0;
+  std::string why;
+  for (int i = 0; i < 10; ++i) {
+    auto s = (*good)->open_session("healthy", true);
+    auto put = s ? s->kv_put("after", "flood") : triplane::expected<void>(s.error());
+    if (!put) {
+      ++unhealthy;
+      why = triplane::describe(put.error());
+    }
+    rss_peak = std::max(rss_peak, node.rss_kib());
+    std::this_thread::sleep_for(100ms);
+  }
+  stop = true;
+  INFO("well-behaved calls that failed: " << unhealthy << " (last: " << why << ")");
+  CHECK(unhealthy == 0);
+  shutdown(fd, SHUT_RDWR);
+  sender.join();
+  reader.join();
+  close(fd);
+  INFO("RSS start " << rss_start << " KiB, peak " << rss_peak << " KiB; " << sent.load()
+                    << " bootstrap messages sent");
+  CHECK(rss_peak - rss_start < 64 * 1024);
+  check_healthy(**good, "bootstrap flood gone");
 }
 
 TEST_CASE("a thousand idle connections do not stop the node from serving", "[rpc][bad-input]") {

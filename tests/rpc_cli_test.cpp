@@ -6,6 +6,7 @@
 #include <string>
 
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include "support/serve_process.hpp"
 
@@ -109,6 +110,70 @@ TEST_CASE("triplane-cli prints human-readable errors and exits 1 or 2", "[rpc][c
   r = run(node, node.tokens().alice, "TRIPLANE_ENDPOINT=127.0.0.1:1 " + cli + " session ls x");
   CHECK(r.status == 1);
   CHECK(r.out.find("error: unavailable") != std::string::npos);
+}
+
+TEST_CASE("triplane-cli refuses numeric options it cannot represent instead of wrapping or "
+          "truncating them", "[rpc][cli]") {
+  node_process node;
+  const auto& token = node.tokens().alice;
+  // Each would otherwise reach the node as a different number than the one typed: "-1" wraps
+  // to 4294967295 ms, 2^32 to 0 (the node's default), "5s" is read as 5.
+  for (std::string bad : {"-1", "4294967296", "5s", "", "0x10", " 7"}) {
+    INFO("--timeout-ms '" << bad << "'");
+    auto r = run(node, token, cli + " session exec work --create --timeout-ms '" + bad
+                                + "' -- echo it-ran");
+    CHECK(r.status == 2);
+    CHECK(r.out.find("--timeout-ms") != std::string::npos);
+    CHECK(r.out.find("it-ran") == std::string::npos);
+  }
+  auto ok = run(node, token,
+                cli + " session exec work --create --timeout-ms 4294967295 -- echo it-ran");
+  CHECK(ok.status == 0);
+  CHECK(ok.out == "it-ran\n");
+  for (std::string bad : {"--max-tokens -1", "--max-tokens 4294967296", "--top-k -3",
+                          "--seed -1", "--seed 18446744073709551616", "--temperature 0.5x",
+                          "--top-p ''"}) {
+    INFO(bad);
+    auto r = run(node, token, cli + " generate --tokens 1,2 " + bad);
+    CHECK(r.status == 2);
+    CHECK(r.out.find(bad.substr(0, bad.find(' '))) != std::string::npos);
+  }
+}
+
+TEST_CASE("triplane-cli fails with a message when it cannot write what it read", "[rpc][cli]") {
+  node_process node;
+  const auto& token = node.tokens().alice;
+  auto r = run(node, token, "echo payload | " + cli + " session put box --create f.txt");
+  REQUIRE(r.status == 0);
+  if (access("/dev/full", W_OK) != 0) {
+    WARN("SKIP: no writable /dev/full on this machine");
+    return;
+  }
+  // /dev/full: every write fails with ENOSPC, as on a full disk.
+  for (std::string command : {" session get box f.txt /dev/full",
+                              " session cat box f.txt >/dev/full", " session ls box >/dev/full"}) {
+    INFO(command);
+    r = run(node, token, cli + command);
+    CHECK(r.status == 1);
+    CHECK(r.out.find("cannot write") != std::string::npos);
+  }
+  r = run(node, token, cli + " session get box f.txt /dev/null");
+  CHECK(r.status == 0);
+}
+
+TEST_CASE("triplane-cli refuses a file too large for one call with limit_exceeded and says why",
+          "[rpc][cli]") {
+  node_process node;
+  const auto& token = node.tokens().alice;
+  // 70 MB: more than one Cap'n Proto message carries (64 MiB on both ends).
+  auto r = run(node, token, "head -c 70000000 /dev/zero | " + cli + " session put box --create big");
+  INFO(r.out);
+  CHECK(r.status == 1);
+  CHECK(r.out.find("error: limit_exceeded:") != std::string::npos);
+  CHECK(r.out.find("64 MiB") != std::string::npos);
+  // The connection and the session are fine: a smaller file goes through.
+  r = run(node, token, "head -c 1000000 /dev/zero | " + cli + " session put box --create small");
+  CHECK(r.status == 0);
 }
 
 TEST_CASE("the C++ example client runs against a live node", "[rpc][example]") {

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <dirent.h>
 #include <fstream>
+#include <optional>
 #include <thread>
 
 #include <signal.h>
@@ -126,6 +127,61 @@ TEST_CASE("a tenant opens a session and reads back its kv entries and files", "[
   CHECK(why.find("alice/") == std::string::npos);
   REQUIRE(f->destroy());
   CHECK(code(alice->open_session("notes-copy", false)) == errc::not_found);
+}
+
+TEST_CASE("a session handle used after its connection was closed fails with unavailable instead "
+          "of crashing", "[rpc]") {
+  node_process node;
+  std::optional<triplane::client::session> orphan;
+  {
+    auto alice = connect_as(node, node.tokens().alice);
+    auto s = alice->open_session("orphan", true);
+    REQUIRE(s);
+    REQUIRE(s->kv_put("k", "v"));
+    orphan = *s;
+  }  // the connection is gone; the handle is not
+  auto r = orphan->kv_get("k");
+  REQUIRE_FALSE(r);
+  CHECK(triplane::code_of(r.error()) == errc::unavailable);
+  CHECK(triplane::describe(r.error()).find("closed") != std::string::npos);
+  triplane::client::exec_options opts;
+  opts.shell = "true";
+  CHECK(code(orphan->exec(opts)) == errc::unavailable);
+  CHECK(code(orphan->fork("orphan-2")) == errc::unavailable);
+  orphan.reset();  // destroying it is safe too
+  // A new connection on this thread works and sees the data.
+  auto again = connect_as(node, node.tokens().alice);
+  auto s2 = again->open_session("orphan", false);
+  REQUIRE(s2);
+  auto v = s2->kv_get("k");
+  REQUIRE(v);
+  CHECK(v->value_or("") == "v");
+}
+
+TEST_CASE("a file read too large for one answer is refused with limit_exceeded and a range read "
+          "of it works", "[rpc][limits]") {
+  node_process node;
+  auto alice = connect_as(node, node.tokens().alice);
+  auto s = alice->open_session("huge", true);
+  REQUIRE(s);
+  // Just under the session's 64 MiB read limit, just over what one 64 MiB message carries with
+  // its framing.
+  triplane::client::exec_options opts;
+  opts.shell = "head -c 67108860 /dev/zero > big";
+  auto made = s->exec(opts);
+  REQUIRE(made);
+  REQUIRE(made->exit_code == 0);
+  auto whole = s->read_file("big");
+  REQUIRE_FALSE(whole);
+  INFO(triplane::describe(whole.error()));
+  CHECK(triplane::code_of(whole.error()) == errc::limit_exceeded);
+  CHECK(triplane::describe(whole.error()).find("read a range") != std::string::npos);
+  auto head = s->read_file("big", 0, 32u << 20);
+  REQUIRE(head);
+  CHECK(head->size() == (32u << 20));
+  auto tail = s->read_file("big", 32u << 20);
+  REQUIRE(tail);
+  CHECK(tail->size() == 67108860 - (32u << 20));
 }
 
 TEST_CASE("a client on the same host reaches the node over its Unix-domain socket as over TCP",
@@ -271,6 +327,29 @@ TEST_CASE("exec output streams to the client's callback and exit codes come back
   }
 }
 
+TEST_CASE("an exec without a timeout of its own is bounded by the node, not cut short by the "
+          "client's per-call timeout", "[rpc][limits]") {
+  node_process node;
+  auto alice = connect_as(node, node.tokens().alice);
+  auto s = alice->open_session("patient", true);
+  REQUIRE(s);
+  // The node's default exec timeout (60 s) applies; the client does not know it and must not
+  // give up (and cancel the command) after its own 1 s call timeout.
+  alice->set_call_timeout(1000ms);
+  triplane::client::exec_options opts;
+  opts.shell = "sleep 2; echo slept";
+  auto r = s->exec(opts);
+  REQUIRE(r);
+  CHECK(r->stdout_data == "slept\n");
+  // A command with its own timeout is still bounded by it plus the call timeout.
+  opts.timeout_ms = 500;
+  opts.shell = "sleep 5";
+  auto start = std::chrono::steady_clock::now();
+  auto killed = s->exec(opts);
+  CHECK(std::chrono::steady_clock::now() - start < 3s);
+  if (killed) CHECK(killed->exit_code != 0);
+}
+
 TEST_CASE("a bad token is refused with permission_denied and repeated failures close the "
           "connection", "[rpc][auth]") {
   node_process node;
@@ -312,6 +391,55 @@ TEST_CASE("a bad token is refused with permission_denied and repeated failures c
   auto m = ops->metrics();
   REQUIRE(m);
   CHECK(m->auth_failures >= 6);
+}
+
+TEST_CASE("pipelined authentication guesses are checked one at a time, slowed down and cut off "
+          "like sequential ones", "[rpc][auth]") {
+  node_process node;
+  {
+  auto io = kj::setupAsyncIo();
+  auto addr = io.provider->getNetwork().parseAddress(node.endpoint()).wait(io.waitScope);
+  auto stream = addr->connect().wait(io.waitScope);
+  capnp::TwoPartyClient rpc(*stream);
+  auto boot = rpc.bootstrap().castAs<triplane::api::Bootstrap>();
+  // 40 wrong guesses sent at once, then the right token: the node must not check them all
+  // at once (a pipelining client would otherwise guess as fast as it can send). After the
+  // five failures a connection is allowed, the right token is never checked.
+  auto start = std::chrono::steady_clock::now();
+  kj::Vector<kj::Promise<std::string>> guesses;
+  auto outcome = [](auto&& p) {
+    return kj::mv(p).then([](auto&&) { return std::string("accepted"); },
+                          [](kj::Exception&& e) { return std::string(e.getDescription().cStr()); });
+  };
+  for (int i = 0; i < 40; ++i) {
+    auto req = boot.authenticateRequest();
+    req.setToken("guess-" + std::to_string(i));
+    guesses.add(outcome(req.send()));
+  }
+  auto right = boot.authenticateRequest();
+  right.setToken(node.tokens().alice);
+  auto answer = outcome(right.send()).wait(io.waitScope);
+  auto took = std::chrono::steady_clock::now() - start;
+  INFO("answer to the right token: " << answer << " after "
+       << std::chrono::duration_cast<std::chrono::milliseconds>(took).count() << " ms");
+  CHECK(answer != "accepted");
+  auto all = kj::joinPromises(guesses.releaseAsArray()).wait(io.waitScope);
+  int accepted = 0;
+  for (auto& a : all) accepted += a == "accepted";
+  CHECK(accepted == 0);
+  }
+
+  auto ops = connect_as(node, node.tokens().ops);
+  auto m = ops->metrics();
+  REQUIRE(m);
+  uint64_t denied = 0;
+  for (const auto& mm : m->methods)
+    if (mm.method == "Bootstrap.authenticate") denied = mm.errors;
+  CHECK(denied >= 5);
+  // A fresh connection with the right token is not slowed down by another's failures.
+  auto fresh_start = std::chrono::steady_clock::now();
+  auto alice = connect_as(node, node.tokens().alice);
+  CHECK(std::chrono::steady_clock::now() - fresh_start < 500ms);
 }
 
 TEST_CASE("tenant B cannot open or read or list or fork tenant A's sessions even by guessing ids",
@@ -732,6 +860,12 @@ TEST_CASE("greedy tokens generated over RPC by the node's inference worker equal
     auto first = std::find(streamed.begin(), streamed.end(), streamed[3]);
     CHECK(joined(s->tokens) == joined({streamed.begin(), first + 1}));
   }
+  SECTION("a negative temperature means greedy, as api.capnp documents") {
+    g.temperature = -1.0f;
+    auto neg = alice->generate(g);
+    REQUIRE(neg);
+    CHECK(joined(neg->tokens) == reference);
+  }
   SECTION("bad requests are refused with invalid_argument or not_found") {
     triplane::client::generate_options bad;
     CHECK(code(alice->generate(bad)) == errc::invalid_argument);  // empty prompt
@@ -825,4 +959,65 @@ TEST_CASE("a client that disconnects mid-generation has its call cancelled, the 
   auto cli = output_of("TRIPLANE_ENDPOINT=" + node.endpoint() + " TRIPLANE_TOKEN="
                        + node.tokens().ops + " " + TRIPLANE_CLI + " stats 2>&1");
   CHECK(cli.find("completed 1, cancelled 1,") != std::string::npos);
+}
+
+TEST_CASE("a client whose token callback fails gets its generation cancelled and keeps its "
+          "connection", "[rpc][inference][cancel]") {
+  if (!have_tiny_model()) return;
+  node_process node({"--model", tiny_model});
+  auto alice = connect_as(node, node.tokens().alice);
+  triplane::client::generate_options g;
+  g.prompt_tokens = {1, 2, 3};
+  g.max_tokens = 1000;
+  auto r = alice->generate(g, [](const std::vector<uint32_t>&) {
+    throw std::runtime_error("token log is full on the client");
+  });
+  REQUIRE_FALSE(r);
+  INFO(triplane::describe(r.error()));
+  CHECK(triplane::code_of(r.error()) == errc::cancelled);
+  CHECK(triplane::describe(r.error()).find("token log is full on the client") != std::string::npos);
+  // The same connection keeps serving: a failing sink is the client's business, not a
+  // malformed call.
+  auto models = alice->list_models();
+  REQUIRE(models);
+  CHECK(models->size() == 1);
+  g.max_tokens = 4;
+  auto after = alice->generate(g);
+  REQUIRE(after);
+  CHECK(after->generated_tokens == 4);
+  // The worker stopped generating for the failed call.
+  auto ops = connect_as(node, node.tokens().ops);
+  triplane::client::inference_worker_stats st;
+  for (int i = 0; i < 100; ++i) {
+    auto s = ops->inference_stats();
+    REQUIRE(s);
+    st = *s;
+    if (st.running == 0 && st.queued == 0) break;
+    std::this_thread::sleep_for(50ms);
+  }
+  CHECK(st.running == 0);
+  CHECK(st.requests_cancelled == 1);
+  CHECK(st.tokens_generated < 1000);
+  auto m = ops->metrics();
+  REQUIRE(m);
+  for (const auto& [c, n] : m->errors) CHECK(c != "internal");
+}
+
+TEST_CASE("a generation that takes longer than the client's per-call timeout completes",
+          "[rpc][inference][limits]") {
+  if (!have_tiny_model()) return;
+  node_process node({"--model", tiny_model});
+  auto alice = connect_as(node, node.tokens().alice);
+  alice->set_call_timeout(100ms);
+  triplane::client::generate_options g;
+  g.prompt_tokens = {1, 2, 3};
+  g.max_tokens = 1000;
+  auto start = std::chrono::steady_clock::now();
+  auto r = alice->generate(g);
+  auto took = std::chrono::steady_clock::now() - start;
+  INFO("took " << std::chrono::duration_cast<std::chrono::milliseconds>(took).count() << " ms");
+  REQUIRE(took > 100ms);  // else this test would prove nothing
+  REQUIRE(r);
+  CHECK(r->generated_tokens == 1000);
+  CHECK(r->finish_reason == "length");
 }

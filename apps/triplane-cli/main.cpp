@@ -1,9 +1,13 @@
 // triplane-cli: a command-line client for a Triplane node (uses triplane::client).
+#include <cctype>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -64,6 +68,33 @@ int fail(const caf::error& err) {
   return 1;
 }
 
+/// `text` as an unsigned decimal number of at most `max`; nullopt for anything else (a sign,
+/// spaces, a suffix, hex, an empty string, a larger value): std::stoul would wrap "-1" and read
+/// "5s" as 5, and a cast would cut 2^32 to 0, so the node would get another number than typed.
+std::optional<uint64_t> parse_unsigned(const std::string& text, uint64_t max) {
+  if (text.empty() || text.size() > 20) return std::nullopt;
+  if (text.find_first_not_of("0123456789") != std::string::npos) return std::nullopt;
+  uint64_t v = 0;
+  for (char c : text) {
+    auto digit = static_cast<uint64_t>(c - '0');
+    if (v > (UINT64_MAX - digit) / 10) return std::nullopt;
+    v = v * 10 + digit;
+  }
+  if (v > max) return std::nullopt;
+  return v;
+}
+
+/// `text` as a whole floating-point number (the node validates its range); nullopt when
+/// something is left over ("0.5x") or nothing is there.
+std::optional<float> parse_float(const std::string& text) {
+  if (text.empty() || std::isspace(static_cast<unsigned char>(text[0]))) return std::nullopt;
+  char* end = nullptr;
+  errno = 0;
+  float v = std::strtof(text.c_str(), &end);
+  if (errno == ERANGE || end != text.c_str() + text.size()) return std::nullopt;
+  return v;
+}
+
 struct args_view {
   std::vector<std::string> rest;
   size_t i = 0;
@@ -90,7 +121,12 @@ int run_session(triplane::client::connection& conn, args_view& a) {
     auto x = a.next();
     if (x == "--create") create = true;
     else if (x == "--recursive" || x == "-r") recursive = true;
-    else if (x == "--timeout-ms") exec.timeout_ms = static_cast<uint32_t>(std::stoul(a.next()));
+    else if (x == "--timeout-ms") {
+      auto ms = parse_unsigned(a.next(), UINT32_MAX);
+      if (!ms)
+        return usage("--timeout-ms wants a number of milliseconds, 0.." + std::to_string(UINT32_MAX));
+      exec.timeout_ms = static_cast<uint32_t>(*ms);
+    }
     else if (x == "--cwd") exec.cwd = a.next();
     else if (x == "--shell") exec.shell = a.next();
     else if (x == "--env") {
@@ -134,6 +170,11 @@ int run_session(triplane::client::connection& conn, args_view& a) {
       std::ofstream out{pos[1], std::ios::binary};
       if (!out) return usage("cannot write '" + pos[1] + "'");
       out << *data;
+      out.close();
+      if (!out) {
+        std::cerr << "error: cannot write '" << pos[1] << "': " << std::strerror(errno) << "\n";
+        return 1;
+      }
     } else {
       fwrite(data->data(), 1, data->size(), stdout);
     }
@@ -297,23 +338,36 @@ int run(int argc, char** argv) {
       }
       return !out.empty();
     };
-    try {
-      while (!a.empty()) {
-        auto x = a.next();
-        if (x == "--model") g.model = a.next();
-        else if (x == "--max-tokens") g.max_tokens = static_cast<uint32_t>(std::stoul(a.next()));
-        else if (x == "--temperature") g.temperature = std::stof(a.next());
-        else if (x == "--top-p") g.top_p = std::stof(a.next());
-        else if (x == "--top-k") g.top_k = static_cast<uint32_t>(std::stoul(a.next()));
-        else if (x == "--seed") g.seed = std::stoull(a.next());
-        else if (x == "--stop") {
-          if (!ids(a.next(), g.stop_tokens)) return usage("--stop wants ID,ID,...");
-        } else if (x == "--tokens") {
-          if (!ids(a.next(), g.prompt_tokens)) return usage("--tokens wants ID,ID,...");
-        } else return usage("generate: unexpected argument '" + x + "' (the prompt is --tokens ID,ID,...)");
+    auto bad_number = [](const std::string& option, const std::string& value) {
+      return usage("generate: " + option + " has a bad value '" + value + "'");
+    };
+    while (!a.empty()) {
+      auto x = a.next();
+      if (x == "--model") {
+        g.model = a.next();
+      } else if (x == "--max-tokens" || x == "--top-k") {
+        auto value = a.next();
+        auto n = parse_unsigned(value, UINT32_MAX);
+        if (!n) return bad_number(x, value);
+        (x == "--max-tokens" ? g.max_tokens : g.top_k) = static_cast<uint32_t>(*n);
+      } else if (x == "--seed") {
+        auto value = a.next();
+        auto n = parse_unsigned(value, UINT64_MAX);
+        if (!n) return bad_number(x, value);
+        g.seed = *n;
+      } else if (x == "--temperature" || x == "--top-p") {
+        auto value = a.next();
+        auto f = parse_float(value);
+        if (!f) return bad_number(x, value);
+        (x == "--temperature" ? g.temperature : g.top_p) = *f;
+      } else if (x == "--stop") {
+        if (!ids(a.next(), g.stop_tokens)) return usage("--stop wants ID,ID,...");
+      } else if (x == "--tokens") {
+        if (!ids(a.next(), g.prompt_tokens)) return usage("--tokens wants ID,ID,...");
+      } else {
+        return usage("generate: unexpected argument '" + x
+                     + "' (the prompt is --tokens ID,ID,...)");
       }
-    } catch (const std::exception&) {
-      return usage("generate: a numeric option has a bad value");
     }
     if (g.prompt_tokens.empty()) return usage("generate needs --tokens ID,ID,...");
     bool first = true;
@@ -342,11 +396,20 @@ int run(int argc, char** argv) {
   return usage("unknown command '" + cmd + "'");
 }
 
+/// `status`, unless what went to stdout could not all be written (a full disk, a closed
+/// file): then 1 with a message, since the caller would otherwise take lost data for success.
+int checked_stdout(int status) {
+  std::cout.flush();
+  if (std::fflush(stdout) == 0 && !std::ferror(stdout) && std::cout.good()) return status;
+  std::cerr << "error: cannot write the output: " << std::strerror(errno) << "\n";
+  return status == 0 ? 1 : status;
+}
+
 } // namespace
 
 int main(int argc, char** argv) {
   try {
-    return run(argc, argv);
+    return checked_stdout(run(argc, argv));
   } catch (const std::exception& e) {  // e.g. a number option that is not a number
     return usage(std::string("bad arguments: ") + e.what());
   }

@@ -184,12 +184,27 @@ capnp::MessageSize result_size(size_t payload_bytes) {
   return {8 + (payload_bytes + 7) / 8, 0};
 }
 
+/// Room for the Return message around an answer's payload (header, payload struct, pointers).
+constexpr uint64_t answer_framing_bytes = 1024;
+
 capnp::Data::Reader as_data(const std::string& s) {
   return {reinterpret_cast<const kj::byte*>(s.data()), s.size()};
 }
 
 std::string from_data(capnp::Data::Reader d) {
   return {reinterpret_cast<const char*>(d.begin()), d.size()};
+}
+
+/// A failure of a sink the client provided (OutputSink, TokenSink) is the client's problem, not
+/// a malformed call: it becomes a triplane `cancelled` error naming `what`, so that run() does
+/// not close the connection for it.
+kj::Promise<void> sink_failures(kj::Promise<void> p, const char* what) {
+  return p.catch_([what](kj::Exception&& e) -> kj::Promise<void> {
+    if (std::string_view(e.getDescription().cStr()).find("triplane:") != std::string_view::npos)
+      return kj::mv(e);
+    return wire::make_exception(errc::cancelled, std::string("the client's ") + what
+                                                   + " failed: " + e.getDescription().cStr());
+  });
 }
 
 // ------------------------------------------------------------------------------------------
@@ -421,8 +436,20 @@ public:
       req.path = checked_text(p.getPath(), 4096, "path");
       req.offset = p.getOffset();
       req.length = p.getLength();
+      // One answer is one message: Cap'n Proto would refuse to send a larger one with an
+      // internal error (the session allows reads up to its own limit, which may be as large).
+      auto message_bytes = core_.opts.reader.traversal_limit_words * 8;
+      auto max_bytes = message_bytes > answer_framing_bytes ? message_bytes - answer_framing_bytes
+                                                            : 0;
       return ask<actors::file_data>(caf::make_message(actors::file_read_atom::value, req))
-        .then([ctx](actors::file_data&& d) mutable { ctx.getResults().setData(as_data(d.data)); });
+        .then([ctx, max_bytes, path = req.path](actors::file_data&& d) mutable {
+          if (d.data.size() > max_bytes)
+            wire::fail(errc::limit_exceeded,
+                       "reading " + std::to_string(d.data.size()) + " bytes of '" + path
+                         + "' at once is more than one answer carries ("
+                         + std::to_string(max_bytes) + " bytes); read a range (offset, length)");
+          ctx.getResults().setData(as_data(d.data));
+        });
     });
   }
 
@@ -626,8 +653,9 @@ private:
           st.result = std::move(ch->result);
           if (!st.has_sink) return kj::READY_NOW;
           // Completes after every write was handled by the client's sink.
-          return sink_failures(st.sink.doneRequest().send().ignoreResult()).exclusiveJoin(
-            st.interrupted.addBranch().then([this, ch, &st]() { return pump(ch, st); }));
+          return sink_failures(st.sink.doneRequest().send().ignoreResult(), "output sink")
+            .exclusiveJoin(
+              st.interrupted.addBranch().then([this, ch, &st]() { return pump(ch, st); }));
         }
         auto paf = kj::newPromiseAndCrossThreadFulfiller<void>();
         ch->waiter = kj::mv(paf.fulfiller);
@@ -635,21 +663,9 @@ private:
       }
     }
     if (!st.has_sink) return pump(ch, st);  // not streamed: the result carries the output
-    return sink_failures(send_batch(std::move(batch), st))
+    return sink_failures(send_batch(std::move(batch), st), "output sink")
       .exclusiveJoin(st.interrupted.addBranch())
       .then([this, ch, &st]() { return pump(ch, st); });
-  }
-
-  /// A failure of the client's own sink is the client's problem, not a malformed call: it
-  /// becomes a triplane error (so the connection is not closed for it).
-  static kj::Promise<void> sink_failures(kj::Promise<void> p) {
-    return p.catch_([](kj::Exception&& e) -> kj::Promise<void> {
-      if (std::string_view(e.getDescription().cStr()).find("triplane:") != std::string_view::npos)
-        return kj::mv(e);
-      return wire::make_exception(errc::cancelled,
-                                  std::string("the client's output sink failed: ")
-                                    + e.getDescription().cStr());
-    });
   }
 
   kj::Promise<void> send_batch(std::deque<std::pair<actors::output_stream, std::string>> batch,
@@ -807,7 +823,9 @@ public:
         wire::fail(errc::invalid_argument, "stopTokens has more than 1024 entries");
       for (auto t : stops) req->stop_tokens.push_back(checked_token(t, "stopTokens"));
       req->max_new_tokens = r.getMaxTokens() == 0 ? 16 : r.getMaxTokens();
-      req->sampling.temperature = r.getTemperature();
+      // api.capnp: <= 0 is greedy (the sampler takes only >= 0); NaN stays and is refused.
+      auto temperature = r.getTemperature();
+      req->sampling.temperature = temperature < 0.0f ? 0.0f : temperature;
       req->sampling.top_k = r.getTopK();
       req->sampling.top_p = r.getTopP() == 0.0f ? 1.0f : r.getTopP();
       req->sampling.seed = r.getSeed();
@@ -914,7 +932,7 @@ private:
             return wire::make_exception(f.error_code == errc::ok ? errc::internal : f.error_code,
                                         "generation failed: " + f.error_message);
           if (!st.has_sink) return kj::READY_NOW;
-          return st.sink.doneRequest().send().ignoreResult();
+          return sink_failures(st.sink.doneRequest().send().ignoreResult(), "token sink");
         }
         auto paf = kj::newPromiseAndCrossThreadFulfiller<void>();
         ch->waiter = kj::mv(paf.fulfiller);
@@ -930,7 +948,9 @@ private:
     for (size_t i = 0; i < batch.size(); ++i)
       ids.set(static_cast<unsigned>(i), static_cast<uint32_t>(batch[i]));
     // A streaming send resolves when the flow-control window has room, not on delivery.
-    return req.send().then([this, ch, &st]() { return pump(ch, st); });
+    return sink_failures(req.send(), "token sink").then([this, ch, &st]() {
+      return pump(ch, st);
+    });
   }
 
   server_core& core_;
@@ -1118,15 +1138,69 @@ public:
     : core_(core), conn_(std::move(conn)) {}
 
   kj::Promise<void> authenticate(AuthenticateContext ctx) override {
-    capnp::Text::Reader token;
     try {
       check_params(ctx);
-      token = ctx.getParams().getToken();
+      (void)ctx.getParams().getToken();  // a token that is not text is a malformed call
     } catch (kj::Exception& e) {
       core_.metrics.record("Bootstrap.authenticate", 0, errc::invalid_argument);
       close_on_malformed(conn_, e);
       throw;
     }
+    // Attempts pipelined on one connection are checked one after another, each no sooner than
+    // the wait a failure of the attempts before it earns, and none beyond the connection's
+    // budget: sending many guesses at once gains nothing over sending them in turn.
+    auto max = core_.opts.limits.auth_failures_before_close;
+    auto earlier = conn_->auth_failures + conn_->auth_unchecked;
+    if (earlier >= max) {
+      ++core_.metrics.auth_failures;
+      core_.metrics.record("Bootstrap.authenticate", 0, errc::permission_denied);
+      wire::fail(errc::permission_denied,
+                 "too many authentication attempts on this connection (limit "
+                   + std::to_string(max) + "); not checked");
+    }
+    auto now = core_.timer.now();
+    auto turn = std::max(now, conn_->next_auth_check);
+    conn_->next_auth_check = turn + failure_delay_ms(earlier + 1) * kj::MILLISECONDS;
+    if (turn == now) return check_token(ctx);
+    ++conn_->auth_unchecked;
+    auto waiting = kj::heap<unchecked_attempt>(conn_);
+    auto* w = waiting.get();
+    return core_.timer.atTime(turn)
+      .then([this, ctx, w]() mutable {
+        w->checked();
+        return check_token(ctx);
+      })
+      .attach(kj::mv(waiting));
+  }
+
+  kj::Promise<void> protocolVersion(ProtocolVersionContext ctx) override {
+    ctx.getResults(result_size(0)).setVersion(1);
+    return kj::READY_NOW;
+  }
+
+private:
+  /// An authenticate call waiting for its turn: counted in connection_state::auth_unchecked
+  /// until checked or dropped (the client cancelled it).
+  struct unchecked_attempt {
+    explicit unchecked_attempt(std::shared_ptr<connection_state> c) : conn(std::move(c)) {}
+    ~unchecked_attempt() { checked(); }
+    void checked() {
+      if (counted) --conn->auth_unchecked;
+      counted = false;
+    }
+    std::shared_ptr<connection_state> conn;
+    bool counted = true;
+  };
+
+  /// The wait before answering the `failures`-th failure of a connection: doubled per failure,
+  /// capped.
+  int64_t failure_delay_ms(uint32_t failures) const {
+    auto base = core_.opts.limits.auth_failure_delay.count();
+    return std::min<int64_t>(base << std::min<uint32_t>(failures - 1, 8), 5000);
+  }
+
+  kj::Promise<void> check_token(AuthenticateContext ctx) {
+    auto token = ctx.getParams().getToken();
     const token_record* rec = nullptr;
     if (token.size() <= 1024) rec = match_token(core_.opts.tokens, {token.cStr(), token.size()});
     if (rec) {
@@ -1145,8 +1219,7 @@ public:
                  failures);
     // Slow down guessing: each failure on a connection doubles the wait (capped), and the
     // connection is closed after too many.
-    auto base = core_.opts.limits.auth_failure_delay.count();
-    auto delay = std::min<int64_t>(base << std::min<uint32_t>(failures - 1, 8), 5000);
+    auto delay = failure_delay_ms(failures);
     auto conn = conn_;
     auto max = core_.opts.limits.auth_failures_before_close;
     return core_.timer.afterDelay(delay * kj::MILLISECONDS).then([conn, failures, max]() {
@@ -1159,12 +1232,6 @@ public:
     });
   }
 
-  kj::Promise<void> protocolVersion(ProtocolVersionContext ctx) override {
-    ctx.getResults(result_size(0)).setVersion(1);
-    return kj::READY_NOW;
-  }
-
-private:
   server_core& core_;
   std::shared_ptr<connection_state> conn_;
 };

@@ -12,6 +12,11 @@ namespace triplane::client {
 
 namespace {
 
+/// The longest a node runs an exec without a timeout of its own or a generation, by default
+/// (rpc::limits::exec_max_timeout and generate_deadline): the node answers those calls by then
+/// itself, so the client waits that long beyond its per-call timeout instead of cancelling them.
+constexpr std::chrono::milliseconds longest_node_bound{600000};
+
 /// kj allows one event loop per thread: connections made on one thread share it.
 struct thread_loop {
   kj::AsyncIoContext io = kj::setupAsyncIo();
@@ -59,7 +64,10 @@ struct connection::impl {
 };
 
 struct session::state {
-  connection::impl* conn;
+  // Declared first so that it is destroyed last: the capability below lives on this loop.
+  std::shared_ptr<thread_loop> loop;
+  /// A handle does not keep its connection open: once the connection is closed, calls fail.
+  std::weak_ptr<connection::impl> conn;
   api::Session::Client cap;
 };
 
@@ -103,6 +111,26 @@ public:
 private:
   std::function<void(const std::vector<uint32_t>&)> cb_;
 };
+
+/// Cap'n Proto's default limit on one message (ReaderOptions::traversalLimitInWords), which a
+/// node's reader_limits keep by default: a larger request would be refused by the sending side
+/// with an internal error that does not say what to do.
+constexpr uint64_t max_message_words = 8u << 20;
+
+/// limit_exceeded when `req` (a request about to be sent) is too large for one message.
+template <class Request>
+caf::error check_message_size(Request& req, const char* what) {
+  auto words = req.asReader().totalSize().wordCount;
+  if (words + 64 <= max_message_words) return caf::none;  // 64 words: the call's framing
+  return make_error(errc::limit_exceeded,
+                    std::string(what) + " takes " + std::to_string(words * 8)
+                      + " bytes; one call carries at most 64 MiB: send less per call");
+}
+
+caf::error connection_closed(const std::string& id) {
+  return make_error(errc::unavailable, "session '" + id
+                                         + "': its connection was closed; connect again");
+}
 
 } // namespace
 
@@ -154,12 +182,12 @@ expected<session> connection::open_session(const std::string& id, bool create) {
   auto req = impl_->tenant.sessionRequest();
   req.setId(id);
   req.setCreate(create);
-  auto* c = impl_.get();
-  auto cap = c->wait(req.send().then([](capnp::Response<api::Tenant::SessionResults>&& r) {
+  auto cap = impl_->wait(req.send().then([](capnp::Response<api::Tenant::SessionResults>&& r) {
     return r.getSession();
   }));
   if (!cap) return cap.error();
-  return session(std::make_shared<session::state>(session::state{c, kj::mv(*cap)}), id);
+  return session(
+    std::make_shared<session::state>(session::state{impl_->loop, impl_, kj::mv(*cap)}), id);
 }
 
 expected<generate_result> connection::generate(
@@ -180,6 +208,7 @@ expected<generate_result> connection::generate(
   r.setTopK(opts.top_k);
   r.setSeed(opts.seed);
   if (on_tokens) req.setSink(kj::heap<token_sink>(std::move(on_tokens)));
+  // A generation may run as long as the node's generate deadline, not the per-call timeout.
   return impl_->wait(req.send().then(
     [](capnp::Response<api::Inference::GenerateResults>&& res) {
       auto g = res.getResult();
@@ -191,7 +220,7 @@ expected<generate_result> connection::generate(
       out.duration_us = g.getDurationUs();
       out.time_to_first_token_us = g.getTimeToFirstTokenUs();
       return out;
-    }));
+    }), impl_->timeout + longest_node_bound);
 }
 
 expected<std::vector<model_info>> connection::list_models() {
@@ -289,6 +318,8 @@ expected<uint32_t> connection::drain(std::chrono::milliseconds deadline) {
 // session
 
 expected<exec_result> session::exec(const exec_options& opts, output_callback on_output) {
+  auto c = state_->conn.lock();
+  if (!c) return connection_closed(id_);
   auto req = state_->cap.execRequest();
   auto r = req.initRequest();
   auto argv = r.initArgv(static_cast<unsigned>(opts.argv.size()));
@@ -303,10 +334,14 @@ expected<exec_result> session::exec(const exec_options& opts, output_callback on
   r.setCwd(opts.cwd);
   r.setTimeoutMs(opts.timeout_ms);
   r.setOutputCapBytes(opts.output_cap_bytes);
+  if (auto err = check_message_size(req, "the exec request (argv, env, stdin)")) return err;
   bool streaming = static_cast<bool>(on_output);
   if (streaming) req.setSink(kj::heap<callback_sink>(std::move(on_output)));
-  auto limit = state_->conn->timeout + std::chrono::milliseconds(opts.timeout_ms);
-  return state_->conn->wait(
+  // The node ends the command at its timeout; one without a timeout at the node's default,
+  // which the client does not know: allow the longest a node takes by default.
+  auto command = opts.timeout_ms ? std::chrono::milliseconds(opts.timeout_ms) : longest_node_bound;
+  auto limit = c->timeout + command;
+  return c->wait(
     req.send().then([](capnp::Response<api::Session::ExecResults>&& res) {
       auto x = res.getResult();
       exec_result out;
@@ -325,31 +360,38 @@ expected<exec_result> session::exec(const exec_options& opts, output_callback on
 
 expected<std::string> session::read_file(const std::string& path, uint64_t offset,
                                          uint64_t length) {
+  auto c = state_->conn.lock();
+  if (!c) return connection_closed(id_);
   auto req = state_->cap.readFileRequest();
   req.setPath(path);
   req.setOffset(offset);
   req.setLength(length);
-  return state_->conn->wait(req.send().then(
+  return c->wait(req.send().then(
     [](capnp::Response<api::Session::ReadFileResults>&& res) { return from_data(res.getData()); }));
 }
 
 expected<void> session::write_file(const std::string& path, std::string_view data,
                                    bool make_parents, bool executable) {
+  auto c = state_->conn.lock();
+  if (!c) return connection_closed(id_);
   auto req = state_->cap.writeFileRequest();
   req.setPath(path);
   req.setData(as_data(data));
   req.setMakeParents(make_parents);
   req.setExecutable(executable);
-  auto r = state_->conn->wait(req.send().ignoreResult().then([] { return true; }));
+  if (auto err = check_message_size(req, "the file")) return err;
+  auto r = c->wait(req.send().ignoreResult().then([] { return true; }));
   if (!r) return r.error();
   return {};
 }
 
 expected<std::vector<file_entry>> session::list_files(const std::string& path, bool recursive) {
+  auto c = state_->conn.lock();
+  if (!c) return connection_closed(id_);
   auto req = state_->cap.listFilesRequest();
   req.setPath(path);
   req.setRecursive(recursive);
-  return state_->conn->wait(req.send().then(
+  return c->wait(req.send().then(
     [](capnp::Response<api::Session::ListFilesResults>&& res) {
       std::vector<file_entry> out;
       for (auto e : res.getEntries()) out.push_back({e.getPath().cStr(), e.getSize(), e.getMode()});
@@ -358,18 +400,22 @@ expected<std::vector<file_entry>> session::list_files(const std::string& path, b
 }
 
 expected<void> session::remove_file(const std::string& path, bool recursive) {
+  auto c = state_->conn.lock();
+  if (!c) return connection_closed(id_);
   auto req = state_->cap.removeFileRequest();
   req.setPath(path);
   req.setRecursive(recursive);
-  auto r = state_->conn->wait(req.send().ignoreResult().then([] { return true; }));
+  auto r = c->wait(req.send().ignoreResult().then([] { return true; }));
   if (!r) return r.error();
   return {};
 }
 
 expected<std::optional<std::string>> session::kv_get(const std::string& key) {
+  auto c = state_->conn.lock();
+  if (!c) return connection_closed(id_);
   auto req = state_->cap.kvGetRequest();
   req.setKey(key);
-  return state_->conn->wait(req.send().then(
+  return c->wait(req.send().then(
     [](capnp::Response<api::Session::KvGetResults>&& res) -> std::optional<std::string> {
       if (!res.getFound()) return std::nullopt;
       return from_data(res.getValue());
@@ -377,25 +423,32 @@ expected<std::optional<std::string>> session::kv_get(const std::string& key) {
 }
 
 expected<void> session::kv_put(const std::string& key, std::string_view value) {
+  auto c = state_->conn.lock();
+  if (!c) return connection_closed(id_);
   auto req = state_->cap.kvPutRequest();
   req.setKey(key);
   req.setValue(as_data(value));
-  auto r = state_->conn->wait(req.send().ignoreResult().then([] { return true; }));
+  if (auto err = check_message_size(req, "the value")) return err;
+  auto r = c->wait(req.send().ignoreResult().then([] { return true; }));
   if (!r) return r.error();
   return {};
 }
 
 expected<bool> session::kv_delete(const std::string& key) {
+  auto c = state_->conn.lock();
+  if (!c) return connection_closed(id_);
   auto req = state_->cap.kvDeleteRequest();
   req.setKey(key);
-  return state_->conn->wait(req.send().then(
+  return c->wait(req.send().then(
     [](capnp::Response<api::Session::KvDeleteResults>&& res) { return res.getExisted(); }));
 }
 
 expected<std::vector<std::string>> session::kv_list(const std::string& prefix) {
+  auto c = state_->conn.lock();
+  if (!c) return connection_closed(id_);
   auto req = state_->cap.kvListRequest();
   req.setPrefix(prefix);
-  return state_->conn->wait(req.send().then(
+  return c->wait(req.send().then(
     [](capnp::Response<api::Session::KvListResults>&& res) {
       std::vector<std::string> out;
       for (auto k : res.getKeys()) out.emplace_back(k.cStr(), k.size());
@@ -404,23 +457,29 @@ expected<std::vector<std::string>> session::kv_list(const std::string& prefix) {
 }
 
 expected<session> session::fork(const std::string& new_id) {
+  auto c = state_->conn.lock();
+  if (!c) return connection_closed(id_);
   auto req = state_->cap.forkRequest();
   req.setNewId(new_id);
-  auto cap = state_->conn->wait(req.send().then(
+  auto cap = c->wait(req.send().then(
     [](capnp::Response<api::Session::ForkResults>&& res) { return res.getSession(); }));
   if (!cap) return cap.error();
-  return session(std::make_shared<state>(state{state_->conn, kj::mv(*cap)}), new_id);
+  return session(std::make_shared<state>(state{c->loop, c, kj::mv(*cap)}), new_id);
 }
 
 expected<void> session::destroy() {
-  auto r = state_->conn->wait(
+  auto c = state_->conn.lock();
+  if (!c) return connection_closed(id_);
+  auto r = c->wait(
     state_->cap.destroyRequest().send().ignoreResult().then([] { return true; }));
   if (!r) return r.error();
   return {};
 }
 
 expected<session_info> session::info() {
-  return state_->conn->wait(state_->cap.infoRequest().send().then(
+  auto c = state_->conn.lock();
+  if (!c) return connection_closed(id_);
+  return c->wait(state_->cap.infoRequest().send().then(
     [](capnp::Response<api::Session::InfoResults>&& res) {
       auto i = res.getInfo();
       session_info out;

@@ -19,6 +19,7 @@
 #include <spdlog/spdlog.h>
 
 #include "coalescing_stream.hpp"
+#include "connection_guard.hpp"
 #include "server_core.hpp"
 
 namespace triplane::rpc {
@@ -91,9 +92,15 @@ class connection {
 public:
   connection(server_core& core, kj::Own<kj::AsyncIoStream> stream,
              std::shared_ptr<connection_state> state)
-    : core_(core), stream_(kj::mv(stream)),
+    : core_(core),
+      stream_(kj::heap<detail::connection_guard>(kj::mv(stream), core.timer, state,
+                                                 core.opts.limits.max_unsent_bytes,
+                                                 core.opts.limits.max_unauthenticated_bytes)),
       network_(*stream_, capnp::rpc::twoparty::Side::SERVER, reader_options(core.opts.reader)),
       rpc_(capnp::makeRpcServer(network_, core.make_bootstrap(state))), state_(std::move(state)) {
+    // Cap'n Proto queues outgoing messages without limit: stop taking calls from a client
+    // that does not read the answers (see connection_guard.hpp).
+    stream_->watch([this]() { return network_.getCurrentQueueSize(); });
     ++core_.metrics.open_connections;
     ++core_.metrics.connections_total;
   }
@@ -103,7 +110,7 @@ public:
 
 private:
   server_core& core_;
-  kj::Own<kj::AsyncIoStream> stream_;
+  kj::Own<detail::connection_guard> stream_;
   capnp::TwoPartyVatNetwork network_;
   capnp::RpcSystem<capnp::rpc::twoparty::VatId> rpc_;
   std::shared_ptr<connection_state> state_;

@@ -34,6 +34,9 @@ struct tenant_state {
 struct connection_state {
   std::string peer;
   uint32_t auth_failures = 0;
+  uint32_t auth_unchecked = 0;  ///< authenticate calls waiting for their turn
+  /// The earliest time the next authenticate call is checked (see bootstrap_impl).
+  kj::TimePoint next_auth_check = kj::origin<kj::TimePoint>();
   bool authenticated = false;
   kj::Own<kj::PromiseFulfiller<void>> close;  ///< fulfilling it closes the connection
 };

@@ -6,7 +6,8 @@
 //
 // Threading: a connection runs on the Cap'n Proto event loop of the thread that created it
 // (connections made on one thread share that thread's loop); use it and its session handles
-// only on that thread. Session handles must not outlive their connection. Do not fork() a
+// only on that thread. A session handle does not keep its connection open: once the
+// connection is destroyed, the handle's calls fail with `unavailable`. Do not fork() a
 // process that holds a connection and use the client library in the child.
 #pragma once
 
@@ -119,10 +120,13 @@ public:
   const std::string& id() const { return id_; }
 
   /// Runs a command. With `on_output`, output is delivered to it live and the result carries
-  /// none; without, stdout/stderr come in the result.
+  /// none; without, stdout/stderr come in the result. Waits for the command's timeout_ms (0: up
+  /// to 10 minutes, the longest a node allows by default) plus the per-call timeout.
   expected<exec_result> exec(const exec_options& opts, output_callback on_output = {});
   expected<std::string> read_file(const std::string& path, uint64_t offset = 0,
                                   uint64_t length = 0);
+  /// limit_exceeded (not sent) when the data does not fit in one call (64 MiB with the path);
+  /// so do exec and kv_put for their requests.
   expected<void> write_file(const std::string& path, std::string_view data,
                             bool make_parents = false, bool executable = false);
   expected<std::vector<file_entry>> list_files(const std::string& path, bool recursive = false);
@@ -168,7 +172,8 @@ public:
 
   /// Generates tokens; with `on_tokens` they are passed to it as they come (in order, possibly
   /// several per call) and the result's `tokens` stays empty. unavailable when the node serves
-  /// no model.
+  /// no model. Waits up to 10 minutes (a node's default generate deadline) plus the per-call
+  /// timeout.
   expected<generate_result> generate(
     const generate_options& opts,
     std::function<void(const std::vector<uint32_t>&)> on_tokens = {});
@@ -183,14 +188,14 @@ public:
   /// Number of calls the node cancelled at the deadline.
   expected<uint32_t> drain(std::chrono::milliseconds deadline);
 
-  /// Per-call timeout on the client side (exec adds its own command timeout to it).
+  /// Per-call timeout on the client side (exec and generate add their own bound to it).
   void set_call_timeout(std::chrono::milliseconds t);
 
   struct impl;  // implementation detail
 
 private:
   explicit connection(std::unique_ptr<impl> i);
-  std::unique_ptr<impl> impl_;
+  std::shared_ptr<impl> impl_;  ///< shared with nobody; sessions watch it (weak_ptr)
 };
 
 } // namespace triplane::client

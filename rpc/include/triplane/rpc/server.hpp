@@ -32,6 +32,13 @@ struct limits {
                                                ///< (the command then waits, see api_impl.cpp)
   uint64_t max_exec_output_cap = 64u << 20;    ///< largest ExecRequest.outputCapBytes accepted
   uint64_t max_unstreamed_output = 16u << 20;  ///< output returned in the result (no sink)
+  /// Per connection: bytes of the node's messages to the client (answers, stream writes) that
+  /// may wait unwritten; beyond, the connection's further calls are not read until the client
+  /// reads (so a client that never reads cannot grow the node's memory without bound).
+  uint64_t max_unsent_bytes = 16u << 20;
+  /// Per connection: bytes a client may send before it is authenticated (a Bootstrap and an
+  /// authenticate call take about a kilobyte); beyond, the connection is closed.
+  uint64_t max_unauthenticated_bytes = 64u << 10;
   uint32_t auth_failures_before_close = 5;     ///< per connection
   std::chrono::milliseconds auth_failure_delay{200};  ///< doubled per failure on a connection
   std::chrono::milliseconds unauthenticated_idle{30000};  ///< close if not authenticated by then

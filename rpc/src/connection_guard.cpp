@@ -1,0 +1,76 @@
+// connection_guard: reads wait while the connection's unwritten output is above its limit, and
+// an unauthenticated connection that sends too much is closed.
+#include "connection_guard.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include "server_core.hpp"
+
+namespace triplane::rpc::detail {
+
+namespace {
+/// How often a held read looks at the backlog again. Cap'n Proto has no "queue drained"
+/// signal; a held read is rare (a client not reading its answers), so polling costs nothing on
+/// the common path.
+constexpr auto recheck_interval = 5 * kj::MILLISECONDS;
+} // namespace
+
+connection_guard::connection_guard(kj::Own<kj::AsyncIoStream> inner, kj::Timer& timer,
+                                   std::shared_ptr<connection_state> state, size_t max_backlog,
+                                   size_t unauthenticated_budget)
+  : inner_(kj::mv(inner)), timer_(timer), state_(std::move(state)), max_backlog_(max_backlog),
+    unauthenticated_budget_(unauthenticated_budget) {}
+
+kj::Promise<size_t> connection_guard::tryRead(void* buffer, size_t min_bytes, size_t max_bytes) {
+  if (!backlog_ || backlog_() <= max_backlog_)
+    return counted(inner_->tryRead(buffer, min_bytes, max_bytes));
+  return timer_.afterDelay(recheck_interval).then([this, buffer, min_bytes, max_bytes]() {
+    return tryRead(buffer, min_bytes, max_bytes);
+  });
+}
+
+kj::Promise<size_t> connection_guard::counted(kj::Promise<size_t> read) {
+  if (state_->authenticated) return read;
+  return read.then([this](size_t n) -> size_t {
+    if (state_->authenticated) return n;
+    unauthenticated_bytes_ += n;
+    if (unauthenticated_bytes_ > unauthenticated_budget_ && state_->close) {
+      spdlog::warn("rpc: closing connection from {}: {} bytes sent without authenticating "
+                   "(limit {})",
+                   state_->peer, unauthenticated_bytes_, unauthenticated_budget_);
+      state_->close->fulfill();
+      state_->close = nullptr;
+    }
+    return n;
+  });
+}
+
+kj::Promise<void> connection_guard::write(const void* buffer, size_t size) {
+  return inner_->write(buffer, size);
+}
+
+kj::Promise<void> connection_guard::write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) {
+  return inner_->write(pieces);
+}
+
+kj::Promise<void> connection_guard::whenWriteDisconnected() {
+  return inner_->whenWriteDisconnected();
+}
+
+void connection_guard::shutdownWrite() { inner_->shutdownWrite(); }
+void connection_guard::abortRead() { inner_->abortRead(); }
+
+void connection_guard::getsockopt(int level, int option, void* value, kj::uint* length) {
+  inner_->getsockopt(level, option, value, length);
+}
+void connection_guard::setsockopt(int level, int option, const void* value, kj::uint length) {
+  inner_->setsockopt(level, option, value, length);
+}
+void connection_guard::getsockname(struct sockaddr* addr, kj::uint* length) {
+  inner_->getsockname(addr, length);
+}
+void connection_guard::getpeername(struct sockaddr* addr, kj::uint* length) {
+  inner_->getpeername(addr, length);
+}
+
+} // namespace triplane::rpc::detail

@@ -1,0 +1,61 @@
+// The byte stream of one server connection, wrapped to keep one client from growing the node's
+// memory or starving the other clients:
+// - reads wait while too many bytes of the server's own messages to that client wait to be
+//   written: Cap'n Proto 0.9.2 queues every outgoing message (each Return) in memory without
+//   limit, so a client that pipelines calls and never reads their answers would grow the node
+//   until it dies. Held reads leave its further calls in the socket (TCP pushes back);
+// - a connection that sends more than a small budget before it is authenticated is closed:
+//   every message (a Bootstrap, a call on the bootstrap capability) keeps an answer on the node
+//   until the client finishes it, and a flood of them on one connection starved every other
+//   client. A client needs about a kilobyte to authenticate.
+#pragma once
+
+#include <cstddef>
+#include <functional>
+#include <memory>
+
+#include <kj/async-io.h>
+#include <kj/timer.h>
+
+namespace triplane::rpc::detail {
+
+struct connection_state;
+
+class connection_guard final : public kj::AsyncIoStream {
+public:
+  /// Wraps `inner` (owned) for the connection `state` (its `authenticated` flag, its `close`
+  /// fulfiller). `backlog` (set by watch()) answers the bytes queued for writing; while it
+  /// exceeds `max_backlog`, a read waits, re-checking every few milliseconds on `timer` (which
+  /// must outlive this stream). Bytes read while `state` is not authenticated beyond
+  /// `unauthenticated_budget` close the connection.
+  connection_guard(kj::Own<kj::AsyncIoStream> inner, kj::Timer& timer,
+                   std::shared_ptr<connection_state> state, size_t max_backlog,
+                   size_t unauthenticated_budget);
+
+  /// Sets the backlog to watch (the connection's network, made after its stream).
+  void watch(std::function<size_t()> backlog) { backlog_ = std::move(backlog); }
+
+  kj::Promise<size_t> tryRead(void* buffer, size_t min_bytes, size_t max_bytes) override;
+  kj::Promise<void> write(const void* buffer, size_t size) override;
+  kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override;
+  kj::Promise<void> whenWriteDisconnected() override;
+  void shutdownWrite() override;
+  void abortRead() override;
+  void getsockopt(int level, int option, void* value, kj::uint* length) override;
+  void setsockopt(int level, int option, const void* value, kj::uint length) override;
+  void getsockname(struct sockaddr* addr, kj::uint* length) override;
+  void getpeername(struct sockaddr* addr, kj::uint* length) override;
+
+private:
+  kj::Promise<size_t> counted(kj::Promise<size_t> read);
+
+  kj::Own<kj::AsyncIoStream> inner_;
+  kj::Timer& timer_;
+  std::shared_ptr<connection_state> state_;
+  const size_t max_backlog_;
+  const size_t unauthenticated_budget_;
+  size_t unauthenticated_bytes_ = 0;
+  std::function<size_t()> backlog_;
+};
+
+} // namespace triplane::rpc::detail
