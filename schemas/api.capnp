@@ -145,6 +145,10 @@ interface Session {
   fork @9 (newId :Text) -> (session :Session);
   # A new session of the same tenant with a copy of this one's state.
   destroy @10 () -> ();
+  # Removes the session and everything only it references. Every Session capability of the id
+  # (any connection) is stale from then on: its calls answer notFound, and a new session under
+  # the id starts only with Tenant.session(id, create=true). While the destroy runs, the id's
+  # other capabilities answer unavailable.
   info @11 () -> (info :SessionInfo);
 }
 

@@ -129,6 +129,46 @@ TEST_CASE("a tenant opens a session and reads back its kv entries and files", "[
   CHECK(code(alice->open_session("notes-copy", false)) == errc::not_found);
 }
 
+TEST_CASE("a session handle kept after its session was destroyed answers not_found instead of "
+          "starting a new session", "[rpc]") {
+  node_process node;
+  auto a = connect_as(node, node.tokens().alice);
+  auto b = connect_as(node, node.tokens().alice);
+  auto s = a->open_session("scratch", true);
+  REQUIRE(s);
+  REQUIRE(s->write_file("a.txt", "first"));
+  auto other = b->open_session("scratch", false);
+  REQUIRE(other);
+  REQUIRE(other->kv_put("k", "v"));
+
+  REQUIRE(s->destroy());
+  // The other connection's handle, and the destroying one, are stale now.
+  auto write = other->write_file("b.txt", "second");
+  REQUIRE_FALSE(write);
+  CHECK(code(write) == errc::not_found);
+  CHECK(triplane::describe(write.error()).find("was destroyed") != std::string::npos);
+  CHECK(code(other->kv_get("k")) == errc::not_found);
+  CHECK(code(s->kv_put("k", "again")) == errc::not_found);
+  CHECK(code(s->read_file("a.txt")) == errc::not_found);
+  // Nothing started a new session under the id.
+  CHECK(code(a->open_session("scratch", false)) == errc::not_found);
+
+  // Opened again with create=true: a new, empty session; the stale handles stay stale.
+  auto fresh = b->open_session("scratch", true);
+  REQUIRE(fresh);
+  auto files = fresh->list_files("", true);
+  REQUIRE(files);
+  CHECK(files->empty());
+  auto k = fresh->kv_get("k");
+  REQUIRE(k);
+  CHECK_FALSE(k->has_value());
+  REQUIRE(fresh->write_file("c.txt", "third"));
+  CHECK(code(other->read_file("c.txt")) == errc::not_found);
+  auto c = fresh->read_file("c.txt");
+  REQUIRE(c);
+  CHECK(*c == "third");
+}
+
 TEST_CASE("a session handle used after its connection was closed fails with unavailable instead "
           "of crashing", "[rpc]") {
   node_process node;

@@ -346,10 +346,14 @@ public:
   session_impl(server_core& core, std::shared_ptr<tenant_state> tenant,
                std::shared_ptr<connection_state> conn, std::string id, std::string full_id)
     : core_(core), tenant_(std::move(tenant)), conn_(std::move(conn)), id_(std::move(id)),
-      full_id_(std::move(full_id)) {
+      full_id_(std::move(full_id)), incarnation_(tenant_->incarnation_of(full_id_)) {
     ++tenant_->open_sessions;
   }
-  ~session_impl() noexcept(false) { --tenant_->open_sessions; }
+  ~session_impl() noexcept(false) {
+    --tenant_->open_sessions;
+    incarnation_.reset();
+    tenant_->forget_if_unused(full_id_);
+  }
 
   kj::Promise<void> exec(ExecContext ctx) override {
     auto p = ctx.getParams();
@@ -566,7 +570,17 @@ public:
   kj::Promise<void> destroy(DestroyContext ctx) override {
     return run_one_ask("Session.destroy", [this, ctx]() mutable {
       check_params(ctx);
-      return ask<bool>(caf::make_message(actors::destroy_atom::value)).ignoreResult();
+      // Until the session answers, this id's other capabilities are refused (their calls
+      // would reach the session on either side of its destroy); afterwards they are stale.
+      using phase = session_incarnation::phase;
+      auto incarnation = incarnation_;
+      incarnation->state = phase::destroying;
+      return ask<bool>(caf::make_message(actors::destroy_atom::value))
+        .then([incarnation](bool) { incarnation->state = phase::destroyed; },
+              [incarnation](kj::Exception&& e) {
+                incarnation->state = phase::live;
+                kj::throwFatalException(kj::mv(e));
+              });
     });
   }
 
@@ -618,15 +632,32 @@ private:
 
   template <class Body>
   kj::Promise<void> run(const char* method, milliseconds deadline, Body&& body) {
-    return core_.run(method, tenant_, deadline, kj::fwd<Body>(body), false, conn_);
+    return core_.run(method, tenant_, deadline, if_not_destroyed(kj::fwd<Body>(body)), false,
+                     conn_);
   }
 
   /// run() for a body that is one ask() (whose timeout is the call's deadline) and what it does
   /// with the answer: the hot path of the small calls, with one deadline timer instead of two.
   template <class Body>
   kj::Promise<void> run_one_ask(const char* method, Body&& body) {
-    return core_.run(method, tenant_, deadline(), kj::fwd<Body>(body), false, conn_,
-                     deadline_by::its_request);
+    return core_.run(method, tenant_, deadline(), if_not_destroyed(kj::fwd<Body>(body)), false,
+                     conn_, deadline_by::its_request);
+  }
+
+  /// `body`, run only while this capability's session has not been destroyed (through this
+  /// capability or another): a stale capability must not start a new session under the id.
+  template <class Body>
+  auto if_not_destroyed(Body&& body) {
+    return [this, body = kj::fwd<Body>(body)]() mutable {
+      using phase = session_incarnation::phase;
+      if (incarnation_->state == phase::destroyed)
+        wire::fail(errc::not_found, "session '" + id_
+                                      + "' was destroyed; open it again with create=true to "
+                                        "start a new one");
+      if (incarnation_->state == phase::destroying)
+        wire::fail(errc::unavailable, "session '" + id_ + "' is being destroyed");
+      return body();
+    };
   }
 
   template <class Reply>
@@ -690,6 +721,7 @@ private:
   std::shared_ptr<connection_state> conn_;
   std::string id_;       ///< as the tenant named it
   std::string full_id_;  ///< tenant-scoped directory id
+  std::shared_ptr<session_incarnation> incarnation_;  ///< shared with the id's other capabilities
 };
 
 // ------------------------------------------------------------------------------------------

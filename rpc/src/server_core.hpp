@@ -22,12 +22,37 @@
 namespace triplane::rpc::detail {
 
 /// Shared by every capability and call of one tenant, across connections.
+/// What every Session capability of one tenant open on one id shares. Sessions exist implicitly
+/// in the session kind (any call activates one), so without this a capability kept after a
+/// destroy, through it or another connection, would silently start a new empty session.
+struct session_incarnation {
+  enum class phase : uint8_t { live, destroying, destroyed };
+  phase state = phase::live;
+};
+
 struct tenant_state {
   std::string name;
   std::string scope_prefix;  ///< "<escaped name>/": how its sessions' directory ids begin
   role who = role::tenant;
   uint32_t in_flight = 0;
   uint32_t open_sessions = 0;
+  /// By scoped id, for ids with an open Session capability (an entry goes with the last one).
+  std::unordered_map<std::string, std::weak_ptr<session_incarnation>> incarnations;
+
+  /// The live incarnation of `full_id`: a new one when none is held or the held one is being
+  /// (or was) destroyed, whose capabilities keep it.
+  std::shared_ptr<session_incarnation> incarnation_of(const std::string& full_id) {
+    auto& slot = incarnations[full_id];
+    auto current = slot.lock();
+    if (!current || current->state != session_incarnation::phase::live)
+      slot = current = std::make_shared<session_incarnation>();
+    return current;
+  }
+  /// After a capability let go of its incarnation: forgets the id once no capability holds it.
+  void forget_if_unused(const std::string& full_id) {
+    auto found = incarnations.find(full_id);
+    if (found != incarnations.end() && found->second.expired()) incarnations.erase(found);
+  }
 };
 
 /// One client connection's own bookkeeping.
