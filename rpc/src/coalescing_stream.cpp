@@ -16,7 +16,7 @@ constexpr size_t max_read_buffer = 64 * 1024;
 
 coalescing_stream::coalescing_stream(kj::Own<kj::AsyncIoStream> inner, size_t high_water,
                                      size_t eager_bytes)
-  : inner_(kj::mv(inner)), high_water_(high_water), eager_bytes_(eager_bytes),
+  : forwarding_stream(kj::mv(inner)), high_water_(high_water), eager_bytes_(eager_bytes),
     rbuf_(kj::heapArray<kj::byte>(min_read_buffer)), tasks_(*this) {}
 
 coalescing_stream::~coalescing_stream() noexcept(false) = default;
@@ -140,34 +140,12 @@ void coalescing_stream::taskFailed(kj::Exception&& e) {
   failed_ = kj::mv(e);
 }
 
-kj::Promise<void> coalescing_stream::whenWriteDisconnected() {
-  return inner_->whenWriteDisconnected();
-}
-
 void coalescing_stream::shutdownWrite() {
   if (writing_ || flush_scheduled_ || !pending_.empty()) {
     shutdown_requested_ = true;
     return;
   }
   inner_->shutdownWrite();
-}
-
-void coalescing_stream::abortRead() { inner_->abortRead(); }
-
-void coalescing_stream::getsockopt(int level, int option, void* value, kj::uint* length) {
-  inner_->getsockopt(level, option, value, length);
-}
-
-void coalescing_stream::setsockopt(int level, int option, const void* value, kj::uint length) {
-  inner_->setsockopt(level, option, value, length);
-}
-
-void coalescing_stream::getsockname(struct sockaddr* addr, kj::uint* length) {
-  inner_->getsockname(addr, length);
-}
-
-void coalescing_stream::getpeername(struct sockaddr* addr, kj::uint* length) {
-  inner_->getpeername(addr, length);
 }
 
 } // namespace triplane::rpc::detail

@@ -11,11 +11,11 @@
 #include <cstddef>
 #include <vector>
 
-#include <kj/async-io.h>
+#include "forwarding_stream.hpp"
 
 namespace triplane::rpc::detail {
 
-class coalescing_stream final : public kj::AsyncIoStream, private kj::TaskSet::ErrorHandler {
+class coalescing_stream final : public forwarding_stream, private kj::TaskSet::ErrorHandler {
 public:
   /// Wraps `inner` (owned). `high_water`: bytes buffered for writing beyond which write()
   /// answers only once they reached the socket (the caller's flow control keeps working: Cap'n
@@ -27,14 +27,8 @@ public:
   kj::Promise<size_t> tryRead(void* buffer, size_t min_bytes, size_t max_bytes) override;
   kj::Promise<void> write(const void* buffer, size_t size) override;
   kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override;
-  kj::Promise<void> whenWriteDisconnected() override;
   /// Shuts the write side down once the buffered bytes have been written.
   void shutdownWrite() override;
-  void abortRead() override;
-  void getsockopt(int level, int option, void* value, kj::uint* length) override;
-  void setsockopt(int level, int option, const void* value, kj::uint length) override;
-  void getsockname(struct sockaddr* addr, kj::uint* length) override;
-  void getpeername(struct sockaddr* addr, kj::uint* length) override;
 
   /// Syscall-level counters, for tests and benchmarks.
   struct counters {
@@ -52,7 +46,6 @@ private:
   void written_out();
   void taskFailed(kj::Exception&& e) override;
 
-  kj::Own<kj::AsyncIoStream> inner_;
   const size_t high_water_;
   const size_t eager_bytes_;
 

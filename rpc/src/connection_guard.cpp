@@ -18,8 +18,8 @@ constexpr auto recheck_interval = 5 * kj::MILLISECONDS;
 connection_guard::connection_guard(kj::Own<kj::AsyncIoStream> inner, kj::Timer& timer,
                                    std::shared_ptr<connection_state> state, size_t max_backlog,
                                    size_t unauthenticated_budget)
-  : inner_(kj::mv(inner)), timer_(timer), state_(std::move(state)), max_backlog_(max_backlog),
-    unauthenticated_budget_(unauthenticated_budget) {}
+  : forwarding_stream(kj::mv(inner)), timer_(timer), state_(std::move(state)),
+    max_backlog_(max_backlog), unauthenticated_budget_(unauthenticated_budget) {}
 
 kj::Promise<size_t> connection_guard::tryRead(void* buffer, size_t min_bytes, size_t max_bytes) {
   if (!backlog_ || backlog_() <= max_backlog_)
@@ -43,34 +43,6 @@ kj::Promise<size_t> connection_guard::counted(kj::Promise<size_t> read) {
     }
     return n;
   });
-}
-
-kj::Promise<void> connection_guard::write(const void* buffer, size_t size) {
-  return inner_->write(buffer, size);
-}
-
-kj::Promise<void> connection_guard::write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) {
-  return inner_->write(pieces);
-}
-
-kj::Promise<void> connection_guard::whenWriteDisconnected() {
-  return inner_->whenWriteDisconnected();
-}
-
-void connection_guard::shutdownWrite() { inner_->shutdownWrite(); }
-void connection_guard::abortRead() { inner_->abortRead(); }
-
-void connection_guard::getsockopt(int level, int option, void* value, kj::uint* length) {
-  inner_->getsockopt(level, option, value, length);
-}
-void connection_guard::setsockopt(int level, int option, const void* value, kj::uint length) {
-  inner_->setsockopt(level, option, value, length);
-}
-void connection_guard::getsockname(struct sockaddr* addr, kj::uint* length) {
-  inner_->getsockname(addr, length);
-}
-void connection_guard::getpeername(struct sockaddr* addr, kj::uint* length) {
-  inner_->getpeername(addr, length);
 }
 
 } // namespace triplane::rpc::detail

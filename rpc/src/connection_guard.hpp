@@ -14,14 +14,15 @@
 #include <functional>
 #include <memory>
 
-#include <kj/async-io.h>
 #include <kj/timer.h>
+
+#include "forwarding_stream.hpp"
 
 namespace triplane::rpc::detail {
 
 struct connection_state;
 
-class connection_guard final : public kj::AsyncIoStream {
+class connection_guard final : public forwarding_stream {
 public:
   /// Wraps `inner` (owned) for the connection `state` (its `authenticated` flag, its `close`
   /// fulfiller). `backlog` (set by watch()) answers the bytes queued for writing; while it
@@ -36,20 +37,10 @@ public:
   void watch(std::function<size_t()> backlog) { backlog_ = std::move(backlog); }
 
   kj::Promise<size_t> tryRead(void* buffer, size_t min_bytes, size_t max_bytes) override;
-  kj::Promise<void> write(const void* buffer, size_t size) override;
-  kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override;
-  kj::Promise<void> whenWriteDisconnected() override;
-  void shutdownWrite() override;
-  void abortRead() override;
-  void getsockopt(int level, int option, void* value, kj::uint* length) override;
-  void setsockopt(int level, int option, const void* value, kj::uint length) override;
-  void getsockname(struct sockaddr* addr, kj::uint* length) override;
-  void getpeername(struct sockaddr* addr, kj::uint* length) override;
 
 private:
   kj::Promise<size_t> counted(kj::Promise<size_t> read);
 
-  kj::Own<kj::AsyncIoStream> inner_;
   kj::Timer& timer_;
   std::shared_ptr<connection_state> state_;
   const size_t max_backlog_;
