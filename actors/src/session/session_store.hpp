@@ -41,6 +41,10 @@ struct manifest_entry {
   // not touched and is not read again. Rehydration and every sync refresh it.
   uint64_t ino = 0;
   int64_t ctime_ns = 0;
+  /// Local, not persisted: set when the file's mtime was within a timestamp tick of the moment
+  /// its stat was recorded, so a rewrite of the same size in that tick would leave the stat as
+  /// it is: the next sync reads such a file instead of trusting its stat.
+  bool stat_unproven = false;
 };
 /// path -> entry, sorted (parents before children).
 using manifest = std::map<std::string, manifest_entry>;

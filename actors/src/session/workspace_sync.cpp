@@ -27,6 +27,26 @@ int64_t ns_of(const timespec& t) {
   return static_cast<int64_t>(t.tv_sec) * 1000000000 + t.tv_nsec;
 }
 
+int64_t now_realtime_ns() {
+  timespec t{};
+  ::clock_gettime(CLOCK_REALTIME, &t);
+  return ns_of(t);
+}
+
+/// How far a file timestamp may lag the clock, with margin: the kernel stamps files from its
+/// coarse clock, which advances at timer ticks (4 ms at Debian's HZ=250, and on this 6.18 host
+/// files read 4-8 ms behind CLOCK_REALTIME right after a write: idle CPUs skip ticks). Debian
+/// 12's 6.1 kernel stamps every write this way. A file last written less than this before the
+/// scan that recorded it could be written again before the coarse clock moves, with the same
+/// size and timestamps: its stat proves nothing, so the next sync reads it again (git's
+/// "racily clean" entries). Costs one more read of what a command wrote in its last 20 ms.
+constexpr int64_t timestamp_granularity_ns = 20'000'000;
+
+/// Whether `e`'s recorded stat may not show a later change (see timestamp_granularity_ns).
+bool racy(const manifest_entry& e, int64_t recorded_at_ns) {
+  return e.mtime_ns > recorded_at_ns - timestamp_granularity_ns;
+}
+
 timespec ts_of(int64_t ns) {
   timespec t{};
   t.tv_sec = static_cast<time_t>(ns / 1000000000);
@@ -216,6 +236,7 @@ caf::error read_chunks(int rootfd, const std::string& path, manifest_entry& e,
 expected<sync_outcome> sync_manifest(const std::string& root, manifest& m, uint64_t quota_bytes) {
   int rootfd = ::open(root.c_str(), O_DIRECTORY | O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
   if (rootfd < 0) return make_error(errc::io_error, "cannot open workspace '" + root + "'");
+  const int64_t scan_start = now_realtime_ns();
   std::vector<scanned> found;
   auto err = scan(rootfd, "", found);
   if (err) {
@@ -252,8 +273,10 @@ expected<sync_outcome> sync_manifest(const std::string& root, manifest& m, uint6
       e.type = file_type::regular;
       e.size = static_cast<uint64_t>(s.st.st_size);
       bool untouched = old != m.end() && old->second.type == file_type::regular &&
-                       old->second.size == e.size && old->second.mtime_ns == e.mtime_ns &&
-                       old->second.ino == e.ino && old->second.ctime_ns == e.ctime_ns;
+                       !old->second.stat_unproven && old->second.size == e.size &&
+                       old->second.mtime_ns == e.mtime_ns && old->second.ino == e.ino &&
+                       old->second.ctime_ns == e.ctime_ns;
+      e.stat_unproven = racy(e, scan_start);
       if (untouched) {
         e.chunks = old->second.chunks;
       } else {
@@ -264,6 +287,10 @@ expected<sync_outcome> sync_manifest(const std::string& root, manifest& m, uint6
         }
         ++out.files_read;
         if (vanished) continue;  // as if the scan had not seen it (the count check below notes the change)
+        // Read again only because its stat proved nothing, and unchanged: its chunks are
+        // stored, as an untouched file's are.
+        if (old != m.end() && old->second.type == file_type::regular && old->second.chunks == e.chunks)
+          for (const auto& hash : e.chunks) out.new_chunks.erase(hash);
       }
     }
     if (old == m.end() || old->second.type != e.type || old->second.mode != e.mode ||
@@ -318,6 +345,7 @@ caf::error write_regular(const std::string& root, const std::string& path, manif
     e.ino = st.st_ino;
     e.ctime_ns = ns_of(st.st_ctim);
   }
+  e.stat_unproven = racy(e, now_realtime_ns());
   ::close(fd);
   return {};
 }

@@ -20,7 +20,8 @@ struct sync_outcome {
 
 /// Brings `m` up to date with the directory `root` (symlinks recorded, never followed; sockets,
 /// fifos and devices skipped). A regular file whose size, mtime, inode and ctime match its
-/// entry keeps its chunk list unread. Fails with limit_exceeded, leaving `m` unchanged, when the
+/// entry keeps its chunk list unread, unless it had been written within a timestamp tick of
+/// the sync that recorded that entry (manifest_entry::stat_unproven). Fails with limit_exceeded, leaving `m` unchanged, when the
 /// files add up to more than `quota_bytes` (0 = no quota); the check uses stat only.
 expected<sync_outcome> sync_manifest(const std::string& root, manifest& m, uint64_t quota_bytes);
 
