@@ -110,6 +110,13 @@ TEST_CASE("triplane-cli prints human-readable errors and exits 1 or 2", "[rpc][c
   r = run(node, node.tokens().alice, "TRIPLANE_ENDPOINT=127.0.0.1:1 " + cli + " session ls x");
   CHECK(r.status == 1);
   CHECK(r.out.find("error: unavailable") != std::string::npos);
+  // A mistyped command is named as such, not hidden behind a connection error or a missing token.
+  r = run(node, node.tokens().alice, "TRIPLANE_ENDPOINT=127.0.0.1:1 " + cli + " sesion ls x");
+  CHECK(r.status == 2);
+  CHECK(r.out.find("unknown command 'sesion'") != std::string::npos);
+  r = run(node, "", cli + " frobnicate");
+  CHECK(r.status == 2);
+  CHECK(r.out.find("unknown command 'frobnicate'") != std::string::npos);
 }
 
 TEST_CASE("triplane-cli refuses numeric options it cannot represent instead of wrapping or "

@@ -317,6 +317,9 @@ int run(int argc, char** argv) {
     return 0;
   }
 
+  // A mistyped command is a usage error, also when the node cannot be reached.
+  if (cmd != "session" && cmd != "stats" && cmd != "generate" && cmd != "models")
+    return usage("unknown command '" + cmd + "'");
   if (token.empty()) return usage("no token: pass --token or set TRIPLANE_TOKEN");
   auto conn = triplane::client::connection::connect(endpoint, token);
   if (!conn) return fail(conn.error());
