@@ -399,11 +399,9 @@ TEST_CASE("a bad token is refused with permission_denied and repeated failures c
 
   // Raw stub: five failures on one connection, each slower than the last, then hang-up.
   {
-  auto io = kj::setupAsyncIo();
-  auto addr = io.provider->getNetwork().parseAddress(node.endpoint()).wait(io.waitScope);
-  auto stream = addr->connect().wait(io.waitScope);
-  capnp::TwoPartyClient rpc(*stream);
-  auto boot = rpc.bootstrap().castAs<triplane::api::Bootstrap>();
+  triplane::test::raw_rpc_connection raw(node.endpoint());
+  auto& boot = raw.bootstrap;
+  auto& io = raw.io;
   auto start = std::chrono::steady_clock::now();
   int denied = 0;
   bool disconnected = false;
@@ -437,11 +435,9 @@ TEST_CASE("pipelined authentication guesses are checked one at a time, slowed do
           "like sequential ones", "[rpc][auth]") {
   node_process node;
   {
-  auto io = kj::setupAsyncIo();
-  auto addr = io.provider->getNetwork().parseAddress(node.endpoint()).wait(io.waitScope);
-  auto stream = addr->connect().wait(io.waitScope);
-  capnp::TwoPartyClient rpc(*stream);
-  auto boot = rpc.bootstrap().castAs<triplane::api::Bootstrap>();
+  triplane::test::raw_rpc_connection raw(node.endpoint());
+  auto& boot = raw.bootstrap;
+  auto& io = raw.io;
   // 40 wrong guesses sent at once, then the right token: the node must not check them all
   // at once (a pipelining client would otherwise guess as fast as it can send). After the
   // five failures a connection is allowed, the right token is never checked.

@@ -39,6 +39,17 @@ std::unique_ptr<session_core> activate_with_1mib_quota(node_fixture& f, const st
   return s;
 }
 
+/// Kills the background process `id` of `s`, which must have run until then (not ended on an
+/// error of its own).
+void kill_and_check_it_was_running(session_core& s, uint64_t id) {
+  REQUIRE(s.bg_signal(id, SIGKILL));
+  auto done = s.bg_wait(id, 10000);
+  REQUIRE(done);
+  INFO(done->result.stderr_data);
+  CHECK_FALSE(done->running);
+  CHECK(done->result.term_signal == SIGKILL);
+}
+
 } // namespace
 
 TEST_CASE("a session's files, kv, env, cwd and history survive passivation", "[session]") {
@@ -607,12 +618,7 @@ TEST_CASE("a directory swapped for a symlink to a host path while the node store
     stored_host_bytes = *f.store->refcount(sha256(secret)) > 0 || f.store->chunk(sha256(secret));
   }
   CHECK_FALSE(stored_host_bytes);
-  REQUIRE(s->bg_signal(st->bg_id, SIGKILL));
-  auto done = s->bg_wait(st->bg_id, 10000);
-  REQUIRE(done);
-  INFO(done->result.stderr_data);
-  CHECK_FALSE(done->running);
-  CHECK(done->result.term_signal == SIGKILL);  // it flipped until killed
+  kill_and_check_it_was_running(*s, st->bg_id);
 }
 
 TEST_CASE("a file swapped for a fifo while the node stores the workspace does not hang the session",
@@ -644,12 +650,7 @@ TEST_CASE("a file swapped for a fifo while the node stores the workspace does no
       int fd = ::open((s->workspace_dir() + "/" + name).c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
       if (fd >= 0) ::close(fd);
     }
-  REQUIRE(s->bg_signal(st->bg_id, SIGKILL));
-  auto done = s->bg_wait(st->bg_id, 10000);
-  REQUIRE(done);
-  INFO(done->result.stderr_data);
-  CHECK_FALSE(done->running);
-  CHECK(done->result.term_signal == SIGKILL);  // it flipped until killed
+  kill_and_check_it_was_running(*s, st->bg_id);
 }
 
 TEST_CASE("a directory goes out and back in as a tar archive", "[session]") {

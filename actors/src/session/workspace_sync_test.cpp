@@ -11,24 +11,18 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "temp_directory.hpp"
+
 using namespace triplane;
 using namespace triplane::actors::session;
 namespace fs = std::filesystem;
 
 namespace {
 
-struct temp_workspace {
-  fs::path root;
-  temp_workspace() {
-    char tmpl[] = "/tmp/tp-sync-test-XXXXXX";
-    REQUIRE(::mkdtemp(tmpl));
-    root = tmpl;
-  }
-  ~temp_workspace() { fs::remove_all(root); }
-  void write(const std::string& name, const std::string& contents) const {
-    std::ofstream(root / name, std::ios::trunc) << contents;
-  }
-};
+/// Writes `contents` to `dir`/`name`, replacing what was there.
+void write(const fs::path& dir, const std::string& name, const std::string& contents) {
+  std::ofstream(dir / name, std::ios::trunc) << contents;
+}
 
 int64_t ns_of(const timespec& t) { return int64_t{t.tv_sec} * 1000000000 + t.tv_nsec; }
 
@@ -40,23 +34,24 @@ TEST_CASE("a file rewritten within a timestamp tick of the sync that recorded it
   // give a rewrite of the same size in the same tick the same mtime and ctime, on the same
   // inode: its stat is what the last sync recorded. That is simulated here by giving the
   // entry the file's new stat; the change must be found anyway.
-  temp_workspace t;
-  t.write("counter", "1");
+  triplane::testing::temp_directory dir("tp-sync-test");
+  const fs::path root = dir.path();
+  write(root, "counter", "1");
   manifest m;
-  auto first = sync_manifest(t.root.string(), m, 0);
+  auto first = sync_manifest(root.string(), m, 0);
   REQUIRE(first);
   REQUIRE(m.count("counter") == 1);
   auto before = m.at("counter").chunks;
 
-  t.write("counter", "2");
+  write(root, "counter", "2");
   struct stat st {};
-  REQUIRE(::stat((t.root / "counter").c_str(), &st) == 0);
+  REQUIRE(::stat((root / "counter").c_str(), &st) == 0);
   auto& e = m.at("counter");
   e.size = static_cast<uint64_t>(st.st_size);
   e.mtime_ns = ns_of(st.st_mtim);
   e.ctime_ns = ns_of(st.st_ctim);
   e.ino = st.st_ino;
-  auto second = sync_manifest(t.root.string(), m, 0);
+  auto second = sync_manifest(root.string(), m, 0);
   REQUIRE(second);
   CHECK(second->files_read == 1);
   CHECK(second->changed);
@@ -66,11 +61,11 @@ TEST_CASE("a file rewritten within a timestamp tick of the sync that recorded it
   // A file whose stat was recorded long after its last write is trusted: it is read once more
   // (its mtime changed), then no longer.
   timespec old_times[2] = {{1700000000, 0}, {1700000000, 0}};
-  REQUIRE(::utimensat(AT_FDCWD, (t.root / "counter").c_str(), old_times, 0) == 0);
-  auto third = sync_manifest(t.root.string(), m, 0);
+  REQUIRE(::utimensat(AT_FDCWD, (root / "counter").c_str(), old_times, 0) == 0);
+  auto third = sync_manifest(root.string(), m, 0);
   REQUIRE(third);
   CHECK(third->files_read == 1);
-  auto fourth = sync_manifest(t.root.string(), m, 0);
+  auto fourth = sync_manifest(root.string(), m, 0);
   REQUIRE(fourth);
   CHECK(fourth->files_read == 0);
   CHECK_FALSE(fourth->changed);

@@ -35,6 +35,12 @@ struct temp_tree {
   }
   ~temp_tree() { fs::remove_all(base); }
   fs::path ws() const { return base / "ws"; }
+  /// The files API over ws(), resolving with openat2 or with the O_NOFOLLOW walk.
+  std::unique_ptr<workspace> open(bool use_openat2) const {
+    auto opened = workspace::open(ws().string(), use_openat2);
+    REQUIRE(opened);
+    return std::move(*opened);
+  }
   fs::path outside() const { return base / "outside"; }
 };
 
@@ -48,8 +54,7 @@ std::string slurp(const fs::path& p) {
 TEST_CASE("bad paths are refused with invalid_argument and a message naming the problem", "[workspace][bad-input]") {
   temp_tree t;
   bool use_openat2 = GENERATE(true, false);
-  auto ws = workspace::open(t.ws().string(), use_openat2);
-  REQUIRE(ws);
+  auto ws = t.open(use_openat2);
   struct bad { std::string path; std::string says; };
   auto c = GENERATE(values<bad>({
       {"../outside/secret", ".."},
@@ -66,11 +71,11 @@ TEST_CASE("bad paths are refused with invalid_argument and a message naming the 
   w.path = c.path;
   w.data = "x";
   w.create_parents = true;
-  auto r = (*ws)->write(w);
+  auto r = ws->write(w);
   REQUIRE_FALSE(r);
   CHECK(code_of(r.error()) == errc::invalid_argument);
   CHECK(describe(r.error()).find(c.says) != std::string::npos);
-  auto rd = (*ws)->read({c.path, 0, 0});
+  auto rd = ws->read({c.path, 0, 0});
   REQUIRE_FALSE(rd);
   CHECK(code_of(rd.error()) == errc::invalid_argument);
   CHECK(slurp(t.outside() / "secret") == "secret");
@@ -79,9 +84,8 @@ TEST_CASE("bad paths are refused with invalid_argument and a message naming the 
 TEST_CASE("files are written, read by range, listed, moved and removed", "[workspace]") {
   temp_tree t;
   bool use_openat2 = GENERATE(true, false);
-  auto ws = workspace::open(t.ws().string(), use_openat2);
-  REQUIRE(ws);
-  auto& w = **ws;
+  auto ws = t.open(use_openat2);
+  auto& w = *ws;
   file_write_request req{"src/pkg/mod.py", "print('hi')\n", 0755, true, false};
   auto e = w.write(req);
   REQUIRE(e);
@@ -119,9 +123,8 @@ TEST_CASE("a write that fails part-way leaves the file as it was", "[workspace][
   temp_tree t;
   bool use_openat2 = GENERATE(true, false);
   INFO("openat2=" << use_openat2);
-  auto ws = workspace::open(t.ws().string(), use_openat2);
-  REQUIRE(ws);
-  auto& w = **ws;
+  auto ws = t.open(use_openat2);
+  auto& w = *ws;
   REQUIRE(w.write({"doc.txt", "precious", 0600, false, false}));
   struct rlimit saved {};
   REQUIRE(::getrlimit(RLIMIT_FSIZE, &saved) == 0);
@@ -158,9 +161,8 @@ TEST_CASE("reading or appending to a fifo is refused at once instead of waiting 
   temp_tree t;
   bool use_openat2 = GENERATE(true, false);
   INFO("openat2=" << use_openat2);
-  auto ws = workspace::open(t.ws().string(), use_openat2);
-  REQUIRE(ws);
-  auto& w = **ws;
+  auto ws = t.open(use_openat2);
+  auto& w = *ws;
   REQUIRE(::mkfifo((t.ws() / "pipe").c_str(), 0644) == 0);
   auto peer = [&](int mode) {  // opening the other side releases an open that blocks
     int fd = ::open((t.ws() / "pipe").c_str(), mode | O_NONBLOCK | O_CLOEXEC);
@@ -193,9 +195,8 @@ TEST_CASE("mkdir with parents leaves an existing directory's mode alone", "[work
   temp_tree t;
   bool use_openat2 = GENERATE(true, false);
   INFO("openat2=" << use_openat2);
-  auto ws = workspace::open(t.ws().string(), use_openat2);
-  REQUIRE(ws);
-  auto& w = **ws;
+  auto ws = t.open(use_openat2);
+  auto& w = *ws;
   REQUIRE(w.make_directory({"private", false, 0700}));
   auto again = w.make_directory({"private", true, 0755});
   REQUIRE(again);
@@ -214,9 +215,8 @@ TEST_CASE("symlink tricks never reach outside the workspace", "[workspace][bad-i
   temp_tree t;
   bool use_openat2 = GENERATE(true, false);
   INFO("openat2=" << use_openat2);
-  auto ws = workspace::open(t.ws().string(), use_openat2);
-  REQUIRE(ws);
-  auto& w = **ws;
+  auto ws = t.open(use_openat2);
+  auto& w = *ws;
   fs::create_symlink(t.outside() / "secret", t.ws() / "link_out");
   fs::create_symlink(t.outside(), t.ws() / "dir_out");
   fs::create_symlink(t.ws() / "missing", t.ws() / "dangling");
@@ -267,8 +267,7 @@ TEST_CASE("a symlink swapped in between check and use never redirects a write ou
   temp_tree t;
   bool use_openat2 = GENERATE(true, false);
   INFO("openat2=" << use_openat2);
-  auto ws = workspace::open(t.ws().string(), use_openat2);
-  REQUIRE(ws);
+  auto ws = t.open(use_openat2);
   std::atomic<bool> stop{false};
   // A hostile command flips "d" between a real directory and a symlink to outside.
   std::thread flipper([&] {
@@ -288,7 +287,7 @@ TEST_CASE("a symlink swapped in between check and use never redirects a write ou
   });
   int ok = 0;
   for (int i = 0; i < 3000; ++i) {
-    auto r = (*ws)->write({"d/f" + std::to_string(i % 10), "x", 0644, false, false});
+    auto r = ws->write({"d/f" + std::to_string(i % 10), "x", 0644, false, false});
     if (r) ++ok;
   }
   stop = true;
