@@ -26,12 +26,14 @@ pack() {
   local build_dir=${TRIPLANE_BUILD_DIR:-build}
   [[ -f $build_dir/CMakeCache.txt ]] || cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release >/dev/null
   grep -q '^TRIPLANE_HAVE_CUDA' "$build_dir/CMakeCache.txt" 2>/dev/null || true
-  local targets=(gpu_kernels_gpu_test gpu_cuda_backend_gpu_test gpu_cuda_backend_test bench_inference_gpu)
+  local targets=(gpu_kernels_gpu_test gpu_cuda_backend_gpu_test gpu_cuda_backend_test bench_inference_gpu
+                 triplane-generate)
   cmake --build "$build_dir" --target "${targets[@]}" -j"${TRIPLANE_JOBS:-2}"
   rm -rf "$pack_dir"
   mkdir -p "$pack_dir/bin" "$pack_dir/lib" "$pack_dir/fixtures/llama"
   cp "$build_dir/gpu/gpu_kernels_gpu_test" "$build_dir/gpu/gpu_cuda_backend_gpu_test" \
-     "$build_dir/gpu/gpu_cuda_backend_test" "$build_dir/bench/bench_inference_gpu" "$pack_dir/bin/"
+     "$build_dir/gpu/gpu_cuda_backend_test" "$build_dir/bench/bench_inference_gpu" \
+     "$build_dir/gpu/triplane-generate" "$pack_dir/bin/"
   # Non-system libraries (CAF, ...). Left out: the C runtime (there), libstdc++/libgcc_s (the
   # device's are newer and backward compatible), CUDA's own libraries (found there).
   for bin in "$pack_dir"/bin/*; do
@@ -45,7 +47,7 @@ pack() {
   done
   local fixtures
   fixtures=$(sed -n 's/^TRIPLANE_FIXTURES_DIR:PATH=//p' "$build_dir/CMakeCache.txt")
-  realpath -m "$fixtures" >"$pack_dir/fixtures-path"
+  echo "$fixtures" >"$pack_dir/fixtures-path"  # as compiled into the tests (may hold ..)
   cp -r "$fixtures"/llama/tiny-llama-* "$pack_dir/fixtures/llama/"
   echo "packed $(du -sh "$pack_dir" | cut -f1) into $pack_dir/ (fixtures expected at $(cat "$pack_dir/fixtures-path"))"
   echo "device tool: run command 'bash scripts/gpu-check.sh run', carry [\"$pack_dir\"], timeout_s 540"
@@ -86,13 +88,13 @@ run() {
   local bin name escaped log status start seconds rc
   for bin in "$pack_dir"/bin/*_test; do
     mkdir -p "$out/logs"
-    "$bin" --list-test-names-only 2>&1 | sed '/^$/d' | grep -v 'test cases' >"$out/names.txt" || true
+    "$bin" --list-test-names-only 2>&1 | sed '/^$/d' | grep -v 'test cases' >"$out/logs/names.txt" || true
     while IFS= read -r name; do
       [[ -n $name ]] || continue
       escaped=$(printf '%s' "$name" | sed 's/[][,\\*]/\\&/g')
       log="$out/logs/$(basename "$bin")-$(printf '%s' "$name" | tr -c 'A-Za-z0-9' '_' | cut -c1-60).log"
       start=$(date +%s%N)
-      timeout 180 "$bin" "$escaped" -r compact >"$log" 2>&1
+      timeout 60 "$bin" "$escaped" -r compact >"$log" 2>&1
       rc=$?
       seconds=$(awk -v a="$start" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
       if [[ $rc -eq 124 ]]; then status=TIMEOUT
@@ -104,11 +106,29 @@ run() {
       printf '%s\t%s\t%s\t%s\n' "$status" "$(basename "$bin")" "$seconds" "$name" >>"$results"
       # The measured errors the fixture tests print (WARN) go to the summary too.
       grep -h 'of the range\|of the logit range' "$log" | sed 's/^.*warning: //; s/^/    /' >>"$out/measured.txt" || true
-    done <"$out/names.txt"
+    done <"$out/logs/names.txt"
   done
 
+  # The generate command end to end on the bf16 fixture's 7-token prompt, beside the reference
+  # greedy continuation (same tokens expected unless a step's margin is below bf16's error).
+  echo "== triplane-generate --backend cuda"
+  local fixture=$fixtures/llama/tiny-llama-bf16 prompt expected_tokens got
+  { read -r prompt; read -r expected_tokens; } < <(python3 scripts/fixture-prompt.py "$fixture/expected.safetensors" 1)
+  start=$(date +%s%N)
+  timeout 60 "$pack_dir/bin/triplane-generate" --model "$fixture" --tokens "$prompt" --max-new-tokens 12 \
+    --backend cuda >"$out/logs/generate.log" 2>&1
+  rc=$?
+  seconds=$(awk -v a="$start" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
+  got=$(tail -n 1 "$out/logs/generate.log")
+  if [[ $rc -eq 124 ]]; then status=TIMEOUT
+  elif [[ $rc -ne 0 ]]; then status=FAIL
+  elif [[ $got == "$expected_tokens" ]]; then status=pass
+  else status=DIFF
+  fi
+  printf '%s\t%s\t%s\t%s\n' "$status" "generate" "$seconds" "got $got, reference $expected_tokens" >>"$results"
+
   echo "== bench_inference_gpu"
-  timeout 300 "$pack_dir/bin/bench_inference_gpu" --json "$out/bench_inference_gpu.json" \
+  timeout 240 "$pack_dir/bin/bench_inference_gpu" --json "$out/bench_inference_gpu.json" \
     --model-dir /tmp/triplane-llama-3.2-1b-random 2>&1 | tee "$out/bench.log"
   local bench_rc=${PIPESTATUS[0]}
 
@@ -123,7 +143,7 @@ run() {
       name=${bin_case#*|}
       log="$out/logs/memcheck-$bin.log"
       start=$(date +%s%N)
-      timeout 150 "$sanitizer" --tool memcheck --error-exitcode 3 "$pack_dir/bin/$bin" ${name:+"$name"} -r compact \
+      timeout 100 "$sanitizer" --tool memcheck --error-exitcode 3 "$pack_dir/bin/$bin" ${name:+"$name"} -r compact \
         >"$log" 2>&1
       rc=$?
       seconds=$(awk -v a="$start" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
@@ -140,6 +160,8 @@ run() {
   [[ -s $out/measured.txt ]] && { echo "measured errors:"; sort -u "$out/measured.txt"; }
   echo "bench (rc $bench_rc):"
   sed -n '/^device/p;/^device-to-device/p;/^phase/,$p' "$out/bench.log"
+  # At most 8 files come back from the device tool: the per-case logs travel as one archive.
+  tar -czf "$out/logs.tar.gz" -C "$out" logs && rm -rf "$out/logs"
   local failed
   failed=$(grep -c -v -E '^(pass|SKIP)' "$results")
   echo "cases: $(grep -c '^pass' "$results") passed, $(grep -c '^SKIP' "$results") skipped, $failed failed or timed out"
