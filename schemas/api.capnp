@@ -136,7 +136,13 @@ interface Session {
   # length 0 = to the end. A read larger than one message carries (64 MiB by default) is
   # limit_exceeded: read it in ranges.
   writeFile @2 (path :Text, data :Data, makeParents :Bool, executable :Bool) -> ();
-  listFiles @3 (path :Text, recursive :Bool) -> (entries :List(FileEntry));
+  listFiles @3 (path :Text, recursive :Bool, after :Text, limit :UInt32)
+      -> (entries :List(FileEntry), more :Bool);
+  # Entries in byte order of their paths, those after `after` only (empty: from the first).
+  # limit 0: the whole listing, or limit_exceeded when it is larger than one message carries
+  # (64 MiB by default). limit > 0: a page of at most `limit` entries (fewer when a message
+  # could not carry them); `more` says whether entries follow: ask again with `after` = the last
+  # path. Pages see the workspace as it is when each is asked for.
   removeFile @4 (path :Text, recursive :Bool) -> ();
   kvGet @5 (key :Text) -> (found :Bool, value :Data);
   kvPut @6 (key :Text, value :Data) -> ();

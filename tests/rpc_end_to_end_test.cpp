@@ -224,6 +224,54 @@ TEST_CASE("a file read too large for one answer is refused with limit_exceeded a
   CHECK(tail->size() == 67108860 - (32u << 20));
 }
 
+TEST_CASE("a listing too large for one answer is refused whole and comes complete in pages",
+          "[rpc][limits]") {
+  node_process node;
+  auto alice = connect_as(node, node.tokens().alice);
+  auto s = alice->open_session("many-names", true);
+  REQUIRE(s);
+  // 17,000 empty files under a directory path of ~3,800 bytes: about 68 MB of listing, more
+  // than one 64 MiB message, in a workspace that holds no data at all.
+  triplane::client::exec_options opts;
+  opts.argv = {"python3", "-c",
+               "import os\n"
+               "d = '/'.join(['d' * 250] * 15)\n"
+               "os.makedirs(d)\n"
+               "for i in range(17000): open(d + '/' + 'f' * 190 + '%06d' % i, 'w').close()\n"};
+  opts.timeout_ms = 120000;
+  auto made = s->exec(opts);
+  REQUIRE(made);
+  INFO(made->stderr_data);
+  REQUIRE(made->exit_code == 0);
+
+  {
+    auto whole = s->list_files_page("", true, "", 0);
+    REQUIRE_FALSE(whole);
+    INFO(triplane::describe(whole.error()));
+    CHECK(triplane::code_of(whole.error()) == errc::limit_exceeded);
+    CHECK(triplane::describe(whole.error()).find("pages") != std::string::npos);
+  }
+
+  // A page stops where a message would overflow, whatever the limit asked for.
+  auto first = s->list_files_page("", true, "", 100000);
+  if (!first) FAIL(triplane::describe(first.error()));
+  CHECK(first->more);
+  CHECK(first->entries.size() < 17015);
+  auto next = s->list_files_page("", true, first->entries.back().path, 10);
+  REQUIRE(next);
+  REQUIRE(next->entries.size() == 10);
+  CHECK(next->entries.front().path > first->entries.back().path);
+
+  auto all = s->list_files("", true);
+  REQUIRE(all);
+  CHECK(all->size() == 17000 + 15);  // the files and their 15 directories, each once
+  CHECK(std::is_sorted(all->begin(), all->end(),
+                       [](const auto& a, const auto& b) { return a.path < b.path; }));
+  CHECK(std::adjacent_find(all->begin(), all->end(), [](const auto& a, const auto& b) {
+          return a.path == b.path;
+        }) == all->end());
+}
+
 TEST_CASE("a client on the same host reaches the node over its Unix-domain socket as over TCP",
           "[rpc][unix]") {
   triplane::testing::temp_directory dir{"triplane-rpc-unix"};

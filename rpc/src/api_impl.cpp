@@ -479,15 +479,53 @@ public:
       actors::file_list_request req;
       req.path = checked_text(p.getPath(), 4096, "path");
       req.recursive = p.getRecursive();
+      // Paths inside a workspace may be longer than PATH_MAX (a tree built one name at a time).
+      auto after = checked_text(p.getAfter(), 1 << 20, "after");
+      const uint32_t limit = p.getLimit();
+      // As for readFile: one answer is one message, and Cap'n Proto would fail a larger one with
+      // `internal`. A workspace can hold enough (long) names for that.
+      auto message_bytes = core_.opts.reader.traversal_limit_words * 8;
+      auto max_bytes = message_bytes > answer_framing_bytes ? message_bytes - answer_framing_bytes
+                                                            : 0;
       return ask<std::vector<actors::file_entry>>(
                caf::make_message(actors::file_list_atom::value, req))
-        .then([ctx](std::vector<actors::file_entry>&& entries) mutable {
-          auto out = ctx.getResults().initEntries(static_cast<unsigned>(entries.size()));
-          for (size_t i = 0; i < entries.size(); ++i) {
-            out[i].setPath(entries[i].path);
-            out[i].setSize(entries[i].size);
-            out[i].setMode(posix_mode(entries[i]));
+        .then([ctx, max_bytes, req, after = std::move(after),
+               limit](std::vector<actors::file_entry>&& entries) mutable {
+          // The session answers sorted by path: a page starts after `after`.
+          auto first = after.empty()
+                         ? entries.begin()
+                         : std::upper_bound(entries.begin(), entries.end(), after,
+                                            [](const std::string& a, const actors::file_entry& e) {
+                                              return a < e.path;
+                                            });
+          // Encoded List(FileEntry): a tag word, 3 words per entry (size, mode, the path
+          // pointer), each path's bytes and NUL in whole words; and one word more per entry, for
+          // the far pointer a text gets when it lands in another segment than its entry.
+          uint64_t bytes = 8;
+          auto last = first;
+          while (last != entries.end() && (limit == 0 || last - first < limit)) {
+            auto entry_bytes = 32 + (last->path.size() + 1 + 7) / 8 * 8;
+            if (bytes + entry_bytes > max_bytes) break;
+            bytes += entry_bytes;
+            ++last;
           }
+          const bool more = last != entries.end();
+          if (more && (limit == 0 || last == first))
+            wire::fail(errc::limit_exceeded,
+                       "the " + std::string(req.recursive ? "recursive " : "") + "listing of '"
+                         + req.path + "' has " + std::to_string(entries.end() - first)
+                         + " entries, more than one answer carries (" + std::to_string(max_bytes)
+                         + " bytes); ask for it in pages (limit > 0, then after = the last path)");
+          // One segment of the right size: no far pointers, no 8 KiB first segment to outgrow.
+          auto results = ctx.getResults(capnp::MessageSize{bytes / 8 + 8, 0});
+          auto out = results.initEntries(static_cast<unsigned>(last - first));
+          unsigned i = 0;
+          for (auto it = first; it != last; ++it, ++i) {
+            out[i].setPath(it->path);
+            out[i].setSize(it->size);
+            out[i].setMode(posix_mode(*it));
+          }
+          results.setMore(more);
         });
     });
   }

@@ -2,6 +2,7 @@
 #include "triplane/rpc/client.hpp"
 
 #include <capnp/rpc-twoparty.h>
+#include <iterator>
 #include <kj/async-io.h>
 
 #include "api.capnp.h"
@@ -385,18 +386,43 @@ expected<void> session::write_file(const std::string& path, std::string_view dat
   return {};
 }
 
-expected<std::vector<file_entry>> session::list_files(const std::string& path, bool recursive) {
+expected<file_page> session::list_files_page(const std::string& path, bool recursive,
+                                             const std::string& after, uint32_t limit) {
   auto c = state_->conn.lock();
   if (!c) return connection_closed(id_);
   auto req = state_->cap.listFilesRequest();
   req.setPath(path);
   req.setRecursive(recursive);
+  req.setAfter(after);
+  req.setLimit(limit);
   return c->wait(req.send().then(
     [](capnp::Response<api::Session::ListFilesResults>&& res) {
-      std::vector<file_entry> out;
-      for (auto e : res.getEntries()) out.push_back({e.getPath().cStr(), e.getSize(), e.getMode()});
-      return out;
+      file_page page;
+      // Read the list once: every read counts against the message's traversal limit.
+      auto entries = res.getEntries();
+      page.entries.reserve(entries.size());
+      for (auto e : entries) page.entries.push_back({e.getPath().cStr(), e.getSize(), e.getMode()});
+      page.more = res.getMore();
+      return page;
     }));
+}
+
+expected<std::vector<file_entry>> session::list_files(const std::string& path, bool recursive) {
+  // Pages of up to 16,384 entries: a few MiB even with long paths, well inside one message.
+  constexpr uint32_t page_entries = 16384;
+  std::vector<file_entry> out;
+  std::string after;
+  for (;;) {
+    auto page = list_files_page(path, recursive, after, page_entries);
+    if (!page) return page.error();
+    // A node from before pagination ignores the limit and answers everything, without `more`.
+    if (page->entries.empty()) return out;
+    after = page->entries.back().path;
+    const bool more = page->more;
+    out.insert(out.end(), std::make_move_iterator(page->entries.begin()),
+               std::make_move_iterator(page->entries.end()));
+    if (!more) return out;
+  }
 }
 
 expected<void> session::remove_file(const std::string& path, bool recursive) {

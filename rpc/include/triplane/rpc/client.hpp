@@ -54,6 +54,12 @@ struct file_entry {
   uint32_t mode = 0;
 };
 
+/// One page of a listing (session::list_files_page).
+struct file_page {
+  std::vector<file_entry> entries;  ///< sorted by path
+  bool more = false;                ///< entries follow the last one
+};
+
 struct session_info {
   std::string id;
   uint64_t created_unix_ms = 0, last_used_unix_ms = 0;
@@ -129,7 +135,13 @@ public:
   /// so do exec and kv_put for their requests.
   expected<void> write_file(const std::string& path, std::string_view data,
                             bool make_parents = false, bool executable = false);
+  /// The whole listing, sorted by path, fetched in pages (so any size works; a workspace that
+  /// changes meanwhile is seen page by page, each entry once).
   expected<std::vector<file_entry>> list_files(const std::string& path, bool recursive = false);
+  /// The entries after `after` (empty: from the first), at most `limit` of them (0: all, or
+  /// limit_exceeded when they do not fit in one answer).
+  expected<file_page> list_files_page(const std::string& path, bool recursive,
+                                      const std::string& after, uint32_t limit);
   expected<void> remove_file(const std::string& path, bool recursive = false);
   /// std::nullopt when the key is absent.
   expected<std::optional<std::string>> kv_get(const std::string& key);
