@@ -202,6 +202,53 @@ TEST_CASE("yes flooding stdout is capped and flagged truncated", "[sandbox][bad-
   CHECK(r.timed_out);
 }
 
+const char* mechanism_name(limit_mechanism m) {
+  switch (m) {
+    case limit_mechanism::none: return "none";
+    case limit_mechanism::cgroup_v2: return "cgroup v2";
+    case limit_mechanism::cgroup_v1: return "cgroup v1";
+    case limit_mechanism::rlimit: return "rlimit";
+    case limit_mechanism::supervisor: return "supervisor";
+  }
+  return "?";
+}
+
+TEST_CASE("a command's memory and process limits are enforced by the host's cgroups",
+          "[sandbox][cgroup]") {
+  fixture f;
+  WARN("cgroup mechanism of this host: " << mechanism_name(f.cgroups->mechanism()));
+  // Over memory (a shell growing a string: no python needed), under the others.
+  auto s = f.spec({"/bin/sh", "-c", "x=aaaaaaaa; while :; do x=$x$x; done"});
+  s.limits.memory_bytes = 32 << 20;
+  s.limits.max_processes = 16;
+  s.limits.cpu_time_ms = 20000;
+  s.timeout_ms = 20000;
+  auto r = f.run(std::move(s));
+  INFO(r.message);
+  WARN("enforced: memory " << mechanism_name(r.enforced.memory) << ", processes "
+                           << mechanism_name(r.enforced.processes) << ", cpu "
+                           << mechanism_name(r.enforced.cpu_time) << "; peak "
+                           << r.peak_memory_bytes << " B, cpu " << r.cpu_user_us + r.cpu_system_us
+                           << " us");
+  CHECK(r.exit_code != 0);
+  if (f.cgroups->mechanism() == limit_mechanism::none) return;
+  CHECK(r.enforced.memory == f.cgroups->mechanism());
+  CHECK(r.enforced.processes == f.cgroups->mechanism());
+  CHECK(r.memory_exceeded);
+  CHECK(r.peak_memory_bytes > (16u << 20));
+  CHECK(r.peak_memory_bytes <= (32u << 20));
+  CHECK(r.cpu_user_us + r.cpu_system_us > 0);
+
+  // The process limit counts the whole tree.
+  auto bomb = f.spec({"/bin/sh", "-c", "for i in $(seq 40); do sleep 5 & done; wait"});
+  bomb.limits.max_processes = 16;
+  bomb.timeout_ms = 3000;
+  auto b = f.run(std::move(bomb));
+  INFO(b.stderr_data << b.message);
+  CHECK(b.enforced.processes == f.cgroups->mechanism());
+  CHECK(b.stderr_data.find("fork") != std::string::npos);
+}
+
 TEST_CASE("a fork bomb is contained by the process limit and cleaned up", "[sandbox][bad-input]") {
   fixture f;
   auto s = f.spec({"/bin/sh", "-c", "b() { b | b & }; b; sleep 2"});

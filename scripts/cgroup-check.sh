@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The sandbox tests on another Linux host than the build machine: made for the device machine
+# (the device tool), whose kernel runs cgroup v2 where the build machine has v1 only.
+#
+#   1. Here:                 scripts/cgroup-check.sh pack
+#      Builds the sandbox test binaries and fills build-cgroup-check/ (ignored by git): the
+#      binaries, triplane-sandbox-exec beside them, their non-system shared libraries, and this
+#      machine's bwrap with its libraries (the device machine has no bubblewrap and no apt).
+#   2. On the other host:    bash scripts/cgroup-check.sh run      (carry ["build-cgroup-check"])
+#      Prints the host's cgroup set-up, installs bwrap as /usr/local/bin/bwrap when none is
+#      there, runs the test binaries and prints a table. Logs go to $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+pack_dir=build-cgroup-check
+tests=(actors_sandbox_process_test actors_sandbox_pool_test actors_session_core_test actors_session_actor_test)
+
+pack() {
+  set -e
+  local build_dir=${TRIPLANE_BUILD_DIR:-build}
+  cmake --build "$build_dir" --target "${tests[@]}" triplane_sandbox_exec -j"${TRIPLANE_JOBS:-2}"
+  rm -rf "$pack_dir"
+  mkdir -p "$pack_dir/bin" "$pack_dir/lib" "$pack_dir/bwrap"
+  for t in "${tests[@]}" triplane-sandbox-exec; do cp "$build_dir/actors/$t" "$pack_dir/bin/"; done
+  for bin in "$pack_dir"/bin/*; do
+    { ldd "$bin" 2>/dev/null || true; } | awk '/=> \//{print $1, $3}' | while read -r name path; do
+      case $name in
+        libc.so*|libm.so*|libpthread.so*|libdl.so*|librt.so*|ld-linux*|libstdc++.so*|libgcc_s.so*) ;;
+        *) cp -L "$path" "$pack_dir/lib/$name" ;;
+      esac
+    done
+  done
+  cp /usr/bin/bwrap "$pack_dir/bwrap/bwrap"
+  ldd /usr/bin/bwrap | awk '/=> \//{print $1, $3}' | while read -r name path; do
+    case $name in libc.so*|ld-linux*) ;; *) cp -L "$path" "$pack_dir/bwrap/$name" ;; esac
+  done
+  echo "packed $(du -sh "$pack_dir" | cut -f1) into $pack_dir/"
+}
+
+run() {
+  [[ -d $pack_dir/bin ]] || { echo "no $pack_dir/: run 'scripts/cgroup-check.sh pack' first and carry it"; exit 2; }
+  local out=${OUT:-$pack_dir/out}
+  mkdir -p "$out/logs"
+  {
+    echo "== host"; uname -r; id; echo "cgroup of this shell: $(cat /proc/self/cgroup)"
+    mount | grep -E 'cgroup' || true
+    for f in cgroup.controllers cgroup.subtree_control; do
+      echo "/sys/fs/cgroup/$f: $(cat /sys/fs/cgroup/$f 2>/dev/null)"
+    done
+    echo "own group's controllers: $(cat "/sys/fs/cgroup$(sed -n 's/^0:://p' /proc/self/cgroup)/cgroup.controllers" 2>/dev/null)"
+    echo "user namespaces: max $(cat /proc/sys/user/max_user_namespaces 2>/dev/null)," \
+         "apparmor restrict $(cat /proc/sys/kernel/apparmor_restrict_unprivileged_userns 2>/dev/null || echo n/a)"
+    echo "python3: $(command -v python3) $(ls -la /usr/bin/python3 2>&1)"
+  } 2>&1 | tee "$out/host.txt"
+  if ! command -v bwrap >/dev/null; then
+    if ldd "$pack_dir/bwrap/bwrap" | grep -q 'not found'; then
+      mkdir -p /usr/local/lib/triplane-bwrap && cp "$pack_dir"/bwrap/*.so* /usr/local/lib/triplane-bwrap/
+      cp "$pack_dir/bwrap/bwrap" /usr/local/lib/triplane-bwrap/bwrap
+      printf '#!/bin/sh\nLD_LIBRARY_PATH=/usr/local/lib/triplane-bwrap exec /usr/local/lib/triplane-bwrap/bwrap "$@"\n' \
+        >/usr/local/bin/bwrap
+      chmod 755 /usr/local/bin/bwrap
+    else
+      cp "$pack_dir/bwrap/bwrap" /usr/local/bin/bwrap
+    fi
+    echo "installed bwrap: $(/usr/local/bin/bwrap --version 2>&1)" | tee -a "$out/host.txt"
+  fi
+  export LD_LIBRARY_PATH=$PWD/$pack_dir/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  local results=$out/results.txt t rc
+  : >"$results"
+  for t in "${tests[@]}"; do
+    timeout 240 "$pack_dir/bin/$t" -r compact >"$out/logs/$t.log" 2>&1
+    rc=$?
+    printf '%-32s rc %-3s %s\n' "$t" "$rc" "$(grep -E '^(Passed|Failed|No tests)' "$out/logs/$t.log" | tail -n 1)" >>"$results"
+    grep -E 'failed|FAILED' "$out/logs/$t.log" | head -40 >>"$results" || true
+  done
+  # As a service manager starts a node: in a cgroup of its own (controllers available from the
+  # parent, as systemd's Delegate=yes gives them), not in the root group.
+  if [[ -f /sys/fs/cgroup/cgroup.controllers ]]; then
+    local svc=/sys/fs/cgroup/triplane-check.service
+    mkdir -p "$svc" && echo "+memory +pids +cpu" >/sys/fs/cgroup/cgroup.subtree_control
+    (
+      echo "$BASHPID" >"$svc/cgroup.procs"
+      echo "cgroup: $(cat /proc/self/cgroup); $svc/cgroup.controllers: $(cat $svc/cgroup.controllers)"
+      exec timeout 120 "$pack_dir/bin/actors_sandbox_process_test" "[cgroup]" -r compact
+    ) >"$out/logs/as-service.log" 2>&1
+    rc=$?
+    printf '%-32s rc %-3s %s\n' "as a delegated service" "$rc" "$(grep -E '^(Passed|Failed|No tests)' "$out/logs/as-service.log" | tail -n 1)" >>"$results"
+    sed -n 1p "$out/logs/as-service.log" >>"$results"
+  fi
+  grep -h 'cgroup mechanism of this host\|enforced: memory' "$out"/logs/*.log >>"$results" || true
+  tar -czf "$out/logs.tar.gz" -C "$out" logs && rm -rf "$out/logs"
+  echo "== results"; cat "$results"
+  ! grep -q 'rc [1-9]' "$results"
+}
+
+case ${1:-} in
+  pack) pack ;;
+  run) run ;;
+  *) echo "usage: scripts/cgroup-check.sh pack|run (see the comment at the top)"; exit 2 ;;
+esac
