@@ -36,6 +36,24 @@ TEST_CASE("serve starts on embedded defaults and stops cleanly on SIGTERM and SI
   std::filesystem::remove_all(dir);
 }
 
+TEST_CASE("serve logs how it limits commands, and refuses a cgroup-parent it cannot use", "[serve]") {
+  auto dir = fresh_dir("cgroup-parent");
+  {
+    child_process node({TRIPLANE_BINARY, "serve", "--data-dir", dir, "--listen", "127.0.0.1:0"});
+    REQUIRE(node.wait_for_output("triplane: serving on", 20s));
+    CHECK(node.err().find("session host: command limits by ") != std::string::npos);
+    node.signal(SIGTERM);
+    CHECK(node.wait(20s) == 0);
+  }
+  // Not a cgroup v2 directory: no start (commands would silently run without the limits the
+  // operator set up).
+  child_process node({TRIPLANE_BINARY, "serve", "--data-dir", dir, "--listen", "127.0.0.1:0",
+                      "--triplane.cgroup-parent=\"" + dir + "\""});
+  CHECK(node.wait(20s) != 0);
+  CHECK(node.err().find("is not a cgroup v2 directory") != std::string::npos);
+  std::filesystem::remove_all(dir);
+}
+
 TEST_CASE("serve keeps workspaces where workspaces-dir says, one node per directory", "[serve]") {
   auto dir = fresh_dir("ws-a");
   auto other = fresh_dir("ws-b");
@@ -117,6 +135,7 @@ TEST_CASE("serve rejects bad options and config with a clear message", "[serve]"
     {{"--triplane.rpc-max-sessions=0"}, "rpc-max-sessions must be between 1 and 1000000"},
     {{"--triplane.rpc-call-deadline=0s"}, "rpc-call-deadline must be positive"},
     {{"--triplane.rpc-exec-output-buffer=100"}, "rpc-exec-output-buffer must be at least 65536"},
+    {{"--triplane.cgroup-parent=\"sys/fs/cgroup/x\""}, "cgroup-parent must be an absolute path"},
   }));
   INFO(c.expected);
   std::vector<std::string> argv{TRIPLANE_BINARY, "serve"};
@@ -131,7 +150,7 @@ TEST_CASE("serve --help documents every option", "[serve]") {
   REQUIRE(node.wait(20s) == 0);
   for (auto opt : {"--config", "--data-dir", "--listen", "--listen-unix", "workspaces-dir", "--log-level", "--log-format", "durability",
                    "max-live", "idle-timeout", "shutdown-timeout", "max-threads", "rpc-max-calls",
-                   "rpc-max-sessions", "rpc-call-deadline", "rpc-exec-output-buffer"})
+                   "rpc-max-sessions", "rpc-call-deadline", "rpc-exec-output-buffer", "cgroup-parent"})
     CHECK(node.out().find(opt) != std::string::npos);
 }
 

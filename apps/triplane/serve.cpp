@@ -101,6 +101,7 @@ int run_serve(const std::vector<std::string>& args) {
   auto make_planes = [&](runtime::node& n) -> expected<std::vector<runtime::node::plane>> {
     actors::session_host_options session_options;
     session_options.workspaces_dir = options->workspaces_dir;
+    session_options.cgroup_parent = options->cgroup_parent;
     session_options.durability = options->durability;
     session_options.idle_timeout = options->idle_timeout;
     auto host = actors::session_host::create(n.database(), session_options);

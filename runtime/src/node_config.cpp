@@ -56,6 +56,7 @@ node_config::node_config() {
     .add(shutdown_timeout_, "shutdown-timeout", "deadline for draining at SIGINT/SIGTERM")
     .add(tokens_file_, "tokens-file", "API tokens file (default DATA_DIR/tokens, created if missing)")
     .add(workspaces_dir_, "workspaces-dir", "sandbox workspaces, a cache of the store (default DATA_DIR/workspaces)")
+    .add(cgroup_parent_, "cgroup-parent", "cgroup v2 directory delegated to the node for its commands' groups")
     .add(model_dir_, "model", "Llama model directory served by the inference plane (none: no inference)")
     .add(inference_backend_, "inference-backend", "cpu|cuda")
     .add(tensor_parallel_, "tensor-parallel", "ranks of the inference worker's tensor-parallel group")
@@ -113,6 +114,10 @@ Config file keys ([triplane] section; CAF's own sections such as [scheduler] als
   workspaces-dir=""          sandbox workspaces (default DATA_DIR/workspaces): a cache of the
                              store, deleted and rebuilt freely; a tmpfs makes the first exec
                              after a session wakes cheaper (100 files: 1.5 ms vs 3-23 ms on ext4)
+  cgroup-parent=""           a cgroup v2 directory delegated to the node (no processes in it):
+                             each command's group is made there. Default: the node's own group
+                             when the node is alone in it (it moves into a leaf child), else
+                             cgroup v1, else rlimits (no process limit). The log says which.
   rpc-max-calls=512          RPC calls in flight per tenant; beyond: `overloaded`
   rpc-max-sessions=1024      Session capabilities a tenant holds at once; beyond:
                              `limit_exceeded`
@@ -240,6 +245,9 @@ expected<node_options> node_config::options() const {
   out.config_file = config_file_;
   out.tokens_file = tokens_file_;
   out.model_dir = model_dir_;
+  if (!cgroup_parent_.empty() && cgroup_parent_.front() != '/')
+    return make_error(errc::invalid_argument, "cgroup-parent must be an absolute path (e.g. /sys/fs/cgroup/triplane)");
+  out.cgroup_parent = cgroup_parent_;
   out.workspaces_dir = workspaces_dir_.empty() ? (std::filesystem::path{data_dir_} / "workspaces").string()
                                                : workspaces_dir_;
   if (inference_backend_ != "cpu" && inference_backend_ != "cuda")

@@ -5,9 +5,11 @@
 #include <csignal>
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <thread>
 
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -85,44 +87,144 @@ std::string v1_parent(const std::string& controller) {
   return dir;
 }
 
-std::string v2_parent() {
+bool has_word(const std::string& list, const char* word) {
+  std::istringstream in(list);
+  std::string w;
+  while (in >> w)
+    if (w == word) return true;
+  return false;
+}
+
+/// What a v2 directory can give the groups made under it.
+struct v2_place {
+  std::string dir;
+  bool memory = false, pids = false, cpu = false;
+};
+
+/// Enables memory, pids and cpu (each where the parent offers it) for the children of `dir`.
+/// False with EBUSY when `dir` holds processes (cgroup v2's no-internal-processes rule).
+bool enable_controllers(const std::string& dir, int* error) {
+  auto offered = read_file(dir + "/cgroup.controllers");
+  bool all = true;
+  for (const char* c : {"memory", "pids", "cpu"}) {
+    if (!has_word(offered, c) || has_word(read_file(dir + "/cgroup.subtree_control"), c)) continue;
+    int fd = ::open((dir + "/cgroup.subtree_control").c_str(), O_WRONLY | O_CLOEXEC);
+    std::string op = std::string("+") + c;
+    bool ok = fd >= 0 && ::write(fd, op.data(), op.size()) == static_cast<ssize_t>(op.size());
+    if (!ok && error) *error = errno;
+    if (fd >= 0) ::close(fd);
+    all = all && ok;
+  }
+  return all;
+}
+
+/// The controllers enabled for `dir`'s children, and a probe that a child can be made there.
+std::optional<v2_place> usable_v2_place(const std::string& dir) {
+  auto enabled = read_file(dir + "/cgroup.subtree_control");
+  v2_place p{dir, has_word(enabled, "memory"), has_word(enabled, "pids"), has_word(enabled, "cpu")};
+  if (!p.memory && !p.pids) return std::nullopt;
+  std::string probe = dir + "/tp-probe-" + std::to_string(::getpid());
+  if (::mkdir(probe.c_str(), 0755) != 0 && errno != EEXIST) return std::nullopt;
+  ::rmdir(probe.c_str());
+  return p;
+}
+
+/// A cgroup v2 directory whose children this node can make and limit: `configured` when given
+/// (a directory delegated to the node: it must exist and hold no processes), else the node's
+/// own group. A process may not sit in a group whose controllers are enabled for children, so
+/// when the node's own group holds the node (a service started with its own group, as systemd's
+/// Delegate=yes does), the node moves itself into a leaf child, `triplane-node.<pid>`, and
+/// enables the controllers in its former group: the usual way for a delegated service. When
+/// other processes share the group (a node started from a shell), it moves back and v2 is not
+/// used. `why` collects what was tried, for the log.
+std::optional<v2_place> v2_parent(const std::string& configured, std::string& why) {
+  if (!configured.empty()) {
+    if (::access((configured + "/cgroup.controllers").c_str(), F_OK) != 0) {
+      why = "cgroup-parent '" + configured + "' is not a cgroup v2 directory";
+      return std::nullopt;
+    }
+    int error = 0;
+    enable_controllers(configured, &error);
+    auto p = usable_v2_place(configured);
+    if (!p) why = "cgroup-parent '" + configured + "': cannot enable memory or pids for its children" +
+                  (error ? std::string(" (") + std::strerror(error) + ")" : std::string());
+    return p;
+  }
   for (std::string mount : {"/sys/fs/cgroup", "/sys/fs/cgroup/unified"}) {
     if (::access((mount + "/cgroup.controllers").c_str(), F_OK) != 0) continue;
     std::string dir = mount + own_group("");
     if (!dir.empty() && dir.back() == '/') dir.pop_back();
-    auto controllers = read_file(dir + "/cgroup.controllers");
-    if (controllers.find("memory") == std::string::npos ||
-        controllers.find("pids") == std::string::npos)
+    // Detected before in this process: we are in our own leaf; its parent is the place.
+    const std::string own_leaf = "/triplane-node." + std::to_string(::getpid());
+    if (dir.size() > own_leaf.size() && dir.compare(dir.size() - own_leaf.size(), own_leaf.size(), own_leaf) == 0)
+      dir.resize(dir.size() - own_leaf.size());
+    auto offered = read_file(dir + "/cgroup.controllers");
+    if (!has_word(offered, "memory") && !has_word(offered, "pids")) {
+      why = "the node's cgroup " + dir + " is given neither the memory nor the pids controller";
       continue;
-    auto subtree = read_file(dir + "/cgroup.subtree_control");
-    if (subtree.find("memory") == std::string::npos || subtree.find("pids") == std::string::npos) {
-      // Enabling controllers fails (EBUSY) while our own process sits in `dir`: then we cannot
-      // use v2 without moving the node itself, which is the service manager's job.
-      if (!write_file(dir + "/cgroup.subtree_control", "+memory +pids +cpu")) continue;
     }
-    std::string probe = dir + "/tp-probe-" + std::to_string(::getpid());
-    if (::mkdir(probe.c_str(), 0755) != 0 && errno != EEXIST) continue;
-    ::rmdir(probe.c_str());
-    return dir;
+    int error = 0;
+    if (!enable_controllers(dir, &error) && error == EBUSY && dir != mount) {
+      // Our own process is (at least one of) the group's: step into a leaf and try again.
+      std::string leaf = dir + "/triplane-node." + std::to_string(::getpid());
+      bool made = ::mkdir(leaf.c_str(), 0755) == 0 || errno == EEXIST;
+      if (made && !write_file(leaf + "/cgroup.procs", std::to_string(::getpid()))) {
+        ::rmdir(leaf.c_str());
+      } else if (made) {
+        error = 0;
+        if (!enable_controllers(dir, &error)) {
+          write_file(dir + "/cgroup.procs", std::to_string(::getpid()));  // other processes share it
+          ::rmdir(leaf.c_str());
+          why = "the node's cgroup " + dir + " holds other processes: cannot enable controllers for "
+                "per-command groups (start the node in a cgroup of its own, or give cgroup-parent)";
+          continue;
+        }
+      }
+    }
+    if (auto p = usable_v2_place(dir)) return p;
+    why = "cannot make limited child groups in the node's cgroup " + dir;
   }
-  return {};
+  return std::nullopt;
 }
 
 } // namespace
 
-std::unique_ptr<cgroup_host> cgroup_host::detect() {
+std::unique_ptr<cgroup_host> cgroup_host::detect(const std::string& v2_parent_dir) {
   auto host = std::unique_ptr<cgroup_host>(new cgroup_host);
-  if (auto dir = v2_parent(); !dir.empty()) {
-    host->v2_parent_ = dir;
+  if (auto place = v2_parent(v2_parent_dir, host->why_)) {
+    host->v2_parent_ = place->dir;
+    host->v2_memory_ = place->memory;
+    host->v2_pids_ = place->pids;
+    host->v2_cpu_ = place->cpu;
     host->mechanism_ = limit_mechanism::cgroup_v2;
+    host->why_.clear();
     return host;
   }
+  if (!v2_parent_dir.empty()) return host;  // configured and unusable: no silent fallback to v1
   host->v1_memory_ = v1_parent("memory");
   host->v1_pids_ = v1_parent("pids");
   host->v1_cpuacct_ = v1_parent("cpuacct");
-  if (!host->v1_memory_.empty() || !host->v1_pids_.empty() || !host->v1_cpuacct_.empty())
+  if (!host->v1_memory_.empty() || !host->v1_pids_.empty() || !host->v1_cpuacct_.empty()) {
     host->mechanism_ = limit_mechanism::cgroup_v1;
+    host->why_.clear();
+  } else if (host->why_.empty()) {
+    host->why_ = "no writable cgroup hierarchy";
+  }
   return host;
+}
+
+std::string cgroup_host::describe() const {
+  switch (mechanism_) {
+    case limit_mechanism::cgroup_v2:
+      return "cgroup v2 under " + v2_parent_ + " (memory " + (v2_memory_ ? "yes" : "no") + ", pids " +
+             (v2_pids_ ? "yes" : "no") + ", cpu " + (v2_cpu_ ? "yes" : "no") + ")";
+    case limit_mechanism::cgroup_v1:
+      return "cgroup v1 (memory " + (v1_memory_.empty() ? std::string("no") : v1_memory_) + ", pids " +
+             (v1_pids_.empty() ? std::string("no") : v1_pids_) + ", cpuacct " +
+             (v1_cpuacct_.empty() ? std::string("no") : v1_cpuacct_) + ")";
+    default:
+      return "no cgroups (" + why_ + "): memory and CPU by rlimit per process, no process limit";
+  }
 }
 
 std::unique_ptr<exec_cgroup> cgroup_host::create(const std::string& name,
@@ -147,14 +249,24 @@ std::unique_ptr<exec_cgroup> cgroup_host::create(const std::string& name,
     group->v2_ = true;
     auto dir = make(v2_parent_);
     if (dir.empty()) return nullptr;
-    group->memory_dir_ = group->pids_dir_ = group->cpu_dir_ = dir;
-    if (limits.memory_bytes) {
-      if (!write_file(dir + "/memory.max", std::to_string(limits.memory_bytes))) return nullptr;
+    // cpu.stat (the accounting) is in every v2 group; memory.* and pids.* only where the
+    // controller is enabled for the parent's children.
+    group->cpu_dir_ = dir;
+    if (v2_memory_) group->memory_dir_ = dir;
+    if (v2_pids_) group->pids_dir_ = dir;
+    if (limits.memory_bytes && v2_memory_) {
+      if (!write_file(dir + "/memory.max", std::to_string(limits.memory_bytes))) {
+        if (why) *why = "cannot set memory.max";
+        return nullptr;
+      }
       write_file(dir + "/memory.swap.max", "0");
       group->memory = limit_mechanism::cgroup_v2;
     }
-    if (limits.max_processes) {
-      if (!write_file(dir + "/pids.max", std::to_string(limits.max_processes))) return nullptr;
+    if (limits.max_processes && v2_pids_) {
+      if (!write_file(dir + "/pids.max", std::to_string(limits.max_processes))) {
+        if (why) *why = "cannot set pids.max";
+        return nullptr;
+      }
       group->processes = limit_mechanism::cgroup_v2;
     }
     group->cpu = limit_mechanism::cgroup_v2;
@@ -202,7 +314,8 @@ std::unique_ptr<exec_cgroup> cgroup_host::create(const std::string& name,
 }
 
 unsigned cgroup_host::joins(const exec_limits& limits) const {
-  if (mechanism_ == limit_mechanism::cgroup_v2) return joins_memory | joins_pids | joins_cpu;
+  if (mechanism_ == limit_mechanism::cgroup_v2)
+    return (v2_memory_ ? joins_memory : 0u) | (v2_pids_ ? joins_pids : 0u) | joins_cpu;
   unsigned mask = 0;
   if (mechanism_ != limit_mechanism::cgroup_v1) return mask;
   if (!v1_memory_.empty() && limits.memory_bytes) mask |= joins_memory;
@@ -252,10 +365,12 @@ cgroup_usage exec_cgroup::usage() const {
     u.cpu_user_ns = read_keyed(cpu_dir_ + "/cpu.stat", "user_usec") * 1000;
     u.cpu_system_ns = read_keyed(cpu_dir_ + "/cpu.stat", "system_usec") * 1000;
     u.has_cpu = true;
-    u.peak_memory_bytes = read_u64(memory_dir_ + "/memory.peak");
-    u.has_memory = u.peak_memory_bytes > 0;
-    u.oom_kills = read_keyed(memory_dir_ + "/memory.events", "oom_kill");
-    u.pids_refused = read_keyed(pids_dir_ + "/pids.events", "max");
+    if (!memory_dir_.empty()) {
+      u.peak_memory_bytes = read_u64(memory_dir_ + "/memory.peak");
+      u.has_memory = u.peak_memory_bytes > 0;
+      u.oom_kills = read_keyed(memory_dir_ + "/memory.events", "oom_kill");
+    }
+    if (!pids_dir_.empty()) u.pids_refused = read_keyed(pids_dir_ + "/pids.events", "max");
     return u;
   }
   if (!cpu_dir_.empty()) {

@@ -63,10 +63,19 @@ private:
 /// yields a host whose create() returns nullptr (callers then fall back to rlimits).
 class cgroup_host {
 public:
-  static std::unique_ptr<cgroup_host> detect();
+  /// Finds where per-command groups can be made: under `v2_parent_dir` when given (a cgroup v2
+  /// directory delegated to the node, holding no processes; unusable means no cgroups, not a
+  /// fallback elsewhere), else under the node's own v2 group (when it is alone there, the node
+  /// moves itself into a leaf child `triplane-node.<pid>` so that the group's controllers can
+  /// be enabled for its children: cgroup v2 allows no processes in such a group), else in the
+  /// v1 hierarchies. On v2, memory and pids limits need those controllers to be offered to the
+  /// group; what is missing is reported per command as not enforced by cgroup.
+  static std::unique_ptr<cgroup_host> detect(const std::string& v2_parent_dir = "");
   /// Waits for the groups retire() left to its thread.
   ~cgroup_host();
   limit_mechanism mechanism() const { return mechanism_; }
+  /// One line for the node's log: the mechanism, where, and which controllers (or why none).
+  std::string describe() const;
   /// A group named `name` (unique per node) with `limits` applied (0 = unlimited). On v1 only
   /// the controllers of requested limits are used (joining each costs the child an RCU grace
   /// period). nullptr when the host has no usable cgroups, nothing was requested (v1), or
@@ -91,6 +100,8 @@ private:
   limit_mechanism mechanism_ = limit_mechanism::none;
   std::string v1_memory_, v1_pids_, v1_cpuacct_;  ///< parent dirs under which groups are made
   std::string v2_parent_;
+  bool v2_memory_ = false, v2_pids_ = false, v2_cpu_ = false;  ///< enabled for v2_parent_'s children
+  std::string why_;  ///< why no cgroups (mechanism_ none)
   // retire(): groups still busy, and the thread that removes them (started on first use).
   void reap() const;
   mutable std::mutex retire_mutex_;

@@ -399,7 +399,10 @@ expected<std::unique_ptr<session_host>> session_host::create(storage::database& 
   if (auto n = session::kill_orphaned_sandboxes(options.workspaces_dir))
     spdlog::warn("session host: killed {} sandbox processes an earlier run on '{}' left behind",
                  n, options.workspaces_dir);
-  state->cgroups = session::cgroup_host::detect();
+  state->cgroups = session::cgroup_host::detect(options.cgroup_parent);
+  if (!options.cgroup_parent.empty() && state->cgroups->mechanism() == limit_mechanism::none)
+    return make_error(errc::unavailable, "session host: " + state->cgroups->describe());
+  spdlog::info("session host: command limits by {}", state->cgroups->describe());
   // A dot-name cannot collide with the hex-named workspaces.
   auto sandbox = session::sandbox_config::detect(state->cgroups.get(), options.workspaces_dir + "/.sandbox-etc");
   if (!sandbox) return sandbox.error();

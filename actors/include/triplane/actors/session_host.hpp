@@ -21,6 +21,9 @@ namespace triplane::actors {
 
 struct session_host_options {
   std::string workspaces_dir;                   ///< required; one sub-directory per live session
+  /// cgroup v2 directory for the commands' groups (see session::cgroup_host::detect); empty:
+  /// detected. Given and unusable: create() fails rather than run commands without limits.
+  std::string cgroup_parent;
   /// Node defaults under every session's settings. Out of the box: at most 1,024 tasks and
   /// 4 GiB of memory per command, 5 min wall clock; each limit set costs a cgroup join.
   session_settings defaults = [] {

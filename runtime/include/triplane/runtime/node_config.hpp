@@ -30,6 +30,10 @@ struct node_options {
   /// Sandbox sessions' workspaces, a cache of what RocksDB holds (empty: DATA_DIR/workspaces).
   /// A tmpfs here makes the first exec after rehydration cheaper (no journal on file creation).
   std::string workspaces_dir;
+  /// A cgroup v2 directory delegated to the node for its commands' groups (memory, pids and
+  /// cpu enabled or enable-able, no processes in it). Empty: the node's own group (see
+  /// actors::session::cgroup_host::detect), else cgroup v1, else rlimits.
+  std::string cgroup_parent;
   /// API tokens (salted hashes, see `triplane token`); empty: DATA_DIR/tokens, created on first
   /// start with a fresh admin and a "default" tenant token.
   std::string tokens_file;
@@ -85,6 +89,7 @@ private:
   std::string tokens_file_;
   std::string model_dir_;
   std::string workspaces_dir_;
+  std::string cgroup_parent_;
   std::string inference_backend_ = "cpu";
   int tensor_parallel_ = 1;
   int64_t kv_cache_mb_ = 256;
