@@ -87,6 +87,7 @@ run() {
       rc=$?
       printf '%-32s rc %-3s %s\n' "service: $t" "$rc" "$(grep -E '^(Passed|Failed|No tests)' "$out/logs/service-$t.log" | tail -n 1)" >>"$results"
       grep -E 'failed|FAILED' "$out/logs/service-$t.log" | head -40 >>"$results" || true
+      echo "  $svc: type $(cat "$svc/cgroup.type"), enabled for children: $(cat "$svc/cgroup.subtree_control")" >>"$results"
     done
     echo "per-command groups left behind: $(find /sys/fs/cgroup/triplane-check-* -mindepth 1 -type d ! -name 'triplane-node.*' | wc -l)" >>"$results"
     # A directory delegated by configuration (cgroup-parent), the test process elsewhere.

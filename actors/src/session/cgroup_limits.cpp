@@ -101,11 +101,11 @@ struct v2_place {
   bool memory = false, pids = false, cpu = false;
 };
 
-/// Enables memory, pids and cpu (each where the parent offers it) for the children of `dir`.
-/// False with EBUSY when `dir` holds processes (cgroup v2's no-internal-processes rule).
-bool enable_controllers(const std::string& dir, int* error) {
+/// Enables memory, pids and cpu (each where the parent offers it) for the children of `dir`,
+/// which must hold no processes: enabling a threaded controller (pids, cpu) in a group that
+/// holds processes would turn it into a threaded domain, whose children can hold no process.
+void enable_controllers(const std::string& dir, int* error) {
   auto offered = read_file(dir + "/cgroup.controllers");
-  bool all = true;
   for (const char* c : {"memory", "pids", "cpu"}) {
     if (!has_word(offered, c) || has_word(read_file(dir + "/cgroup.subtree_control"), c)) continue;
     int fd = ::open((dir + "/cgroup.subtree_control").c_str(), O_WRONLY | O_CLOEXEC);
@@ -113,13 +113,22 @@ bool enable_controllers(const std::string& dir, int* error) {
     bool ok = fd >= 0 && ::write(fd, op.data(), op.size()) == static_cast<ssize_t>(op.size());
     if (!ok && error) *error = errno;
     if (fd >= 0) ::close(fd);
-    all = all && ok;
   }
-  return all;
+}
+
+/// The process ids in `dir` (its cgroup.procs).
+std::vector<std::string> processes_in(const std::string& dir) {
+  std::istringstream in(read_file(dir + "/cgroup.procs"));
+  std::vector<std::string> out;
+  std::string pid;
+  while (in >> pid) out.push_back(pid);
+  return out;
 }
 
 /// The controllers enabled for `dir`'s children, and a probe that a child can be made there.
 std::optional<v2_place> usable_v2_place(const std::string& dir) {
+  // A threaded domain's children cannot hold processes (the root group has no cgroup.type).
+  if (read_file(dir + "/cgroup.type").find("threaded") != std::string::npos) return std::nullopt;
   auto enabled = read_file(dir + "/cgroup.subtree_control");
   v2_place p{dir, has_word(enabled, "memory"), has_word(enabled, "pids"), has_word(enabled, "cpu")};
   if (!p.memory && !p.pids) return std::nullopt;
@@ -143,6 +152,10 @@ std::optional<v2_place> v2_parent(const std::string& configured, std::string& wh
       why = "cgroup-parent '" + configured + "' is not a cgroup v2 directory";
       return std::nullopt;
     }
+    if (configured != "/sys/fs/cgroup" && !processes_in(configured).empty()) {
+      why = "cgroup-parent '" + configured + "' holds processes: give the node an empty group";
+      return std::nullopt;
+    }
     int error = 0;
     enable_controllers(configured, &error);
     auto p = usable_v2_place(configured);
@@ -163,26 +176,29 @@ std::optional<v2_place> v2_parent(const std::string& configured, std::string& wh
       why = "the node's cgroup " + dir + " is given neither the memory nor the pids controller";
       continue;
     }
-    int error = 0;
-    if (!enable_controllers(dir, &error) && error == EBUSY && dir != mount) {
-      // Our own process is (at least one of) the group's: step into a leaf and try again.
-      std::string leaf = dir + "/triplane-node." + std::to_string(::getpid());
-      bool made = ::mkdir(leaf.c_str(), 0755) == 0 || errno == EEXIST;
-      if (made && !write_file(leaf + "/cgroup.procs", std::to_string(::getpid()))) {
-        ::rmdir(leaf.c_str());
-      } else if (made) {
-        error = 0;
-        if (!enable_controllers(dir, &error)) {
-          write_file(dir + "/cgroup.procs", std::to_string(::getpid()));  // other processes share it
+    if (dir != mount) {  // the root group may hold processes and enable controllers at once
+      auto procs = processes_in(dir);
+      if (procs.size() > 1 || (procs.size() == 1 && procs.front() != std::to_string(::getpid()))) {
+        why = "the node's cgroup " + dir + " holds other processes: cannot enable controllers for "
+              "per-command groups (start the node in a cgroup of its own, or give cgroup-parent)";
+        continue;
+      }
+      if (procs.size() == 1) {
+        // Only us: step into a leaf of our own, so that the group can enable controllers.
+        std::string leaf = dir + own_leaf;
+        if ((::mkdir(leaf.c_str(), 0755) != 0 && errno != EEXIST) ||
+            !write_file(leaf + "/cgroup.procs", std::to_string(::getpid()))) {
           ::rmdir(leaf.c_str());
-          why = "the node's cgroup " + dir + " holds other processes: cannot enable controllers for "
-                "per-command groups (start the node in a cgroup of its own, or give cgroup-parent)";
+          why = "cannot move the node into " + leaf + ": " + std::strerror(errno);
           continue;
         }
       }
     }
+    int error = 0;
+    enable_controllers(dir, &error);
     if (auto p = usable_v2_place(dir)) return p;
-    why = "cannot make limited child groups in the node's cgroup " + dir;
+    why = "cannot make limited child groups in the node's cgroup " + dir +
+          (error ? std::string(" (") + std::strerror(error) + ")" : std::string());
   }
   return std::nullopt;
 }
