@@ -424,6 +424,7 @@ expected<std::unique_ptr<session_host>> session_host::create(storage::database& 
   }
   n.history_limit = options.history_limit;
   n.max_workspace_bytes = options.max_workspace_bytes;
+  n.max_workspace_entries = options.max_workspace_entries;
   n.max_kv_bytes = options.max_kv_bytes;
   n.max_tar_bytes = options.max_tar_bytes;
   state->options = std::move(options);

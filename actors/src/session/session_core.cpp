@@ -34,32 +34,40 @@ caf::error validate_env_name(const std::string& name) {
   return {};
 }
 
-/// Bytes held by regular files under `root` (stat only, symlinks not followed).
-uint64_t workspace_usage(const std::string& root) {
-  uint64_t total = 0;
+/// What a workspace holds: bytes of regular files and entries (stat only, symlinks not
+/// followed). Counting stops once past `max_entries` (0: never): enough to know it is over.
+struct workspace_use {
+  uint64_t bytes = 0, entries = 0;
+};
+workspace_use workspace_usage(const std::string& root, uint64_t max_entries) {
+  workspace_use use;
   std::error_code ec;
   for (auto i = std::filesystem::recursive_directory_iterator(
            root, std::filesystem::directory_options::skip_permission_denied, ec);
        !ec && i != std::filesystem::recursive_directory_iterator(); i.increment(ec)) {
+    if (max_entries && ++use.entries > max_entries) break;
     std::error_code fec;
-    if (i->is_regular_file(fec) && !i->is_symlink(fec)) total += i->file_size(fec);
+    if (i->is_regular_file(fec) && !i->is_symlink(fec)) use.bytes += i->file_size(fec);
   }
-  return total;
+  return use;
 }
 
-/// The supervisor's side of the workspace quota while commands run (the kernel's side is
-/// RLIMIT_FSIZE per file): a stat walk of the workspace every 100 ms to 1 s, 20 times the last
-/// walk's duration, so that walking costs at most ~5% of a core however big the workspace is.
+/// The supervisor's side of the workspace quota (bytes and entries) while commands run (the
+/// kernel's side is RLIMIT_FSIZE per file): a stat walk of the workspace every 100 ms to 1 s,
+/// 20 times the last walk's duration, so that walking costs at most ~5% of a core however big
+/// the workspace is.
 class quota_watch {
 public:
   using clock = std::chrono::steady_clock;
-  quota_watch(std::string root, uint64_t limit) : root_(std::move(root)), limit_(limit) {}
+  quota_watch(std::string root, uint64_t limit, uint64_t max_entries)
+      : root_(std::move(root)), limit_(limit), max_entries_(max_entries) {}
 
-  /// Walks the workspace when a walk is due; true when that walk found it over the limit.
+  /// Walks the workspace when a walk is due; true when that walk found it over a limit.
   bool over_if_due() {
     auto now = clock::now();
     if (now < next_) return false;
-    bool over = workspace_usage(root_) > limit_;
+    auto use = workspace_usage(root_, max_entries_);
+    bool over = use.bytes > limit_ || (max_entries_ && use.entries > max_entries_);
     auto took = std::chrono::duration_cast<std::chrono::microseconds>(clock::now() - now);
     next_ = clock::now() + std::clamp(took * 20, min_interval, max_interval);
     return over;
@@ -68,7 +76,7 @@ public:
 private:
   static constexpr std::chrono::microseconds min_interval{100000}, max_interval{1000000};
   std::string root_;
-  uint64_t limit_;
+  uint64_t limit_, max_entries_;
   clock::time_point next_ = clock::now() + min_interval;
 };
 
@@ -176,6 +184,11 @@ caf::error session_core::ensure_materialized() {
 caf::error session_core::sync_and_save(bool* quota_exceeded, std::string* quota_message) {
   if (workspace_) {
     auto outcome = sync_manifest(workspace_dir_, record_.files, quota());
+    if (outcome && node_.max_workspace_entries && record_.files.size() > node_.max_workspace_entries)
+      outcome = make_error(errc::limit_exceeded,
+                           "workspace holds " + std::to_string(record_.files.size()) +
+                               " files, directories and symlinks, over its limit of " +
+                               std::to_string(node_.max_workspace_entries));
     if (!outcome && code_of(outcome.error()) == errc::limit_exceeded) {
       // Over quota: the workspace goes back to its last stored state (what the command or
       // write added is discarded), and the caller is told.
@@ -454,7 +467,7 @@ expected<exec_result> session_core::run_command(const exec_request& req, sandbox
   }
   // Pump, and watch the workspace's size: a command that writes many files is stopped near the
   // quota instead of filling the host's disk first.
-  quota_watch watch{workspace_dir_, quota()};
+  quota_watch watch{workspace_dir_, quota(), node_.max_workspace_entries};
   bool over_quota = false;
   bool cancelled = false;
   exec_running_ = true;
@@ -478,7 +491,7 @@ expected<exec_result> session_core::run_command(const exec_request& req, sandbox
   if (over_quota) {
     result.quota_exceeded = true;
     result.message += std::string(result.message.empty() ? "" : "; ") +
-                      "killed: workspace grew past its quota while running";
+                      "killed: workspace grew past its quota (bytes or entries) while running";
   }
   result.enforced.workspace_quota = limit_mechanism::supervisor;
   record_history(argv, result, started);
@@ -553,8 +566,9 @@ expected<bg_status> session_core::bg_start(const exec_request& req, std::functio
   if (!proc) return proc.error();
   bg->proc = std::move(*proc);
   auto* raw = bg.get();
-  raw->thread = std::thread([raw, on_end = std::move(on_end), limit = quota(), dir] {
-    quota_watch watch{"/proc/self/fd/" + std::to_string(dir->fd), limit};
+  raw->thread = std::thread([raw, on_end = std::move(on_end), limit = quota(),
+                             max_entries = node_.max_workspace_entries, dir] {
+    quota_watch watch{"/proc/self/fd/" + std::to_string(dir->fd), limit, max_entries};
     bool over_quota = false;
     for (;;) {
       if (raw->kill_requested) raw->proc->kill_tree();
@@ -570,7 +584,7 @@ expected<bg_status> session_core::bg_start(const exec_request& req, std::functio
       if (over_quota) {
         raw->snapshot.quota_exceeded = true;
         raw->snapshot.message += std::string(raw->snapshot.message.empty() ? "" : "; ") +
-                                 "killed: workspace grew past its quota while running";
+                                 "killed: workspace grew past its quota (bytes or entries) while running";
       }
       if (finished) {
         // on_end first: whoever sees `done` may rely on the end having been announced.
@@ -671,7 +685,10 @@ expected<file_entry> session_core::make_directory(const mkdir_request& req) {
   if (auto err = ensure_materialized()) return err;
   auto e = workspace_->make_directory(req);
   if (!e) return e;
-  if (auto err = sync_and_save(nullptr, nullptr)) return err;
+  bool over = false;
+  std::string why;
+  if (auto err = sync_and_save(&over, &why)) return err;
+  if (over) return make_error(errc::limit_exceeded, why);
   return e;
 }
 

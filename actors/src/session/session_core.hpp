@@ -38,6 +38,9 @@ struct node_resources {
   size_t history_limit = 100;         ///< commands kept in the history
   bool use_openat2 = true;
   uint64_t max_workspace_bytes = 256ull << 20;  ///< quota when the session sets none
+  /// Files, directories and symlinks a workspace may hold (0 = no limit). Empty files cost no
+  /// bytes of quota, but each costs a host inode and a manifest entry stored at every save.
+  uint64_t max_workspace_entries = 200000;
   uint64_t max_kv_bytes = 1u << 20;
   uint64_t max_tar_bytes = 64u << 20;
   uint64_t max_timeout_ms = 3600000;

@@ -376,6 +376,51 @@ TEST_CASE("destroy removes the workspace, the record and the session's chunks", 
   CHECK(again->info().file_count == 0);
 }
 
+TEST_CASE("creating more files than a workspace may hold is refused and the workspace restored",
+          "[session][bad-input]") {
+  node_fixture f;
+  f.node.max_workspace_entries = 50;  // keep.txt is one
+  auto s = f.activate("inodes");
+  REQUIRE(s->write_file(file("keep.txt", "keep")));
+  SECTION("a command that creates many empty files") {
+    auto r = s->exec(shell("for i in $(seq 1 100); do : > f$i; done; echo done"));
+    REQUIRE(r);
+    INFO(r->message);
+    CHECK(r->quota_exceeded);
+    CHECK(r->message.find("over its limit of 50") != std::string::npos);
+    CHECK(code_of(s->stat_file("f1").error()) == errc::not_found);
+  }
+  SECTION("a command that keeps creating them is stopped while it runs") {
+    auto keeps_going = shell("i=0; while true; do i=$((i+1)); mkdir d$i; done");
+    keeps_going.timeout_ms = 30000;
+    auto r = s->exec(keeps_going);
+    REQUIRE(r);
+    INFO(r->message);
+    CHECK(r->quota_exceeded);
+    CHECK_FALSE(r->timed_out);
+    CHECK(r->message.find("while running") != std::string::npos);
+    CHECK(code_of(s->stat_file("d1").error()) == errc::not_found);
+  }
+  SECTION("directories made through the API count too") {
+    for (int i = 0; i < 49; ++i) REQUIRE(s->make_directory({"d" + std::to_string(i), false, 0755}));
+    auto past = s->make_directory({"one-too-many", false, 0755});
+    REQUIRE_FALSE(past);
+    CHECK(code_of(past.error()) == errc::limit_exceeded);
+    CHECK(code_of(s->stat_file("one-too-many").error()) == errc::not_found);
+  }
+  // Whatever was refused, the session goes on, with what it held before, after a rehydration
+  // too.
+  auto ok = s->exec(shell("ls | wc -l"));
+  REQUIRE(ok);
+  CHECK_FALSE(ok->quota_exceeded);
+  CHECK(read_all(*s, "keep.txt") == "keep");
+  REQUIRE_FALSE(s->passivate());
+  s.reset();
+  auto again = f.activate("inodes");
+  CHECK(read_all(*again, "keep.txt") == "keep");
+  CHECK(code_of(again->stat_file("f1").error()) == errc::not_found);
+}
+
 TEST_CASE("filling the disk past the quota is refused and the workspace restored", "[session][bad-input]") {
   node_fixture f;
   auto s = activate_with_1mib_quota(f, "quota");

@@ -39,6 +39,10 @@ struct session_host_options {
   size_t prestarted_sandboxes = 2;
   size_t history_limit = 100;                   ///< commands kept per session
   uint64_t max_workspace_bytes = 256ull << 20;  ///< quota for sessions that set none
+  /// Files, directories and symlinks per workspace (0 = no limit): a command that creates more
+  /// is stopped and its changes discarded, as past the byte quota (empty files cost no bytes
+  /// but host inodes and manifest entries).
+  uint64_t max_workspace_entries = 200000;
   uint64_t max_kv_bytes = 1u << 20;
   uint64_t max_tar_bytes = 64u << 20;
   storage::durability durability = storage::durability::process_crash;
