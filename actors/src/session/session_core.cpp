@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "session/fd_guard.hpp"
+#include "session/tar_members.hpp"
 #include "session/workspace_sync.hpp"
 
 namespace triplane::actors::session {
@@ -724,10 +725,18 @@ expected<uint64_t> session_core::tar_in(const tar_in_request& req) {
     if (st && st->type != file_type::directory)
       return make_error(errc::invalid_argument, "'" + req.dir + "' is not a directory");
   }
+  // A workspace keeps regular files, directories and symlinks: a device or fifo member would be
+  // lost at the next sync (or make tar fail with a message that does not say why), so such an
+  // archive is refused up front, naming the member. Headers this reader cannot follow are
+  // tar's to refuse; whatever tar still makes that a workspace cannot keep, merge_into refuses.
+  if (auto members = read_tar_members(req.archive))
+    if (auto err = check_tar_members(*members)) return err;
   // All or nothing: GNU tar (inside the sandbox: it strips leading '/', skips members with
   // '..' (exit 2), cannot create devices, can only write the workspace) extracts into a fresh
   // staging directory, which is merged into place only when tar succeeded and the merge can
   // succeed in full. Nothing is stored until then; any failure removes the staging directory.
+  // Hard-link members stay hard links (tar links them within the staging directory, merging
+  // moves both names, and the manifest keeps link groups).
   std::string staging = ".triplane-tar-in-" + to_hex(sha256(record_.id + std::to_string(now_ms()) +
                                                              std::to_string(++launches_)))
                                                    .substr(0, 16);
