@@ -10,6 +10,7 @@
 #include <filesystem>
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "session/fd_guard.hpp"
@@ -35,15 +36,22 @@ caf::error validate_env_name(const std::string& name) {
   return {};
 }
 
-/// Bytes held by regular files under `root` (stat only, symlinks not followed).
+/// Bytes held by regular files under `root` (stat only, symlinks not followed; a file with
+/// several names counted once, as the sync counts it).
 uint64_t workspace_usage(const std::string& root) {
   uint64_t total = 0;
+  std::set<std::pair<dev_t, ino_t>> linked;
   std::error_code ec;
   for (auto i = std::filesystem::recursive_directory_iterator(
            root, std::filesystem::directory_options::skip_permission_denied, ec);
        !ec && i != std::filesystem::recursive_directory_iterator(); i.increment(ec)) {
     std::error_code fec;
-    if (i->is_regular_file(fec) && !i->is_symlink(fec)) total += i->file_size(fec);
+    if (!i->is_regular_file(fec) || i->is_symlink(fec)) continue;
+    if (i->hard_link_count(fec) > 1) {
+      struct stat st {};
+      if (::lstat(i->path().c_str(), &st) == 0 && !linked.insert({st.st_dev, st.st_ino}).second) continue;
+    }
+    total += i->file_size(fec);
   }
   return total;
 }
@@ -290,7 +298,7 @@ expected<launch_spec> session_core::resolve(const exec_request& req) {
   if (!l.max_file_bytes) {
     uint64_t used = 0;
     for (const auto& [path, e] : record_.files)
-      if (e.type == file_type::regular) used += e.size;
+      if (e.type == file_type::regular && e.hard_link_of.empty()) used += e.size;  // a linked file once
     l.max_file_bytes = used < quota() ? quota() - used : 1;  // 0 would mean "no limit"
   }
   l.stdout_cap_bytes = pick(req.limits.stdout_cap_bytes, s.default_limits.stdout_cap_bytes,
@@ -891,7 +899,7 @@ session_info session_core::info() {
   for (const auto& [path, e] : record_.files)
     if (e.type == file_type::regular) {
       ++i.file_count;
-      i.workspace_bytes += e.size;
+      if (e.hard_link_of.empty()) i.workspace_bytes += e.size;  // a hard-linked file once
     }
   i.running_background = running_background();
   i.history.assign(record_.history.begin(), record_.history.end());

@@ -322,7 +322,7 @@ TEST_CASE("chunk reference counts always equal the references of the stored reco
   };
   auto name = [&] { return "f" + std::to_string(rng() % 3); };
   for (int step = 0; step < 300; ++step) {
-    unsigned op = rng() % 9;
+    unsigned op = rng() % 10;
     std::string id = ids.empty() || op == 0 ? "s" + std::to_string(step) : ids[rng() % ids.size()];
     if (std::find(ids.begin(), ids.end(), id) == ids.end()) ids.push_back(id);
     INFO("step " << step << " op " << op << " session " << id);
@@ -345,6 +345,12 @@ TEST_CASE("chunk reference counts always equal the references of the stored reco
       case 6: (void)s.remove_file({name(), true}); break;
       case 7: (void)s.move_file({name(), name(), true}); break;
       case 8: (void)s.read_file({"f0", 0, 10}); break;
+      case 9: {  // hard links: made, written through, and left as the only name
+        std::string link = "f" + std::to_string(3 + rng() % 2);
+        (void)s.exec(shell("ln -f " + name() + " " + link + " 2>/dev/null; " +
+                           (rng() % 2 ? "echo more >> " + link + "; " : "") + "true"));
+        break;
+      }
     }
     check_store();
   }
@@ -910,6 +916,10 @@ TEST_CASE("hard-link members of an archive arrive with their contents under ever
     INFO(name);
     CHECK(read_all(*back, name) == "shared contents");
   }
+  // ... and they are still one file.
+  auto counts = back->exec(shell("stat -c %h unpack/d/a.txt unpack/d/b.txt unpack/top.txt"));
+  REQUIRE(counts);
+  CHECK(counts->stdout_data == "3\n3\n3\n");
   // A hard link to a name the archive does not hold: tar fails, nothing lands.
   tar_writer dangling;
   dangling.add("x.txt", '0', "x").add("y.txt", '1', "", "missing.txt");
@@ -917,4 +927,67 @@ TEST_CASE("hard-link members of an archive arrive with their contents under ever
   REQUIRE_FALSE(bad);
   CHECK(code_of(bad.error()) == errc::invalid_argument);
   CHECK(code_of(back->stat_file("x.txt").error()) == errc::not_found);
+}
+
+TEST_CASE("hard links a command made stay one file across passivation, rehydration and fork",
+          "[session]") {
+  node_fixture f;
+  auto s = f.activate("links");
+  auto made = s->exec(shell("printf one > a && mkdir d && ln a b && ln a d/c"));
+  REQUIRE(made);
+  REQUIRE(made->exit_code == 0);
+  auto link_counts = [](session_core& x, const std::string& names) {
+    auto r = x.exec(shell("stat -c %h " + names + " 2>&1"));
+    REQUIRE(r);
+    return r->stdout_data;
+  };
+  REQUIRE_FALSE(s->passivate());
+  s = f.activate("links");
+  CHECK(link_counts(*s, "a b d/c") == "3\n3\n3\n");
+  auto wrote = s->exec(shell("printf ' two' >> a"));  // through one name ...
+  REQUIRE(wrote);
+  REQUIRE(wrote->exit_code == 0);
+  CHECK(read_all(*s, "b") == "one two");  // ... seen through the others
+  CHECK(read_all(*s, "d/c") == "one two");
+  CHECK(*f.store->refcount(sha256("one two")) == 1);  // one file's chunk, counted once
+  CHECK(s->info().workspace_bytes == 7);
+
+  SECTION("after another passivation") {
+    REQUIRE_FALSE(s->passivate());
+    s = f.activate("links");
+    CHECK(link_counts(*s, "a b d/c") == "3\n3\n3\n");
+    REQUIRE(s->exec(shell("printf ' three' >> d/c")));
+    CHECK(read_all(*s, "a") == "one two three");
+  }
+  SECTION("in a fork, whose files stay its own") {
+    REQUIRE(s->fork("links-fork"));
+    CHECK(*f.store->refcount(sha256("one two")) == 2);
+    auto child = f.activate("links-fork");
+    CHECK(link_counts(*child, "a b d/c") == "3\n3\n3\n");
+    REQUIRE(child->exec(shell("printf ' three' >> d/c")));
+    CHECK(read_all(*child, "a") == "one two three");
+    CHECK(read_all(*child, "b") == "one two three");
+    CHECK(read_all(*s, "a") == "one two");
+    CHECK(read_all(*s, "b") == "one two");
+    REQUIRE_FALSE(child->passivate());
+    child = f.activate("links-fork");
+    CHECK(link_counts(*child, "a b d/c") == "3\n3\n3\n");
+  }
+  SECTION("removing names keeps the others") {
+    REQUIRE(s->remove_file({"a", false}));
+    REQUIRE_FALSE(s->passivate());
+    s = f.activate("links");
+    CHECK(link_counts(*s, "b d/c") == "2\n2\n");
+    CHECK(read_all(*s, "b") == "one two");
+    REQUIRE(s->exec(shell("rm b")));
+    REQUIRE_FALSE(s->passivate());
+    s = f.activate("links");
+    CHECK(link_counts(*s, "d/c") == "1\n");
+    CHECK(read_all(*s, "d/c") == "one two");
+    CHECK(*f.store->refcount(sha256("one two")) == 1);
+  }
+  REQUIRE_FALSE(s->destroy());
+  if (auto child = f.store->load("links-fork"); child && *child) REQUIRE_FALSE(f.activate("links-fork")->destroy());
+  CHECK(*f.store->refcount(sha256("one two")) == 0);
+  CHECK(f.store->stats()->chunks == 0);
 }
