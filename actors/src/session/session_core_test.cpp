@@ -871,7 +871,9 @@ TEST_CASE("an archive with a device or fifo member is refused naming it, and not
   auto r = GENERATE(row{"ustar", '6', "fifo"}, row{"ustar", '3', "character device"},
                     row{"ustar", '4', "block device"}, row{"pax", '6', "fifo"}, row{"gnu", '6', "fifo"});
   INFO(r.style << " " << r.type_name);
-  const std::string special = std::string("sub/") + (r.style == std::string("ustar") ? "special" : "special-" + std::string(120, 'x'));
+  // (pax and GNU long names: longer than a ustar name field holds)
+  const std::string special =
+      std::string("sub/") + (r.style == std::string("ustar") ? "special" : "special-" + std::string(120, 'x'));
   tar_writer w;
   w.add("first.txt", '0', "1").add("sub/", '5', "", "", 0755);
   if (r.style == std::string("pax")) w.add_pax(special, r.type);
@@ -987,7 +989,8 @@ TEST_CASE("hard links a command made stay one file across passivation, rehydrati
     CHECK(*f.store->refcount(sha256("one two")) == 1);
   }
   REQUIRE_FALSE(s->destroy());
-  if (auto child = f.store->load("links-fork"); child && *child) REQUIRE_FALSE(f.activate("links-fork")->destroy());
+  if (auto child = f.store->load("links-fork"); child && *child)
+    REQUIRE_FALSE(f.activate("links-fork")->destroy());
   CHECK(*f.store->refcount(sha256("one two")) == 0);
   CHECK(f.store->stats()->chunks == 0);
 }

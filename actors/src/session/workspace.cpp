@@ -473,11 +473,13 @@ const char* special_type_name(mode_t mode) {
 
 /// invalid_argument naming the first entry of the tree at `name` in `dir_fd` (`st` its stat)
 /// that is neither a regular file, a directory nor a symlink.
-caf::error check_keepable(int dir_fd, const std::string& name, const struct stat& st, const std::string& path) {
+caf::error check_keepable(int dir_fd, const std::string& name, const struct stat& st,
+                          const std::string& path) {
   if (S_ISREG(st.st_mode) || S_ISLNK(st.st_mode)) return {};
   if (!S_ISDIR(st.st_mode))
-    return make_error(errc::invalid_argument, "'" + path + "' is a " + special_type_name(st.st_mode) +
-                                                  ": a workspace keeps only regular files, directories and symlinks");
+    return make_error(errc::invalid_argument,
+                      "'" + path + "' is a " + special_type_name(st.st_mode) +
+                          ": a workspace keeps only regular files, directories and symlinks");
   fd_guard sub{::openat(dir_fd, name.c_str(), O_DIRECTORY | O_RDONLY | O_NOFOLLOW | O_CLOEXEC)};
   if (sub.fd < 0) return errno_error(errno, "cannot open directory", path);
   auto names = names_in(sub.fd, path);

@@ -164,7 +164,8 @@ caf::error scan(int dirfd, const std::string& prefix, std::vector<scanned>& out)
 /// read what it points at). openat2 (RESOLVE_NO_SYMLINKS) where the kernel has it and the path
 /// fits in one call, else one name at a time with O_NOFOLLOW. Non-blocking: a fifo swapped in
 /// for the file would otherwise block the open until some writer came. -1 and errno on failure.
-int open_without_symlinks(int rootfd, const std::string& path, uint64_t flags = O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC) {
+int open_without_symlinks(int rootfd, const std::string& path,
+                          uint64_t flags = O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC) {
   if (path.size() < PATH_MAX) {
     open_how how{};
     how.flags = flags;
@@ -301,7 +302,8 @@ expected<sync_outcome> sync_manifest(const std::string& root, manifest& m, uint6
   };
   // A regular file's chunks: those of its last entry when its stat shows it untouched, else
   // read. *read_ino: the inode read (the scan's when trusted).
-  auto take_contents = [&](const scanned& s, manifest_entry& e, bool* vanished, ino_t* read_ino) -> caf::error {
+  auto take_contents = [&](const scanned& s, manifest_entry& e, bool* vanished,
+                           ino_t* read_ino) -> caf::error {
     auto old = m.find(s.path);
     const auto* before = contents_of(m, old);
     bool untouched = before && !old->second.stat_unproven && old->second.size == e.size &&
@@ -531,7 +533,8 @@ caf::error materialize(const std::string& root, manifest& m, const session_store
   // The record was checked when it was decoded; a manifest is still not trusted to name what
   // its hard links join.
   if (auto bad = bad_hard_link(m))
-    return make_error(errc::corrupted, "manifest entry '" + *bad + "' is a hard link of no regular file of the manifest");
+    return make_error(errc::corrupted,
+                      "manifest entry '" + *bad + "' is a hard link of no regular file of the manifest");
   for (auto& [path, e] : m) {
     std::string full = root + "/" + path;
     switch (e.type) {
@@ -575,7 +578,8 @@ caf::error materialize(const std::string& root, manifest& m, const session_store
   if (first_error) return first_error;
   if (!links.empty()) {
     fd_guard rootfd{::open(root.c_str(), O_DIRECTORY | O_RDONLY | O_NOFOLLOW | O_CLOEXEC)};
-    if (rootfd.fd < 0) return make_error(errc::io_error, "cannot open workspace '" + root + "': " + std::strerror(errno));
+    if (rootfd.fd < 0)
+      return make_error(errc::io_error, "cannot open workspace '" + root + "': " + std::strerror(errno));
     for (auto& [primary_path, names] : links)
       if (auto err = link_group(rootfd.fd, primary_path, m.at(primary_path), names)) return err;
   }

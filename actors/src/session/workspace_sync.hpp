@@ -20,10 +20,12 @@ struct sync_outcome {
 
 /// Brings `m` up to date with the directory `root` (symlinks recorded, never followed; sockets,
 /// fifos and devices skipped). Regular files of `root` sharing an inode become a hard-link
-/// group (manifest_entry::hard_link_of): only the primary is read, the other names are not. A regular file whose size, mtime, inode and ctime match its
-/// entry keeps its chunk list unread, unless it had been written within a timestamp tick of
-/// the sync that recorded that entry (manifest_entry::stat_unproven). Fails with limit_exceeded, leaving `m` unchanged, when the
-/// files add up to more than `quota_bytes` (0 = no quota); the check uses stat only.
+/// group (manifest_entry::hard_link_of): only the primary is read, the other names are not. A
+/// regular file whose size, mtime, inode and ctime match its entry keeps its chunk list unread,
+/// unless it had been written within a timestamp tick of the sync that recorded that entry
+/// (manifest_entry::stat_unproven). Fails with limit_exceeded, leaving `m` unchanged, when the
+/// files add up to more than `quota_bytes` (a hard-linked file once; 0 = no quota); the check
+/// uses stat only.
 expected<sync_outcome> sync_manifest(const std::string& root, manifest& m, uint64_t quota_bytes);
 
 /// Creates `root` (which must not hold anything else) with every entry of `m`, contents from

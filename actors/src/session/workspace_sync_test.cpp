@@ -262,7 +262,8 @@ TEST_CASE("a manifest whose hard links name no file of its own, or lead through 
       row{"a link with chunks of its own", {{"a", file}, {"b", with(file, "a")}}},
       row{"a link of a directory", {{"a", directory}, {"b", with(link, "a")}}},
       row{"a link of itself", {{"b", with(link, "b")}}},
-      row{"a link made through a symlinked directory", {{"a", file}, {"out", symlink}, {"out/b", with(link, "a")}}});
+      row{"a link made through a symlinked directory",
+          {{"a", file}, {"out", symlink}, {"out/b", with(link, "a")}}});
   INFO(r.what);
   triplane::testing::temp_directory ws_dir("tp-sync-test");
   auto err = materialize(ws_dir.sub("ws"), r.m, *f.store);
