@@ -9,7 +9,9 @@ using Cxx = import "/capnp/c++.capnp";
 $Cxx.namespace("triplane::schemas");
 
 struct SessionRecord {
-  formatVersion @0 :UInt16;     # 1
+  formatVersion @0 :UInt16;     # 1; 2 when a file entry is a hard link (hardLinkOf): a build
+                                # that does not know links refuses the record instead of
+                                # materializing those names as empty files
   id @1 :Text;
   createdUnixMs @2 :UInt64;
   lastUsedUnixMs @3 :UInt64;
@@ -60,5 +62,7 @@ struct SessionRecord {
     mtimeNs @4 :Int64;
     chunks @5 :List(Data);      # 32-byte SHA-256 per chunk, in file order (regular files)
     linkTarget @6 :Text;        # symlinks
+    hardLinkOf @7 :Text;        # regular files: the path of the entry this one is a hard link of
+                                # (which holds the chunks: this entry has none); empty otherwise
   }
 }

@@ -10,9 +10,11 @@
 #include <filesystem>
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "session/fd_guard.hpp"
+#include "session/tar_members.hpp"
 #include "session/workspace_sync.hpp"
 
 namespace triplane::actors::session {
@@ -34,20 +36,27 @@ caf::error validate_env_name(const std::string& name) {
   return {};
 }
 
-/// What a workspace holds: bytes of regular files and entries (stat only, symlinks not
-/// followed). Counting stops once past `max_entries` (0: never): enough to know it is over.
+/// What a workspace holds: bytes of regular files (a file with several names counted once, as
+/// the sync counts it) and entries (stat only, symlinks not followed). Counting stops once past
+/// `max_entries` (0: never): enough to know it is over.
 struct workspace_use {
   uint64_t bytes = 0, entries = 0;
 };
 workspace_use workspace_usage(const std::string& root, uint64_t max_entries) {
   workspace_use use;
+  std::set<std::pair<dev_t, ino_t>> linked;
   std::error_code ec;
   for (auto i = std::filesystem::recursive_directory_iterator(
            root, std::filesystem::directory_options::skip_permission_denied, ec);
        !ec && i != std::filesystem::recursive_directory_iterator(); i.increment(ec)) {
     if (max_entries && ++use.entries > max_entries) break;
     std::error_code fec;
-    if (i->is_regular_file(fec) && !i->is_symlink(fec)) use.bytes += i->file_size(fec);
+    if (!i->is_regular_file(fec) || i->is_symlink(fec)) continue;
+    if (i->hard_link_count(fec) > 1) {
+      struct stat st {};
+      if (::lstat(i->path().c_str(), &st) == 0 && !linked.insert({st.st_dev, st.st_ino}).second) continue;
+    }
+    use.bytes += i->file_size(fec);
   }
   return use;
 }
@@ -302,7 +311,7 @@ expected<launch_spec> session_core::resolve(const exec_request& req) {
   if (!l.max_file_bytes) {
     uint64_t used = 0;
     for (const auto& [path, e] : record_.files)
-      if (e.type == file_type::regular) used += e.size;
+      if (e.type == file_type::regular && e.hard_link_of.empty()) used += e.size;  // a linked file once
     l.max_file_bytes = used < quota() ? quota() - used : 1;  // 0 would mean "no limit"
   }
   l.stdout_cap_bytes = pick(req.limits.stdout_cap_bytes, s.default_limits.stdout_cap_bytes,
@@ -741,10 +750,18 @@ expected<uint64_t> session_core::tar_in(const tar_in_request& req) {
     if (st && st->type != file_type::directory)
       return make_error(errc::invalid_argument, "'" + req.dir + "' is not a directory");
   }
+  // A workspace keeps regular files, directories and symlinks: a device or fifo member would be
+  // lost at the next sync (or make tar fail with a message that does not say why), so such an
+  // archive is refused up front, naming the member. Headers this reader cannot follow are
+  // tar's to refuse; whatever tar still makes that a workspace cannot keep, merge_into refuses.
+  if (auto members = read_tar_members(req.archive))
+    if (auto err = check_tar_members(*members)) return err;
   // All or nothing: GNU tar (inside the sandbox: it strips leading '/', skips members with
   // '..' (exit 2), cannot create devices, can only write the workspace) extracts into a fresh
   // staging directory, which is merged into place only when tar succeeded and the merge can
   // succeed in full. Nothing is stored until then; any failure removes the staging directory.
+  // Hard-link members stay hard links (tar links them within the staging directory, merging
+  // moves both names, and the manifest keeps link groups).
   std::string staging = ".triplane-tar-in-" + to_hex(sha256(record_.id + std::to_string(now_ms()) +
                                                              std::to_string(++launches_)))
                                                    .substr(0, 16);
@@ -899,7 +916,7 @@ session_info session_core::info() {
   for (const auto& [path, e] : record_.files)
     if (e.type == file_type::regular) {
       ++i.file_count;
-      i.workspace_bytes += e.size;
+      if (e.hard_link_of.empty()) i.workspace_bytes += e.size;  // a hard-linked file once
     }
   i.running_background = running_background();
   i.history.assign(record_.history.begin(), record_.history.end());

@@ -1,6 +1,7 @@
 // Session records (Cap'n Proto SessionRecord) and reference-counted chunks in RocksDB.
 #include "session/session_store.hpp"
 
+#include <algorithm>
 #include <cstring>
 
 #include <capnp/message.h>
@@ -57,7 +58,9 @@ std::string to_hex(std::string_view raw) {
 std::string encode_record(const session_record& r) {
   capnp::MallocMessageBuilder message;
   auto root = message.initRoot<schemas::SessionRecord>();
-  root.setFormatVersion(1);
+  bool links = std::any_of(r.files.begin(), r.files.end(),
+                          [](const auto& f) { return !f.second.hard_link_of.empty(); });
+  root.setFormatVersion(links ? 2 : 1);
   root.setId(r.id);
   root.setCreatedUnixMs(r.created_unix_ms);
   root.setLastUsedUnixMs(r.last_used_unix_ms);
@@ -113,6 +116,7 @@ std::string encode_record(const session_record& r) {
     auto chunks = f.initChunks(static_cast<unsigned>(e.chunks.size()));
     for (unsigned j = 0; j < e.chunks.size(); ++j) chunks.set(j, bytes_of(e.chunks[j]));
     f.setLinkTarget(e.link_target);
+    if (!e.hard_link_of.empty()) f.setHardLinkOf(e.hard_link_of);
   }
   auto words = capnp::messageToFlatArray(message);
   auto bytes = words.asChars();
@@ -130,7 +134,7 @@ expected<session_record> decode_record(std::string_view bytes, const std::string
     options.traversalLimitInWords = 1ull << 32;
     capnp::FlatArrayMessageReader reader(words, options);
     auto root = reader.getRoot<schemas::SessionRecord>();
-    if (root.getFormatVersion() > 1)
+    if (root.getFormatVersion() > 2)
       return make_error(errc::corrupted, "session '" + id + "': record format " +
                                              std::to_string(root.getFormatVersion()) + " is newer than this build");
     r.id = root.getId();
@@ -180,13 +184,29 @@ expected<session_record> decode_record(std::string_view bytes, const std::string
         e.chunks.emplace_back(view_of(c));
       }
       e.link_target = f.getLinkTarget();
+      e.hard_link_of = f.getHardLinkOf();
       r.files.emplace(std::string(f.getPath()), std::move(e));
     }
+    if (auto bad = bad_hard_link(r.files))
+      return make_error(errc::corrupted, "session '" + id + "': manifest entry '" + *bad +
+                                             "' is a hard link of no regular file of the manifest");
   } catch (const kj::Exception& ex) {
     return make_error(errc::corrupted, "session '" + id + "': undecodable record: " +
                                            std::string(ex.getDescription().cStr()));
   }
   return r;
+}
+
+const std::string* bad_hard_link(const manifest& m) {
+  for (const auto& [path, e] : m) {
+    if (e.hard_link_of.empty()) continue;
+    if (e.type != file_type::regular || !e.chunks.empty() || e.hard_link_of == path) return &path;
+    auto primary = m.find(e.hard_link_of);
+    if (primary == m.end() || primary->second.type != file_type::regular ||
+        !primary->second.hard_link_of.empty())
+      return &path;
+  }
+  return nullptr;
 }
 
 std::vector<std::string> session_store::column_families() {

@@ -37,6 +37,11 @@ struct manifest_entry {
   int64_t mtime_ns = 0;
   std::vector<std::string> chunks;  ///< raw SHA-256 names, in file order
   std::string link_target;
+  /// Regular files only: the path of the entry this one is a hard link of, empty when the file
+  /// has one name in the workspace. A hard-link group's primary is its first path in manifest
+  /// order and alone lists the chunks (so they are counted once); the others have no chunks and
+  /// carry the primary's mode, size and mtime.
+  std::string hard_link_of;
   // Local stat cache, not persisted: a file whose (size, mtime, inode, ctime) still match was
   // not touched and is not read again. Rehydration and every sync refresh it.
   uint64_t ino = 0;
@@ -64,8 +69,16 @@ struct session_record {
   uint64_t next_bg_id = 1;
 };
 
+/// Format 1, or 2 when the manifest holds a hard link (older builds refuse those records).
 std::string encode_record(const session_record& record);
+/// Reads formats 1 and 2. corrupted naming the id when undecodable, newer, or when a hard link
+/// entry is not a chunkless regular file naming a primary entry (a regular file that is no hard
+/// link itself).
 expected<session_record> decode_record(std::string_view bytes, const std::string& id);
+
+/// The first entry of `m` whose hard_link_of does not name a primary (see decode_record);
+/// nullptr when every one does.
+const std::string* bad_hard_link(const manifest& m);
 
 struct store_stats {
   uint64_t chunks = 0;        ///< distinct chunks stored

@@ -463,6 +463,37 @@ expected<std::vector<std::string>> names_in(int fd, const std::string& shown) {
   return out;
 }
 
+const char* special_type_name(mode_t mode) {
+  if (S_ISFIFO(mode)) return "fifo";
+  if (S_ISSOCK(mode)) return "socket";
+  if (S_ISCHR(mode)) return "character device";
+  if (S_ISBLK(mode)) return "block device";
+  return "special file";
+}
+
+/// invalid_argument naming the first entry of the tree at `name` in `dir_fd` (`st` its stat)
+/// that is neither a regular file, a directory nor a symlink.
+caf::error check_keepable(int dir_fd, const std::string& name, const struct stat& st,
+                          const std::string& path) {
+  if (S_ISREG(st.st_mode) || S_ISLNK(st.st_mode)) return {};
+  if (!S_ISDIR(st.st_mode))
+    return make_error(errc::invalid_argument,
+                      "'" + path + "' is a " + special_type_name(st.st_mode) +
+                          ": a workspace keeps only regular files, directories and symlinks");
+  fd_guard sub{::openat(dir_fd, name.c_str(), O_DIRECTORY | O_RDONLY | O_NOFOLLOW | O_CLOEXEC)};
+  if (sub.fd < 0) return errno_error(errno, "cannot open directory", path);
+  auto names = names_in(sub.fd, path);
+  if (!names) return names.error();
+  for (const auto& n : *names) {
+    struct stat child {};
+    std::string child_path = path + "/" + n;
+    if (::fstatat(sub.fd, n.c_str(), &child, AT_SYMLINK_NOFOLLOW) != 0)
+      return errno_error(errno, "cannot stat", child_path);
+    if (auto err = check_keepable(sub.fd, n, child, child_path)) return err;
+  }
+  return {};
+}
+
 /// One level of workspace::merge_into: checks only (apply false) or moves (apply true).
 caf::error merge_level(int from_fd, int into_fd, const std::string& shown, bool apply) {
   auto names = names_in(from_fd, shown);
@@ -474,6 +505,9 @@ caf::error merge_level(int from_fd, int into_fd, const std::string& shown, bool 
       return errno_error(errno, "cannot stat", path);
     if (::fstatat(into_fd, name.c_str(), &into_st, AT_SYMLINK_NOFOLLOW) != 0) {
       if (errno != ENOENT) return errno_error(errno, "cannot stat", path);
+      // Moved whole: its tree is checked here (a merged directory is checked level by level).
+      if (!apply)
+        if (auto err = check_keepable(from_fd, name, from_st, path)) return err;
       if (apply && ::renameat(from_fd, name.c_str(), into_fd, name.c_str()) != 0)
         return errno_error(errno, "cannot move into place", path);
       continue;
@@ -484,6 +518,8 @@ caf::error merge_level(int from_fd, int into_fd, const std::string& shown, bool 
                         "'" + path + "' would replace a " + (into_dir ? "directory" : "non-directory") +
                             " by a " + (from_dir ? "directory" : "non-directory"));
     if (!from_dir) {
+      if (!apply)
+        if (auto err = check_keepable(from_fd, name, from_st, path)) return err;
       if (apply && ::renameat(from_fd, name.c_str(), into_fd, name.c_str()) != 0)
         return errno_error(errno, "cannot move into place", path);
       continue;

@@ -60,8 +60,10 @@ public:
   /// exist and must not lie inside `from`), merging directories present in both; a
   /// non-directory replaces a non-directory. The whole tree is checked before anything moves:
   /// an entry that would replace a directory by a non-directory or the reverse (a symlink in
-  /// `into` counts as a non-directory: it is never followed) fails with invalid_argument naming
-  /// it, and nothing has moved. Entries left in `from` are the caller's to remove.
+  /// `into` counts as a non-directory: it is never followed), and an entry of `from` that is
+  /// neither a regular file, a directory nor a symlink (a fifo, socket or device, which no sync
+  /// would keep), fails with invalid_argument naming it and its type, and nothing has moved.
+  /// Entries left in `from` are the caller's to remove.
   caf::error merge_into(const std::string& from, const std::string& into);
 
   /// Opens the directory at `names` (already split) beneath the root; -1 and *err on failure.

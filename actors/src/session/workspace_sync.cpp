@@ -20,6 +20,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "session/fd_guard.hpp"
+
 namespace triplane::actors::session {
 namespace {
 
@@ -162,8 +164,8 @@ caf::error scan(int dirfd, const std::string& prefix, std::vector<scanned>& out)
 /// read what it points at). openat2 (RESOLVE_NO_SYMLINKS) where the kernel has it and the path
 /// fits in one call, else one name at a time with O_NOFOLLOW. Non-blocking: a fifo swapped in
 /// for the file would otherwise block the open until some writer came. -1 and errno on failure.
-int open_without_symlinks(int rootfd, const std::string& path) {
-  constexpr uint64_t flags = O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC;
+int open_without_symlinks(int rootfd, const std::string& path,
+                          uint64_t flags = O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC) {
   if (path.size() < PATH_MAX) {
     open_how how{};
     how.flags = flags;
@@ -192,7 +194,8 @@ int open_without_symlinks(int rootfd, const std::string& path) {
 /// longer there as a regular file reached without symlinks: removed, or a directory of its
 /// path replaced, since the scan.
 caf::error read_chunks(int rootfd, const std::string& path, manifest_entry& e,
-                       std::map<std::string, std::string>& new_chunks, bool* vanished) {
+                       std::map<std::string, std::string>& new_chunks, bool* vanished,
+                       ino_t* read_ino) {
   *vanished = false;
   int fd = open_without_symlinks(rootfd, path);
   if (fd < 0 && (errno == ENOENT || errno == ENOTDIR || errno == ELOOP || errno == EXDEV)) {
@@ -206,6 +209,7 @@ caf::error read_chunks(int rootfd, const std::string& path, manifest_entry& e,
     *vanished = true;
     return {};
   }
+  *read_ino = st.st_ino;
   e.chunks.clear();
   std::string buf;
   uint64_t total = 0;
@@ -231,38 +235,58 @@ caf::error read_chunks(int rootfd, const std::string& path, manifest_entry& e,
   return {};
 }
 
+/// The chunks an entry of a manifest stands for: its own, or a hard link's primary's; nullptr
+/// when it is no regular file or its primary is missing.
+const std::vector<std::string>* contents_of(const manifest& m, manifest::const_iterator e) {
+  if (e == m.end() || e->second.type != file_type::regular) return nullptr;
+  if (e->second.hard_link_of.empty()) return &e->second.chunks;
+  auto primary = m.find(e->second.hard_link_of);
+  if (primary == m.end() || primary->second.type != file_type::regular ||
+      !primary->second.hard_link_of.empty())
+    return nullptr;
+  return &primary->second.chunks;
+}
+
 } // namespace
 
 expected<sync_outcome> sync_manifest(const std::string& root, manifest& m, uint64_t quota_bytes) {
   int rootfd = ::open(root.c_str(), O_DIRECTORY | O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
   if (rootfd < 0) return make_error(errc::io_error, "cannot open workspace '" + root + "'");
+  fd_guard root_guard{rootfd};
   const int64_t scan_start = now_realtime_ns();
   std::vector<scanned> found;
-  auto err = scan(rootfd, "", found);
-  if (err) {
-    ::close(rootfd);
-    return err;
-  }
+  if (auto err = scan(rootfd, "", found)) return err;
   sync_outcome out;
-  for (const auto& s : found)
-    if (S_ISREG(s.st.st_mode)) {
-      out.total_bytes += static_cast<uint64_t>(s.st.st_size);
-      ++out.files;
+  // Hard-link groups: the regular files of the workspace that share an inode, in path order
+  // (the first is the group's primary). Only names found in the workspace join a group.
+  std::map<std::pair<dev_t, ino_t>, std::vector<size_t>> inodes;
+  for (size_t i = 0; i < found.size(); ++i) {
+    const auto& st = found[i].st;
+    if (!S_ISREG(st.st_mode)) continue;
+    ++out.files;
+    if (st.st_nlink > 1) {
+      auto& names = inodes[{st.st_dev, st.st_ino}];
+      names.push_back(i);
+      if (names.size() > 1) continue;  // one file: its bytes count once
     }
-  if (quota_bytes && out.total_bytes > quota_bytes) {
-    ::close(rootfd);
+    out.total_bytes += static_cast<uint64_t>(st.st_size);
+  }
+  if (quota_bytes && out.total_bytes > quota_bytes)
     return make_error(errc::limit_exceeded,
                       "workspace holds " + std::to_string(out.total_bytes) +
                           " bytes, over its quota of " + std::to_string(quota_bytes));
+  std::vector<const std::vector<size_t>*> group_of(found.size(), nullptr);
+  for (auto& [inode, names] : inodes) {
+    if (names.size() < 2) continue;
+    std::sort(names.begin(), names.end(), [&](size_t a, size_t b) { return found[a].path < found[b].path; });
+    for (auto i : names) group_of[i] = &names;
   }
-  manifest next;
-  for (auto& s : found) {
+  auto entry_of = [&](const scanned& s) {
     manifest_entry e;
     e.mode = s.st.st_mode & 07777;
     e.mtime_ns = ns_of(s.st.st_mtim);
     e.ino = s.st.st_ino;
     e.ctime_ns = ns_of(s.st.st_ctim);
-    auto old = m.find(s.path);
     if (S_ISDIR(s.st.st_mode)) {
       e.type = file_type::directory;
     } else if (S_ISLNK(s.st.st_mode)) {
@@ -272,36 +296,89 @@ expected<sync_outcome> sync_manifest(const std::string& root, manifest& m, uint6
     } else {
       e.type = file_type::regular;
       e.size = static_cast<uint64_t>(s.st.st_size);
-      bool untouched = old != m.end() && old->second.type == file_type::regular &&
-                       !old->second.stat_unproven && old->second.size == e.size &&
-                       old->second.mtime_ns == e.mtime_ns && old->second.ino == e.ino &&
-                       old->second.ctime_ns == e.ctime_ns;
       e.stat_unproven = racy(e, scan_start);
-      if (untouched) {
-        e.chunks = old->second.chunks;
-      } else {
-        bool vanished = false;
-        if (auto rerr = read_chunks(rootfd, s.path, e, out.new_chunks, &vanished)) {
-          ::close(rootfd);
-          return rerr;
-        }
-        ++out.files_read;
-        if (vanished) continue;  // as if the scan had not seen it (the count check below notes the change)
-        // Read again only because its stat proved nothing, and unchanged: its chunks are
-        // stored, as an untouched file's are.
-        if (old != m.end() && old->second.type == file_type::regular && old->second.chunks == e.chunks)
-          for (const auto& hash : e.chunks) out.new_chunks.erase(hash);
-      }
     }
+    return e;
+  };
+  // A regular file's chunks: those of its last entry when its stat shows it untouched, else
+  // read. *read_ino: the inode read (the scan's when trusted).
+  auto take_contents = [&](const scanned& s, manifest_entry& e, bool* vanished,
+                           ino_t* read_ino) -> caf::error {
+    auto old = m.find(s.path);
+    const auto* before = contents_of(m, old);
+    bool untouched = before && !old->second.stat_unproven && old->second.size == e.size &&
+                     old->second.mtime_ns == e.mtime_ns && old->second.ino == e.ino &&
+                     old->second.ctime_ns == e.ctime_ns;
+    *vanished = false;
+    *read_ino = e.ino;
+    if (untouched) {
+      e.chunks = *before;
+      return {};
+    }
+    if (auto err = read_chunks(rootfd, s.path, e, out.new_chunks, vanished, read_ino)) return err;
+    ++out.files_read;
+    // Read again only because its stat proved nothing, and unchanged: its chunks are stored,
+    // as an untouched file's are.
+    if (!*vanished && before && *before == e.chunks)
+      for (const auto& hash : e.chunks) out.new_chunks.erase(hash);
+    return {};
+  };
+  manifest next;
+  auto keep = [&](const std::string& path, manifest_entry e) -> const manifest_entry& {
+    auto old = m.find(path);
     if (old == m.end() || old->second.type != e.type || old->second.mode != e.mode ||
         old->second.size != e.size || old->second.chunks != e.chunks ||
-        old->second.link_target != e.link_target ||
+        old->second.link_target != e.link_target || old->second.hard_link_of != e.hard_link_of ||
         (e.type == file_type::regular && old->second.mtime_ns != e.mtime_ns))
       out.changed = true;
-    next.emplace(std::move(s.path), std::move(e));
+    return next.emplace(path, std::move(e)).first->second;
+  };
+  for (size_t i = 0; i < found.size(); ++i) {
+    const auto& s = found[i];
+    if (!S_ISREG(s.st.st_mode)) {
+      keep(s.path, entry_of(s));
+      continue;
+    }
+    if (!group_of[i]) {
+      auto e = entry_of(s);
+      bool vanished = false;
+      ino_t read_ino = 0;
+      if (auto err = take_contents(s, e, &vanished, &read_ino)) return err;
+      if (!vanished) keep(s.path, std::move(e));  // (vanished: as if the scan had not seen it)
+      continue;
+    }
+    if (group_of[i]->front() != i) continue;  // recorded with its group's first name
+    // The first name whose contents come from the inode the scan saw is the primary; the
+    // others are recorded as its links, unread.
+    const std::string* primary_path = nullptr;
+    const manifest_entry* primary = nullptr;
+    for (size_t member : *group_of[i]) {
+      const auto& ms = found[member];
+      auto e = entry_of(ms);
+      if (primary) {
+        e.hard_link_of = *primary_path;
+        e.mode = primary->mode;
+        e.size = primary->size;
+        e.mtime_ns = primary->mtime_ns;
+        e.ino = primary->ino;
+        e.ctime_ns = primary->ctime_ns;
+        e.stat_unproven = primary->stat_unproven;
+        keep(ms.path, std::move(e));
+        continue;
+      }
+      bool vanished = false;
+      ino_t read_ino = 0;
+      if (auto err = take_contents(ms, e, &vanished, &read_ino)) return err;
+      if (vanished) continue;
+      bool same_inode = read_ino == e.ino;  // else another file was swapped in: kept on its own
+      const auto& kept = keep(ms.path, std::move(e));
+      if (same_inode) {
+        primary_path = &ms.path;
+        primary = &kept;
+      }
+    }
   }
   if (next.size() != m.size()) out.changed = true;
-  ::close(rootfd);
   m = std::move(next);
   return out;
 }
@@ -347,6 +424,49 @@ caf::error write_regular(const std::string& root, const std::string& path, manif
   }
   e.stat_unproven = racy(e, now_realtime_ns());
   ::close(fd);
+  return {};
+}
+
+/// Gives the regular file `primary` (just written by write_regular) its other names `links`,
+/// and refreshes the group's stat caches (linking changed the inode's ctime). Both ends are
+/// reached beneath `rootfd` without following a symlink, and the file linked is the one written
+/// (its inode checked): a manifest can never link a name to anything outside the workspace.
+caf::error link_group(int rootfd, const std::string& primary_path, manifest_entry& primary,
+                      std::vector<std::pair<const std::string*, manifest_entry*>>& links) {
+  fd_guard file{open_without_symlinks(rootfd, primary_path)};
+  struct stat st {};
+  if (file.fd < 0 || ::fstat(file.fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_ino != primary.ino)
+    return make_error(errc::corrupted, "cannot link to '" + primary_path + "': not the file written there");
+  for (auto& [path, e] : links) {
+    auto slash = path->rfind('/');
+    std::string name = slash == std::string::npos ? *path : path->substr(slash + 1);
+    fd_guard dir{slash == std::string::npos
+                     ? ::fcntl(rootfd, F_DUPFD_CLOEXEC, 0)
+                     : open_without_symlinks(rootfd, path->substr(0, slash),
+                                             O_DIRECTORY | O_RDONLY | O_NOFOLLOW | O_CLOEXEC)};
+    if (dir.fd < 0)
+      return make_error(errc::io_error, "cannot create hard link '" + *path + "': " + std::strerror(errno));
+    // By the open file, not by a name: AT_EMPTY_PATH (needs CAP_DAC_READ_SEARCH), else its
+    // /proc/self/fd entry.
+    int linked = ::linkat(file.fd, "", dir.fd, name.c_str(), AT_EMPTY_PATH);
+    if (linked != 0 && (errno == ENOENT || errno == EPERM)) {
+      std::string proc = "/proc/self/fd/" + std::to_string(file.fd);
+      linked = ::linkat(AT_FDCWD, proc.c_str(), dir.fd, name.c_str(), AT_SYMLINK_FOLLOW);
+    }
+    if (linked != 0)
+      return make_error(errc::io_error, "cannot create hard link '" + *path + "': " + std::strerror(errno));
+  }
+  if (::fstat(file.fd, &st) != 0)
+    return make_error(errc::io_error, "cannot stat '" + primary_path + "': " + std::strerror(errno));
+  primary.ctime_ns = ns_of(st.st_ctim);
+  for (auto& [path, e] : links) {
+    e->mode = primary.mode;
+    e->size = primary.size;
+    e->mtime_ns = primary.mtime_ns;
+    e->ino = primary.ino;
+    e->ctime_ns = primary.ctime_ns;
+    e->stat_unproven = primary.stat_unproven;
+  }
   return {};
 }
 
@@ -408,7 +528,13 @@ caf::error materialize(const std::string& root, manifest& m, const session_store
   // contents is most of the cost, and independent per file.
   std::vector<std::pair<std::string, manifest_entry*>> dirs;
   std::vector<std::pair<const std::string*, manifest_entry*>> files;
+  std::map<std::string, std::vector<std::pair<const std::string*, manifest_entry*>>> links;  ///< by primary
   uint64_t file_bytes = 0;
+  // The record was checked when it was decoded; a manifest is still not trusted to name what
+  // its hard links join.
+  if (auto bad = bad_hard_link(m))
+    return make_error(errc::corrupted,
+                      "manifest entry '" + *bad + "' is a hard link of no regular file of the manifest");
   for (auto& [path, e] : m) {
     std::string full = root + "/" + path;
     switch (e.type) {
@@ -433,6 +559,10 @@ caf::error materialize(const std::string& root, manifest& m, const session_store
         break;
       }
       case file_type::regular:
+        if (!e.hard_link_of.empty()) {
+          links[e.hard_link_of].emplace_back(&path, &e);
+          break;
+        }
         files.emplace_back(&path, &e);
         file_bytes += e.size;
         break;
@@ -446,6 +576,13 @@ caf::error materialize(const std::string& root, manifest& m, const session_store
     return write_regular(root, *files[i].first, *files[i].second, store, verify);
   });
   if (first_error) return first_error;
+  if (!links.empty()) {
+    fd_guard rootfd{::open(root.c_str(), O_DIRECTORY | O_RDONLY | O_NOFOLLOW | O_CLOEXEC)};
+    if (rootfd.fd < 0)
+      return make_error(errc::io_error, "cannot open workspace '" + root + "': " + std::strerror(errno));
+    for (auto& [primary_path, names] : links)
+      if (auto err = link_group(rootfd.fd, primary_path, m.at(primary_path), names)) return err;
+  }
   // Directories last, deepest first: creating their children changed their mtimes.
   for (auto i = dirs.rbegin(); i != dirs.rend(); ++i) {
     at_path at(AT_FDCWD, i->first);

@@ -6,12 +6,14 @@
 
 #include <filesystem>
 #include <fstream>
+#include <memory>
 
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "temp_directory.hpp"
+#include "triplane/storage/database.hpp"
 
 using namespace triplane;
 using namespace triplane::actors::session;
@@ -69,4 +71,266 @@ TEST_CASE("a file rewritten within a timestamp tick of the sync that recorded it
   REQUIRE(fourth);
   CHECK(fourth->files_read == 0);
   CHECK_FALSE(fourth->changed);
+}
+
+namespace {
+
+/// A session store in a fresh database under `dir`.
+struct store_fixture {
+  std::unique_ptr<storage::database> db;
+  std::unique_ptr<session_store> store;
+  explicit store_fixture(const std::string& dir) {
+    storage::database_options opts;
+    opts.path = dir;
+    opts.column_families = session_store::column_families();
+    auto d = storage::database::open(opts);
+    REQUIRE(d);
+    db = std::move(*d);
+    auto s = session_store::open(*db, storage::durability::process_crash);
+    REQUIRE(s);
+    store = std::move(*s);
+  }
+};
+
+/// Sets the mtime of `path` well in the past, so that syncs trust its stat.
+void age(const fs::path& path) {
+  timespec old_times[2] = {{1700000000, 0}, {1700000000, 0}};
+  REQUIRE(::utimensat(AT_FDCWD, path.c_str(), old_times, AT_SYMLINK_NOFOLLOW) == 0);
+}
+
+struct stat stat_of(const fs::path& path) {
+  struct stat st {};
+  REQUIRE(::lstat(path.c_str(), &st) == 0);
+  return st;
+}
+
+} // namespace
+
+TEST_CASE("files sharing an inode are one hard-link group in the manifest, read and counted once",
+          "[workspace]") {
+  triplane::testing::temp_directory dir("tp-sync-test");
+  const fs::path root = dir.path();
+  fs::create_directories(root / "sub");
+  write(root, "b", "shared");
+  REQUIRE(::link((root / "b").c_str(), (root / "a").c_str()) == 0);
+  REQUIRE(::link((root / "b").c_str(), (root / "sub/c").c_str()) == 0);
+  write(root, "alone", "x");
+  age(root / "a");
+  age(root / "alone");
+  manifest m;
+  auto first = sync_manifest(root.string(), m, 0);
+  REQUIRE(first);
+  CHECK(first->files == 4);
+  CHECK(first->files_read == 2);  // a (the group's primary: its first path) and alone
+  CHECK(first->total_bytes == 7);
+  CHECK(m.at("a").hard_link_of.empty());
+  CHECK(m.at("a").chunks == std::vector<std::string>{sha256("shared")});
+  for (const char* name : {"b", "sub/c"}) {
+    INFO(name);
+    CHECK(m.at(name).hard_link_of == "a");
+    CHECK(m.at(name).chunks.empty());
+    CHECK(m.at(name).size == 6);
+  }
+  // The quota counts the file once: 7 bytes fit in 7.
+  manifest copy = m;
+  CHECK(sync_manifest(root.string(), copy, 7));
+  auto again = sync_manifest(root.string(), m, 0);
+  REQUIRE(again);
+  CHECK(again->files_read == 0);
+  CHECK_FALSE(again->changed);
+
+  SECTION("writing through a link reads the group once, and its links follow") {
+    std::ofstream(root / "sub/c", std::ios::app) << "+";
+    age(root / "a");
+    auto changed = sync_manifest(root.string(), m, 0);
+    REQUIRE(changed);
+    CHECK(changed->changed);
+    CHECK(changed->files_read == 1);
+    CHECK(m.at("a").chunks == std::vector<std::string>{sha256("shared+")});
+    CHECK(m.at("b").size == 7);
+  }
+  SECTION("removing the primary's name makes the next name the primary") {
+    REQUIRE(::unlink((root / "a").c_str()) == 0);
+    auto changed = sync_manifest(root.string(), m, 0);
+    REQUIRE(changed);
+    CHECK(changed->changed);
+    CHECK(m.count("a") == 0);
+    CHECK(m.at("b").hard_link_of.empty());
+    CHECK(m.at("b").chunks == std::vector<std::string>{sha256("shared")});
+    CHECK(m.at("sub/c").hard_link_of == "b");
+  }
+  SECTION("a name unlinked down to one is a plain file again") {
+    REQUIRE(::unlink((root / "a").c_str()) == 0);
+    REQUIRE(::unlink((root / "b").c_str()) == 0);
+    auto changed = sync_manifest(root.string(), m, 0);
+    REQUIRE(changed);
+    CHECK(m.at("sub/c").hard_link_of.empty());
+    CHECK(m.at("sub/c").chunks == std::vector<std::string>{sha256("shared")});
+  }
+}
+
+TEST_CASE("materialize recreates hard-link groups as links, and the next sync reads nothing",
+          "[workspace]") {
+  triplane::testing::temp_directory dir("tp-sync-test");
+  const fs::path source = fs::path(dir.path()) / "source", target = fs::path(dir.path()) / "target";
+  fs::create_directories(source / "deep/er");
+  write(source, "a", "shared");
+  REQUIRE(::chmod((source / "a").c_str(), 0751) == 0);
+  REQUIRE(::link((source / "a").c_str(), (source / "deep/er/b").c_str()) == 0);
+  REQUIRE(::link((source / "a").c_str(), (source / "z").c_str()) == 0);
+  write(source, "alone", "x");
+  age(source / "a");
+  age(source / "alone");
+  store_fixture f(dir.sub("db"));
+  session_record record;
+  record.id = "links";
+  auto synced = sync_manifest(source.string(), record.files, 0);
+  REQUIRE(synced);
+  REQUIRE_FALSE(f.store->save(record, nullptr, synced->new_chunks));
+  CHECK(*f.store->refcount(sha256("shared")) == 1);  // one file, however many names
+
+  auto loaded = f.store->load("links");
+  REQUIRE(loaded);
+  REQUIRE(*loaded);
+  manifest m = (**loaded).files;
+  REQUIRE_FALSE(materialize(target.string(), m, *f.store));
+  auto a = stat_of(target / "a");
+  CHECK(a.st_nlink == 3);
+  CHECK((a.st_mode & 07777) == 0751);
+  for (const char* name : {"deep/er/b", "z"}) {
+    INFO(name);
+    CHECK(stat_of(target / name).st_ino == a.st_ino);
+  }
+  CHECK(stat_of(target / "alone").st_nlink == 1);
+  std::ofstream(target / "z", std::ios::app) << "+";
+  std::ifstream in(target / "deep/er/b");
+  CHECK(std::string((std::istreambuf_iterator<char>(in)), {}) == "shared+");
+  // Materializing refreshed the stat caches after linking (which changes the inode's ctime).
+  manifest fresh = (**loaded).files;
+  triplane::testing::temp_directory dir2("tp-sync-test");
+  REQUIRE_FALSE(materialize(dir2.sub("ws"), fresh, *f.store));
+  auto after = sync_manifest(dir2.sub("ws"), fresh, 0);
+  REQUIRE(after);
+  CHECK(after->files_read == 0);
+  CHECK_FALSE(after->changed);
+}
+
+TEST_CASE("a manifest whose hard links name no file of its own, or lead through a symlink, is "
+          "refused by materialize and nothing is linked outside",
+          "[workspace][bad-input]") {
+  triplane::testing::temp_directory dir("tp-sync-test");
+  const fs::path outside = fs::path(dir.path()) / "outside";
+  fs::create_directories(outside);
+  write(outside, "secret", "secret");
+  store_fixture f(dir.sub("db"));
+  {  // the chunk of "x", stored
+    session_record r;
+    r.id = "chunks";
+    manifest_entry x;
+    x.type = triplane::actors::file_type::regular;
+    x.size = 1;
+    x.chunks = {sha256("x")};
+    r.files["x"] = x;
+    REQUIRE_FALSE(f.store->save(r, nullptr, {{sha256("x"), "x"}}));
+  }
+  manifest_entry file;
+  file.type = triplane::actors::file_type::regular;
+  file.mode = 0644;
+  file.size = 1;
+  file.chunks = {sha256("x")};
+  manifest_entry link = file;
+  link.chunks.clear();
+  manifest_entry symlink;
+  symlink.type = triplane::actors::file_type::symlink;
+  symlink.mode = 0777;
+  symlink.link_target = outside.string();
+  manifest_entry directory;
+  directory.type = triplane::actors::file_type::directory;
+  directory.mode = 0755;
+  struct row {
+    const char* what;
+    manifest m;
+  };
+  auto with = [](manifest_entry e, const std::string& of) {
+    e.hard_link_of = of;
+    return e;
+  };
+  auto r = GENERATE_COPY(
+      row{"a link of a missing entry", {{"a", file}, {"b", with(link, "missing")}}},
+      row{"a link of a symlink", {{"a", symlink}, {"b", with(link, "a")}}},
+      row{"a link of a link", {{"a", file}, {"b", with(link, "a")}, {"c", with(link, "b")}}},
+      row{"a link with chunks of its own", {{"a", file}, {"b", with(file, "a")}}},
+      row{"a link of a directory", {{"a", directory}, {"b", with(link, "a")}}},
+      row{"a link of itself", {{"b", with(link, "b")}}},
+      row{"a link made through a symlinked directory",
+          {{"a", file}, {"out", symlink}, {"out/b", with(link, "a")}}});
+  INFO(r.what);
+  triplane::testing::temp_directory ws_dir("tp-sync-test");
+  auto err = materialize(ws_dir.sub("ws"), r.m, *f.store);
+  REQUIRE(err);
+  CHECK(fs::directory_iterator(outside) != fs::directory_iterator());
+  CHECK_FALSE(fs::exists(outside / "b"));
+  CHECK(stat_of(outside / "secret").st_nlink == 1);
+}
+
+TEST_CASE("records stored before hard links existed still load; records with links round-trip",
+          "[workspace]") {
+  // encode_record of this build's predecessor (format 1, FileEntry without hardLinkOf): a
+  // directory "src", regular files "src/a.txt" and "src/b.txt" (both "one") and a symlink
+  // "src/l" -> "a.txt", cwd "src", env LANG=C, kv note=v.
+  const std::string old_hex =
+      "0000000054000000000000000400080001000000000000000068e5cf8b0100000168e5cf8b01000001000000000000001d00"
+      "0000220000001d0000000a0000001d000000220000001d000000170000002d000000170000003d000000070000003c000000"
+      "0a00010069000000c70000006f6c640000000000000000000000000073726300000000000400000000000200050000002a00"
+      "0000050000000a0000004c414e470000000043000000000000000400000000000200050000002a000000050000000a000000"
+      "6e6f746500000000760000000000000000000000040001000000000000000000000000000000000000000000000000000000"
+      "0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+      "00000000010000000a0000000000000000000000100000000300030001000000ed0100000000000000000000050000000000"
+      "0000510000002200000051000000060000004d0000000a00000000000000a401000003000000000000000700000000000000"
+      "4100000052000000450000000e000000550000000a00000000000000a4010000030000000000000007000000000000004900"
+      "0000520000004d0000000e0000005d0000000a00000002000000ff0100000500000000000000090000000000000051000000"
+      "3200000051000000060000004d00000032000000737263000000000000000000000000007372632f612e7478740000000000"
+      "000001000000020100007692c3ad3540bb803c020b3aee66cd8887123234ea0c6e7143c0add73ff431ed0000000000000000"
+      "7372632f622e7478740000000000000001000000020100007692c3ad3540bb803c020b3aee66cd8887123234ea0c6e7143c0"
+      "add73ff431ed00000000000000007372632f6c000000612e747874000000";
+  std::string old_bytes;
+  for (size_t i = 0; i + 1 < old_hex.size(); i += 2)
+    old_bytes += static_cast<char>(std::stoi(old_hex.substr(i, 2), nullptr, 16));
+  auto old = decode_record(old_bytes, "old");
+  REQUIRE(old);
+  CHECK(old->cwd == "src");
+  CHECK(old->kv.at("note") == "v");
+  REQUIRE(old->files.size() == 4);
+  for (const char* name : {"src/a.txt", "src/b.txt"}) {
+    INFO(name);
+    CHECK(old->files.at(name).hard_link_of.empty());
+    CHECK(old->files.at(name).chunks == std::vector<std::string>{sha256("one")});
+  }
+  CHECK(old->files.at("src/l").link_target == "a.txt");
+  // Without links a record stays format 1 (older builds read it); with them it is format 2.
+  auto format_of = [](const std::string& bytes) {
+    // formatVersion: the first field of the root's data, after the segment table (8 bytes)
+    // and the root pointer (8 bytes) of a one-segment flat message.
+    REQUIRE(bytes.size() > 18);
+    return static_cast<int>(static_cast<unsigned char>(bytes[16])) |
+           static_cast<int>(static_cast<unsigned char>(bytes[17])) << 8;
+  };
+  CHECK(format_of(old_bytes) == 1);
+  CHECK(format_of(encode_record(*old)) == 1);
+  session_record linked = *old;
+  auto& b = linked.files.at("src/b.txt");
+  b.chunks.clear();
+  b.hard_link_of = "src/a.txt";
+  auto bytes = encode_record(linked);
+  CHECK(format_of(bytes) == 2);
+  auto back = decode_record(bytes, "old");
+  REQUIRE(back);
+  CHECK(back->files.at("src/b.txt").hard_link_of == "src/a.txt");
+  CHECK(back->files.at("src/b.txt").chunks.empty());
+  // A link of no regular file of the record is refused as corrupted.
+  linked.files.at("src/b.txt").hard_link_of = "src/l";
+  auto bad = decode_record(encode_record(linked), "old");
+  REQUIRE_FALSE(bad);
+  CHECK(code_of(bad.error()) == errc::corrupted);
+  CHECK(describe(bad.error()).find("src/b.txt") != std::string::npos);
 }

@@ -4,6 +4,7 @@
 #include <catch2/catch.hpp>
 
 #include <atomic>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <future>
@@ -13,6 +14,8 @@
 
 #include <fcntl.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -294,4 +297,37 @@ TEST_CASE("a symlink swapped in between check and use never redirects a write ou
   flipper.join();
   INFO("writes that succeeded inside: " << ok);
   for (auto& e : fs::directory_iterator(t.outside())) CHECK(e.path().filename() == "secret");
+}
+
+TEST_CASE("merging a tree that holds a fifo or socket is refused naming it, and nothing moves",
+          "[workspace][bad-input]") {
+  // No sync keeps such an entry: merged in (as tar_in merges its staging directory), it would
+  // vanish at the next passivation.
+  temp_tree t;
+  auto ws = t.open(true);
+  auto& w = *ws;
+  REQUIRE(w.write({"from/a.txt", "a", 0644, true, false}));
+  REQUIRE(w.write({"from/sub/b.txt", "b", 0644, true, false}));
+  REQUIRE(w.make_directory({"into", false, 0755}));
+  std::string kind = GENERATE(std::string("fifo"), std::string("socket"));
+  INFO(kind);
+  if (kind == "fifo") {
+    REQUIRE(::mkfifo((t.ws() / "from/sub/special").c_str(), 0644) == 0);
+  } else {
+    int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    REQUIRE(fd >= 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::string path = (t.ws() / "from/sub/special").string();
+    REQUIRE(path.size() < sizeof addr.sun_path);
+    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    ::close(fd);
+  }
+  auto err = w.merge_into("from", "into");
+  REQUIRE(err);
+  CHECK(code_of(err) == errc::invalid_argument);
+  CHECK(describe(err).find("'sub/special' is a " + kind) != std::string::npos);
+  CHECK(fs::is_empty(t.ws() / "into"));
+  CHECK(slurp(t.ws() / "from/a.txt") == "a");
 }

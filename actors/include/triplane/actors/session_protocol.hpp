@@ -107,9 +107,11 @@ using tar_out_atom = caf::atom_constant<caf::atom("ss_tarout")>;
 /// `(tar_in_atom, tar_in_request)` -> uint64_t: number of entries extracted. GNU tar runs
 /// inside the sandbox (so it can only write the workspace); it strips leading '/', skips members
 /// with '..' and cannot create devices. All or nothing: a tar failure is invalid_argument with
-/// tar's message, a member that would replace a directory by a non-directory (or the reverse)
-/// is invalid_argument naming it, a workspace over its quota is limit_exceeded; in each case
-/// nothing of the archive is extracted.
+/// tar's message, a device or fifo member (a workspace holds regular files, directories,
+/// symlinks and hard links only) is invalid_argument naming it and its type, a member that
+/// would replace a directory by a non-directory (or the reverse) is invalid_argument naming it,
+/// a workspace over its quota is limit_exceeded; in each case nothing of the archive is
+/// extracted. Hard-link members stay hard links, also once the session was stored.
 using tar_in_atom = caf::atom_constant<caf::atom("ss_tarin")>;
 
 /// `(kv_get_atom, std::string key)` -> kv_value (found = false when absent). (Not a
