@@ -17,10 +17,11 @@ tests=(actors_sandbox_process_test actors_sandbox_pool_test actors_session_core_
 pack() {
   set -e
   local build_dir=${TRIPLANE_BUILD_DIR:-build}
-  cmake --build "$build_dir" --target "${tests[@]}" triplane_sandbox_exec -j"${TRIPLANE_JOBS:-2}"
+  cmake --build "$build_dir" --target "${tests[@]}" triplane_sandbox_exec sandbox_bench -j"${TRIPLANE_JOBS:-2}"
   rm -rf "$pack_dir"
   mkdir -p "$pack_dir/bin" "$pack_dir/lib" "$pack_dir/bwrap"
   for t in "${tests[@]}" triplane-sandbox-exec; do cp "$build_dir/actors/$t" "$pack_dir/bin/"; done
+  cp "$build_dir/bench/sandbox_bench" "$pack_dir/bin/"
   for bin in "$pack_dir"/bin/*; do
     { ldd "$bin" 2>/dev/null || true; } | awk '/=> \//{print $1, $3}' | while read -r name path; do
       case $name in
@@ -96,6 +97,16 @@ run() {
     rc=$?
     printf '%-32s rc %-3s %s\n' "cgroup-parent $delegated" "$rc" "$(grep -E '^(Passed|Failed|No tests)' "$out/logs/delegated.log" | tail -n 1)" >>"$results"
     grep -E 'failed|FAILED' "$out/logs/delegated.log" | head -20 >>"$results" || true
+  fi
+  # The benchmark, as a node under a service manager runs it (cgroup v2 groups), on this host's
+  # disk and on its tmpfs (sandbox_bench measures both).
+  if [[ -f /sys/fs/cgroup/cgroup.controllers && ${CGROUP_CHECK_BENCH:-1} == 1 ]]; then
+    svc=/sys/fs/cgroup/triplane-check-bench.service
+    mkdir -p "$svc"
+    timeout 300 bash -c 'echo $$ >"$1/cgroup.procs" && exec "$2" --json "$3" --dir /var/tmp' _ "$svc" \
+      "$pack_dir/bin/sandbox_bench" "$out/sandbox_bench.json" >"$out/sandbox_bench.log" 2>&1
+    rc=$?
+    printf '%-32s rc %-3s\n' "sandbox_bench (/var/tmp: $(stat -f -c %T /var/tmp))" "$rc" >>"$results"
   fi
   grep -h 'cgroup mechanism of this host\|enforced: memory' "$out"/logs/*.log >>"$results" || true
   tar -czf "$out/logs.tar.gz" -C "$out" logs && rm -rf "$out/logs"

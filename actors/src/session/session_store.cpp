@@ -187,6 +187,10 @@ expected<session_record> decode_record(std::string_view bytes, const std::string
       e.hard_link_of = f.getHardLinkOf();
       r.files.emplace(std::string(f.getPath()), std::move(e));
     }
+    if (auto bad = bad_path(r.files))
+      return make_error(errc::corrupted, "session '" + id + "': manifest entry '" + *bad +
+                                             "' is not a path inside the workspace below a directory "
+                                             "entry of the manifest");
     if (auto bad = bad_hard_link(r.files))
       return make_error(errc::corrupted, "session '" + id + "': manifest entry '" + *bad +
                                              "' is a hard link of no regular file of the manifest");
@@ -195,6 +199,28 @@ expected<session_record> decode_record(std::string_view bytes, const std::string
                                            std::string(ex.getDescription().cStr()));
   }
   return r;
+}
+
+const std::string* bad_path(const manifest& m) {
+  for (const auto& [path, e] : m) {
+    if (path.empty() || path.front() == '/' || path.back() == '/' || path.find('\0') != std::string::npos)
+      return &path;
+    size_t begin = 0;
+    while (begin <= path.size()) {
+      size_t end = path.find('/', begin);
+      if (end == std::string::npos) end = path.size();
+      std::string_view name(path.data() + begin, end - begin);
+      if (name.empty() || name == "." || name == ".." || name.size() > 255) return &path;
+      begin = end + 1;
+    }
+    // Every parent is a directory of the manifest, so that no path leads through a symlink.
+    auto slash = path.rfind('/');
+    if (slash != std::string::npos) {
+      auto parent = m.find(path.substr(0, slash));
+      if (parent == m.end() || parent->second.type != file_type::directory) return &path;
+    }
+  }
+  return nullptr;
 }
 
 const std::string* bad_hard_link(const manifest& m) {

@@ -76,6 +76,11 @@ std::string encode_record(const session_record& record);
 /// link itself).
 expected<session_record> decode_record(std::string_view bytes, const std::string& id);
 
+/// The first entry of `m` whose path is not a relative path of plain names (no "", ".", "..",
+/// NUL, names over 255 bytes) whose parent is a directory entry of `m`: such a path could lead
+/// outside the workspace or through a symlink. nullptr when every path is fine.
+const std::string* bad_path(const manifest& m);
+
 /// The first entry of `m` whose hard_link_of does not name a primary (see decode_record);
 /// nullptr when every one does.
 const std::string* bad_hard_link(const manifest& m);

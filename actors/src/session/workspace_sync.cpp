@@ -532,6 +532,9 @@ caf::error materialize(const std::string& root, manifest& m, const session_store
   uint64_t file_bytes = 0;
   // The record was checked when it was decoded; a manifest is still not trusted to name what
   // its hard links join.
+  if (auto bad = bad_path(m))
+    return make_error(errc::corrupted, "manifest entry '" + *bad +
+                                           "' is not a path inside the workspace below a directory entry");
   if (auto bad = bad_hard_link(m))
     return make_error(errc::corrupted,
                       "manifest entry '" + *bad + "' is a hard link of no regular file of the manifest");

@@ -334,3 +334,62 @@ TEST_CASE("records stored before hard links existed still load; records with lin
   CHECK(code_of(bad.error()) == errc::corrupted);
   CHECK(describe(bad.error()).find("src/b.txt") != std::string::npos);
 }
+
+TEST_CASE("a manifest whose paths leave the workspace or lead through a symlink is refused when "
+          "decoded and by materialize, and nothing is written outside",
+          "[workspace][bad-input]") {
+  triplane::testing::temp_directory dir("tp-sync-test");
+  const fs::path outside = fs::path(dir.path()) / "outside";
+  fs::create_directories(outside / "ws");
+  store_fixture f(dir.sub("db"));
+  {  // the chunk of "x", stored
+    session_record r;
+    r.id = "chunks";
+    manifest_entry x;
+    x.type = triplane::actors::file_type::regular;
+    x.size = 1;
+    x.chunks = {sha256("x")};
+    r.files["x"] = x;
+    REQUIRE_FALSE(f.store->save(r, nullptr, {{sha256("x"), "x"}}));
+  }
+  manifest_entry file;
+  file.type = triplane::actors::file_type::regular;
+  file.mode = 0644;
+  file.size = 1;
+  file.chunks = {sha256("x")};
+  manifest_entry symlink;
+  symlink.type = triplane::actors::file_type::symlink;
+  symlink.mode = 0777;
+  symlink.link_target = outside.string();
+  manifest_entry directory;
+  directory.type = triplane::actors::file_type::directory;
+  directory.mode = 0755;
+  struct row {
+    const char* what;
+    manifest m;
+  };
+  auto r = GENERATE_COPY(
+      row{"a file below a symlink to a directory outside", {{"out", symlink}, {"out/planted", file}}},
+      row{"a directory below a symlink", {{"out", symlink}, {"out/planted", directory}}},
+      row{"a parent directory name", {{"../planted", file}}},
+      row{"a parent directory name inside", {{"d", directory}, {"d/../../planted", file}}},
+      row{"an absolute path", {{(outside / "planted").string(), file}}},
+      row{"an empty name", {{"d", directory}, {"d//planted", file}}},
+      row{"a dot name", {{"./planted", file}}},
+      row{"a parent that is not in the manifest", {{"missing/planted", file}}},
+      row{"a parent that is a file", {{"f", file}, {"f/planted", file}}});
+  INFO(r.what);
+  // Stored: refused when the record is read back.
+  session_record stored;
+  stored.id = "tampered";
+  stored.files = r.m;
+  auto decoded = decode_record(encode_record(stored), "tampered");
+  REQUIRE_FALSE(decoded);
+  CHECK(code_of(decoded.error()) == triplane::errc::corrupted);
+  // Given directly: refused before anything is created.
+  auto err = materialize((outside / "ws" / "w").string(), r.m, *f.store);
+  REQUIRE(err);
+  CHECK(code_of(err) == triplane::errc::corrupted);
+  CHECK_FALSE(fs::exists(outside / "planted"));
+  CHECK_FALSE(fs::exists(outside / "ws" / "planted"));
+}
