@@ -781,6 +781,51 @@ TEST_CASE("concurrent creates and forks never store more sessions than a tenant'
   CHECK(outcome(one_more.send()).wait(raw.io.waitScope) == "limit");
 }
 
+TEST_CASE("an open racing a destroy of the same id never hands out a handle that stores the "
+          "session again", "[rpc][limits]") {
+  node_process node({"--triplane.rpc-max-stored-sessions=2"});
+  triplane::test::raw_rpc_connection raw(node.endpoint());
+  auto auth = raw.bootstrap.authenticateRequest();
+  auth.setToken(node.tokens().alice);
+  auto tenant = auth.send().getTenant();
+  auto create = tenant.sessionRequest();
+  create.setId("x");
+  create.setCreate(true);
+  auto doomed = create.send().wait(raw.io.waitScope).getSession();
+
+  // Sent together: the open reaches the node first, the destroy right behind it.
+  auto open = tenant.sessionRequest();
+  open.setId("x");
+  open.setCreate(false);
+  auto opened = open.send();
+  auto destroyed = doomed.destroyRequest().send();
+  destroyed.wait(raw.io.waitScope);
+  auto handle = opened.wait(raw.io.waitScope).getSession();
+  // The handle the open got is one of the destroyed session: stale, it stores nothing.
+  auto put = handle.kvPutRequest();
+  put.setKey("k");
+  put.setValue(kj::StringPtr("v").asBytes());
+  std::string outcome = "ok";
+  put.send().then([](auto&&) {}, [&outcome](kj::Exception&& e) {
+    outcome = e.getDescription().cStr();
+  }).wait(raw.io.waitScope);
+  INFO(outcome);
+  CHECK(outcome.find("triplane:not_found") != std::string::npos);
+  auto list = tenant.listSessionsRequest();
+  CHECK(list.send().wait(raw.io.waitScope).getIds().size() == 0);
+  // And the count agrees with the store: two new sessions fit, a third does not.
+  for (std::string id : {"y", "z", "w"}) {
+    auto req = tenant.sessionRequest();
+    req.setId(id);
+    req.setCreate(true);
+    bool ok = req.send().then([](auto&&) { return true; }, [](kj::Exception&&) {
+      return false;
+    }).wait(raw.io.waitScope);
+    INFO(id);
+    CHECK(ok == (id != "w"));
+  }
+}
+
 TEST_CASE("a client killed mid-exec gets its command cancelled on the node", "[rpc][cancel]") {
   node_process node;
   // The client runs in a child process (forked before this process opens any connection).

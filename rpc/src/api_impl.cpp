@@ -117,31 +117,30 @@ std::shared_ptr<tenant_state> server_core::tenant_for(const token_record& rec) {
 //  - this server is the only writer of the node's session records (one node per data
 //    directory, one RPC server per node), and every RPC path that stores a new record is a
 //    create (Tenant.session with create=true on an id without record) or a fork;
-//  - the creators of one id (creates and forks onto it) take turns (creator_turn), so each
-//    learns from the session whether it stored the record, and the store refuses a fork onto
-//    a stored id;
+//  - the calls that open, create, fork onto or destroy one id take turns (id_turn): a create
+//    learns from the session whether it stored the record (the store also refuses a fork onto
+//    a stored id), and an open never hands out a capability after a destroy of the id that
+//    started later (that capability would store the id again by writing to it, uncounted;
+//    session_incarnation makes the capabilities opened before the destroy stale);
 //  - a destroy waits for the count (count_stored()), so no destroy is in flight while the
 //    tenant is counted and none is missed or counted twice.
-// A node restart counts again from storage. Known gap: a destroy racing an open of the same id
-// on another connection can leave that connection with a capability of the id after the
-// destroy, whose next write stores a record this count misses (an undercount by one per such
-// race, corrected by the next restart).
+// A node restart counts again from storage.
 
-creator_turn::creator_turn(std::shared_ptr<tenant_state> t, std::string full_id)
-  : tenant_(std::move(t)), full_id_(std::move(full_id)), ticket_(++tenant_->creator_tickets) {
+id_turn::id_turn(std::shared_ptr<tenant_state> t, std::string full_id)
+  : tenant_(std::move(t)), full_id_(std::move(full_id)), ticket_(++tenant_->turn_tickets) {
   auto paf = kj::newPromiseAndFulfiller<void>();
   done_ = kj::mv(paf.fulfiller);
-  auto& slot = tenant_->creating[full_id_];
+  auto& slot = tenant_->turns[full_id_];
   if (slot.ticket != 0) before_ = slot.done.addBranch();
   slot.ticket = ticket_;
   slot.done = paf.promise.fork();
 }
 
-creator_turn::~creator_turn() {
+id_turn::~id_turn() {
   done_->fulfill();
-  auto found = tenant_->creating.find(full_id_);
-  if (found != tenant_->creating.end() && found->second.ticket == ticket_)
-    tenant_->creating.erase(found);
+  auto found = tenant_->turns.find(full_id_);
+  if (found != tenant_->turns.end() && found->second.ticket == ticket_)
+    tenant_->turns.erase(found);
 }
 
 kj::Promise<void> server_core::count_stored(const std::shared_ptr<tenant_state>& tenant) {
@@ -655,9 +654,9 @@ public:
       check_session_limit(*tenant_, core_);
       // The new id is scoped like every id: a fork stays inside the tenant.
       auto new_full = scoped_id(tenant_->name, new_id);
-      // A new stored session: it takes its turn among the id's creators and a slot of the
-      // tenant's stored sessions (see "Stored sessions per tenant" above).
-      auto turn = kj::heap<creator_turn>(tenant_, new_full);
+      // A new stored session: it takes its turn on the new id and a slot of the tenant's
+      // stored sessions (see "Stored sessions per tenant" above).
+      auto turn = kj::heap<id_turn>(tenant_, new_full);
       auto ready = turn->ready();
       return ready.then([this]() { return core_.count_stored(tenant_); })
         .then([this, new_full]() {
@@ -676,25 +675,34 @@ public:
   kj::Promise<void> destroy(DestroyContext ctx) override {
     return run("Session.destroy", deadline(), [this, ctx]() mutable {
       check_params(ctx);
-      // Until the session answers, this id's other capabilities are refused (their calls
-      // would reach the session on either side of its destroy); afterwards they are stale.
+      // In its turn on the id, and once the tenant's stored sessions are counted (see "Stored
+      // sessions per tenant" above); then one less.
       using phase = session_incarnation::phase;
       auto incarnation = incarnation_;
-      incarnation->state = phase::destroying;
-      // The tenant's stored sessions are counted before the destroy changes their number (see
-      // "Stored sessions per tenant" above); then one less.
       auto tenant = tenant_;
-      return core_.count_stored(tenant_)
-        .then([this]() { return ask<bool>(caf::make_message(actors::destroy_atom::value)); })
-        .then([incarnation, tenant](bool) {
-                incarnation->state = phase::destroyed;
-                if (tenant->stored_sessions && *tenant->stored_sessions > 0)
-                  --*tenant->stored_sessions;
-              },
-              [incarnation](kj::Exception&& e) {
-                incarnation->state = phase::live;
-                kj::throwFatalException(kj::mv(e));
-              });
+      auto turn = kj::heap<id_turn>(tenant_, full_id_);
+      auto ready = turn->ready();
+      return ready
+        .then([this, incarnation, tenant]() {
+          // Another destroy of the id went first (only a destroy's turn leaves it destroying).
+          if (incarnation->state != phase::live)
+            wire::fail(errc::not_found, "session '" + id_ + "' was destroyed meanwhile");
+          // Until the session answers, this id's other capabilities are refused (their calls
+          // would reach the session on either side of its destroy); afterwards they are stale.
+          incarnation->state = phase::destroying;
+          return core_.count_stored(tenant_)
+            .then([this]() { return ask<bool>(caf::make_message(actors::destroy_atom::value)); })
+            .then([incarnation, tenant](bool) {
+                    incarnation->state = phase::destroyed;
+                    if (tenant->stored_sessions && *tenant->stored_sessions > 0)
+                      --*tenant->stored_sessions;
+                  },
+                  [incarnation](kj::Exception&& e) {
+                    incarnation->state = phase::live;
+                    kj::throwFatalException(kj::mv(e));
+                  });
+        })
+        .attach(kj::mv(turn));
     });
   }
 
@@ -1228,15 +1236,10 @@ public:
       auto full = scoped_id(tenant_->name, id);
       bool create = p.getCreate();
       auto deadline = core_.opts.limits.call_deadline;
-      // A create takes its turn among the id's creators (creates and forks onto it), so that
-      // the `stored` flag it reads stays true to the end of its configure (see "Stored sessions
-      // per tenant" above).
-      kj::Own<creator_turn> turn;
-      kj::Promise<void> ready = kj::READY_NOW;
-      if (create) {
-        turn = kj::heap<creator_turn>(tenant_, full);
-        ready = turn->ready();
-      }
+      // Takes its turn on the id, so that the `stored` flag it reads stays true until it holds
+      // its capability (see "Stored sessions per tenant" above).
+      auto turn = kj::heap<id_turn>(tenant_, full);
+      auto ready = turn->ready();
       // Sessions exist implicitly in the session kind; "exists" is its info's `stored` flag.
       // create=true on a session that has no stored state stores it at once (a configure with
       // its current, default settings), so a later create=false finds it.

@@ -44,14 +44,16 @@ struct tenant_state {
   uint32_t stored_reserved = 0;             ///< creates and forks in progress holding a slot
   bool stored_counting = false;             ///< a count is in flight; stored_counted resolves then
   kj::ForkedPromise<void> stored_counted = nullptr;
-  /// By scoped id: the latest create or fork onto the id in progress. The creators of one id
-  /// run one after another, so that each learns whether it (and not another) stored the id.
-  struct creator {
+  /// By scoped id: the latest call in progress that opens, creates, forks onto or destroys the
+  /// id. They run one after another (id_turn), so that a create learns whether it (and not
+  /// another) stored the id, and no open hands out a capability of an id whose destroy
+  /// overtook it.
+  struct turn {
     uint64_t ticket = 0;
     kj::ForkedPromise<void> done = nullptr;
   };
-  std::unordered_map<std::string, creator> creating;
-  uint64_t creator_tickets = 0;
+  std::unordered_map<std::string, turn> turns;
+  uint64_t turn_tickets = 0;
 
   /// The live incarnation of `full_id`: a new one when none is held or the held one is being
   /// (or was) destroyed, whose capabilities keep it.
@@ -103,14 +105,14 @@ private:
   bool committed_ = false;
 };
 
-/// A create or fork's turn on one scoped id (tenant_state::creating): ready() resolves when the
-/// creators of the id before it finished; the next one's turn comes when this is destroyed.
-class creator_turn {
+/// A call's turn on one scoped id (tenant_state::turns): ready() resolves when the calls on the
+/// id before it finished; the next one's turn comes when this is destroyed.
+class id_turn {
 public:
-  creator_turn(std::shared_ptr<tenant_state> t, std::string full_id);
-  ~creator_turn();
-  creator_turn(const creator_turn&) = delete;
-  creator_turn& operator=(const creator_turn&) = delete;
+  id_turn(std::shared_ptr<tenant_state> t, std::string full_id);
+  ~id_turn();
+  id_turn(const id_turn&) = delete;
+  id_turn& operator=(const id_turn&) = delete;
   kj::Promise<void> ready() { return kj::mv(before_); }
 
 private:
