@@ -684,7 +684,7 @@ public:
       auto ready = turn->ready();
       return ready
         .then([this, incarnation, tenant]() {
-          // Another destroy of the id went first (only a destroy's turn leaves it destroying).
+          // A destroy through another capability of this incarnation went first.
           if (incarnation->state != phase::live)
             wire::fail(errc::not_found, "session '" + id_ + "' was destroyed meanwhile");
           // Until the session answers, this id's other capabilities are refused (their calls
@@ -1298,9 +1298,10 @@ public:
         .then([ctx, scope, limit](std::vector<std::string>&& ids) mutable {
           bool more = ids.size() > limit;
           if (more) ids.resize(limit);
+          // Each id: a list pointer, its bytes and a NUL, rounded up to words.
           size_t bytes = 0;
-          for (const auto& id : ids) bytes += id.size();
-          auto res = ctx.getResults(result_size(bytes + 8 * ids.size()));
+          for (const auto& id : ids) bytes += id.size() + 16;
+          auto res = ctx.getResults(result_size(bytes));
           res.setMore(more);
           auto out = res.initIds(static_cast<unsigned>(ids.size()));
           for (size_t i = 0; i < ids.size(); ++i) {
