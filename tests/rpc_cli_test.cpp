@@ -115,6 +115,9 @@ TEST_CASE("triplane-cli lists the tenant's stored sessions, all or by prefix",
   CHECK(r.status == 2);
   r = run(node, token, cli + " session list a b");
   CHECK(r.status == 2);
+  r = run(node, token, cli + " session list --create");
+  CHECK(r.status == 2);
+  CHECK(r.out.find("unknown option --create") != std::string::npos);
   r = run(node, token, cli + " --help");
   CHECK(r.out.find("session list [PREFIX]") != std::string::npos);
 }

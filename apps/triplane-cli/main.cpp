@@ -123,6 +123,8 @@ int run_session_list(triplane::client::connection& conn, args_view& a) {
     if (x == "--limit") {
       limit = parse_unsigned(a.next(), UINT32_MAX);
       if (!limit || *limit == 0) return usage("--limit wants a number of sessions, 1.." + std::to_string(UINT32_MAX));
+    } else if (x.rfind("--", 0) == 0) {
+      return usage("session list: unknown option " + x);
     } else if (!have_prefix) {
       prefix = x;
       have_prefix = true;
