@@ -627,6 +627,32 @@ TEST_CASE("a tenant lists its own stored sessions in byte order, page by page, a
   CHECK(list_all(*bob, "", 1000) == sorted(bob_ids));
 }
 
+TEST_CASE("a page of sessions holds at most 1000 ids, whatever limit the client asks for",
+          "[rpc][list]") {
+  node_process node;
+  auto alice = connect_as(node, node.tokens().alice);
+  std::vector<std::string> ids;
+  for (int i = 0; i < 1003; ++i) {
+    char id[16];
+    std::snprintf(id, sizeof id, "s%04d", i);
+    ids.emplace_back(id);
+    REQUIRE(alice->open_session(id, true));
+  }
+  for (uint32_t asked : {0u, 1001u, UINT32_MAX}) {
+    INFO("limit " << asked);
+    auto page = alice->list_sessions("", "", asked);
+    REQUIRE(page);
+    CHECK(page->ids.size() == 1000);
+    CHECK(page->more);
+    CHECK(page->ids.back() == "s0999");
+  }
+  auto rest = alice->list_sessions("", "s0999");
+  REQUIRE(rest);
+  CHECK(rest->ids == std::vector<std::string>{"s1000", "s1001", "s1002"});
+  CHECK_FALSE(rest->more);
+  CHECK(list_all(*alice, "", 1000) == ids);
+}
+
 TEST_CASE("listing sessions reads storage and activates none of them", "[rpc][list]") {
   node_process node;
   {
