@@ -60,9 +60,18 @@ interface Tenant {
   # state: it was created with create=true, or written to, and not destroyed since).
   # create=true: creates it (with default settings, stored at once) when absent. Ids are 1..200 bytes of printable characters; the same id
   # used by two tenants names two different sessions.
+  # A tenant holds at most the node's limit of stored sessions (100,000 by default): creating
+  # one more (here, or with Session.fork) is limit_exceeded until one is destroyed.
   inference @1 () -> (inference :Inference);
   admin @2 () -> (admin :Admin);
   # permission_denied unless the token's role is admin.
+  listSessions @3 (prefix :Text, after :Text, limit :UInt32) -> (ids :List(Text), more :Bool);
+  # One page of this tenant's stored sessions (those session(id, create=false) opens), by the
+  # ids the tenant gave them, in byte order: the ids that begin with `prefix` (empty: all) and
+  # sort after `after` (empty: from the first). At most `limit` ids (0 = 1000; a larger value is
+  # cut to 1000); `more` is true when further ids follow: ask again with `after` = the last id.
+  # Read from storage: no session is activated. prefix and after are at most 200 printable
+  # bytes (as ids), else invalid_argument.
 }
 
 # ---------------------------------------------------------------------------------------------

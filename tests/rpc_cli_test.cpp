@@ -84,6 +84,44 @@ TEST_CASE("triplane-cli moves files and kv entries in and out of a session", "[r
   CHECK(r.status == 1);
 }
 
+TEST_CASE("triplane-cli lists the tenant's stored sessions, all or by prefix",
+          "[rpc][cli][list]") {
+  node_process node;
+  const auto& token = node.tokens().alice;
+  auto r = run(node, token, cli + " session info web --create > /dev/null && " + cli
+                              + " session info api --create > /dev/null && " + cli
+                              + " session info web-2 --create > /dev/null");
+  REQUIRE(r.status == 0);
+  r = run(node, token, cli + " session list");
+  CHECK(r.status == 0);
+  CHECK(r.out == "api\nweb\nweb-2\n");
+  r = run(node, token, cli + " session list web");
+  CHECK(r.status == 0);
+  CHECK(r.out == "web\nweb-2\n");
+  r = run(node, token, cli + " session list --limit 2");
+  CHECK(r.status == 0);
+  CHECK(r.out == "api\nweb\n");
+  r = run(node, token, cli + " session list nothing-here");
+  CHECK(r.status == 0);
+  CHECK(r.out.empty());
+  // Another tenant sees none of them.
+  r = run(node, node.tokens().bob, cli + " session list");
+  CHECK(r.status == 0);
+  CHECK(r.out.empty());
+  r = run(node, token, cli + " session list 'a b'");
+  CHECK(r.status == 1);
+  CHECK(r.out.find("error: invalid_argument: prefix") != std::string::npos);
+  r = run(node, token, cli + " session list --limit 0");
+  CHECK(r.status == 2);
+  r = run(node, token, cli + " session list a b");
+  CHECK(r.status == 2);
+  r = run(node, token, cli + " session list --create");
+  CHECK(r.status == 2);
+  CHECK(r.out.find("unknown option --create") != std::string::npos);
+  r = run(node, token, cli + " --help");
+  CHECK(r.out.find("session list [PREFIX]") != std::string::npos);
+}
+
 TEST_CASE("triplane-cli prints human-readable errors and exits 1 or 2", "[rpc][cli]") {
   node_process node;
   auto r = run(node, "wrong-token", cli + " session ls x");

@@ -580,6 +580,326 @@ TEST_CASE("tenant B cannot open or read or list or fork tenant A's sessions even
   CHECK(code(bob->stats()) == errc::permission_denied);
 }
 
+namespace {
+
+/// Every id `c` lists under `prefix`, page by page (`page_size` per call), checking that no page
+/// is larger than asked and that `more` is set exactly when another page follows.
+std::vector<std::string> list_all(connection& c, const std::string& prefix, uint32_t page_size) {
+  std::vector<std::string> ids;
+  std::string after;
+  for (int pages = 0; pages < 1000; ++pages) {
+    auto page = c.list_sessions(prefix, after, page_size);
+    REQUIRE(page);
+    CHECK(page->ids.size() <= page_size);
+    ids.insert(ids.end(), page->ids.begin(), page->ids.end());
+    if (!page->more) return ids;
+    REQUIRE_FALSE(page->ids.empty());
+    after = page->ids.back();
+  }
+  FAIL("listing did not end");
+  return ids;
+}
+
+std::vector<std::string> sorted(std::vector<std::string> v) {
+  std::sort(v.begin(), v.end());
+  return v;
+}
+
+} // namespace
+
+TEST_CASE("a tenant lists its own stored sessions in byte order, page by page, and never "
+          "another tenant's, even with the same ids or ids that look like the server's scoping",
+          "[rpc][isolation][list]") {
+  node_process node;
+  auto alice = connect_as(node, node.tokens().alice);
+  auto bob = connect_as(node, node.tokens().bob);
+  // The same ids for both, and ids holding the scoping's separator '/' and its escape '%'.
+  const std::vector<std::string> alice_ids{"project", "notes", "a/b", "%2F", "zeta", "n"};
+  const std::vector<std::string> bob_ids{"project", "notes", "alice/project", "../alice/x",
+                                         "alice%2Fproject", "bob/"};
+  for (const auto& id : alice_ids) REQUIRE(alice->open_session(id, true));
+  for (const auto& id : bob_ids) REQUIRE(bob->open_session(id, true));
+
+  for (uint32_t page : {1u, 2u, 1000u}) {
+    INFO("page size " << page);
+    CHECK(list_all(*alice, "", page) == sorted(alice_ids));
+    CHECK(list_all(*bob, "", page) == sorted(bob_ids));
+  }
+  // limit 0 is the node's page size.
+  auto whole = alice->list_sessions();
+  REQUIRE(whole);
+  CHECK(whole->ids == sorted(alice_ids));
+  CHECK_FALSE(whole->more);
+  auto first = alice->list_sessions("", "", 2);
+  REQUIRE(first);
+  CHECK(first->ids == std::vector<std::string>{"%2F", "a/b"});
+  CHECK(first->more);
+
+  // Prefixes and `after` stay inside the tenant, whatever they hold.
+  CHECK(list_all(*alice, "n", 10) == std::vector<std::string>{"n", "notes"});
+  CHECK(list_all(*bob, "alice", 10) == std::vector<std::string>{"alice%2Fproject", "alice/project"});
+  CHECK(list_all(*alice, "alice", 10).empty());
+  CHECK(list_all(*bob, "../", 10) == std::vector<std::string>{"../alice/x"});
+  CHECK(list_all(*alice, "../", 10).empty());
+  auto tail = alice->list_sessions("", "project", 10);
+  REQUIRE(tail);
+  CHECK(tail->ids == std::vector<std::string>{"zeta"});
+  auto beyond = bob->list_sessions("", "zzz", 10);
+  REQUIRE(beyond);
+  CHECK(beyond->ids.empty());
+  CHECK_FALSE(beyond->more);
+
+  // What no id could be is refused, naming the parameter.
+  for (std::string bad : {std::string("a b"), std::string("a\tb"), std::string(201, 'x'),
+                          std::string("\x7f"), std::string("a\xc3\xa9")}) {
+    INFO(bad);
+    auto r = bob->list_sessions(bad);
+    CHECK(code(r) == errc::invalid_argument);
+    if (!r) CHECK(triplane::describe(r.error()).find("prefix") != std::string::npos);
+    CHECK(code(bob->list_sessions("", bad)) == errc::invalid_argument);
+  }
+
+  // The list follows creates, forks and destroys, on any connection of the tenant.
+  auto notes = alice->open_session("notes", false);
+  REQUIRE(notes);
+  REQUIRE(notes->fork("notes-2"));
+  auto other = connect_as(node, node.tokens().alice);
+  CHECK(list_all(*other, "notes", 10) == std::vector<std::string>{"notes", "notes-2"});
+  REQUIRE(notes->destroy());
+  CHECK(list_all(*other, "notes", 10) == std::vector<std::string>{"notes-2"});
+  REQUIRE(other->open_session("notes", true));
+  CHECK(list_all(*alice, "notes", 10) == std::vector<std::string>{"notes", "notes-2"});
+  // A session opened without create is not stored, hence not listed; bob's are untouched.
+  CHECK(code(alice->open_session("ghost", false)) == errc::not_found);
+  CHECK(list_all(*alice, "g", 10).empty());
+  CHECK(list_all(*bob, "", 1000) == sorted(bob_ids));
+}
+
+TEST_CASE("a page of sessions holds at most 1000 ids, whatever limit the client asks for",
+          "[rpc][list]") {
+  node_process node;
+  auto alice = connect_as(node, node.tokens().alice);
+  std::vector<std::string> ids;
+  for (int i = 0; i < 1003; ++i) {
+    char id[16];
+    std::snprintf(id, sizeof id, "s%04d", i);
+    ids.emplace_back(id);
+    REQUIRE(alice->open_session(id, true));
+  }
+  for (uint32_t asked : {0u, 1001u, UINT32_MAX}) {
+    INFO("limit " << asked);
+    auto page = alice->list_sessions("", "", asked);
+    REQUIRE(page);
+    CHECK(page->ids.size() == 1000);
+    CHECK(page->more);
+    CHECK(page->ids.back() == "s0999");
+  }
+  auto rest = alice->list_sessions("", "s0999");
+  REQUIRE(rest);
+  CHECK(rest->ids == std::vector<std::string>{"s1000", "s1001", "s1002"});
+  CHECK_FALSE(rest->more);
+  CHECK(list_all(*alice, "", 1000) == ids);
+}
+
+TEST_CASE("listing sessions reads storage and activates none of them", "[rpc][list]") {
+  node_process node;
+  {
+    auto alice = connect_as(node, node.tokens().alice);
+    for (int i = 0; i < 5; ++i) REQUIRE(alice->open_session("s" + std::to_string(i), true));
+  }
+  // After a restart every session is passivated: only a call to one activates it.
+  node.restart();
+  auto ops = connect_as(node, node.tokens().ops);
+  auto alice = connect_as(node, node.tokens().alice);
+  auto before = ops->stats();
+  REQUIRE(before);
+  CHECK(list_all(*alice, "", 2) == std::vector<std::string>{"s0", "s1", "s2", "s3", "s4"});
+  auto after = ops->stats();
+  REQUIRE(after);
+  CHECK(after->activations_total == before->activations_total);
+  CHECK(after->live_actors == before->live_actors);
+  // Opening one does activate it (the check above can see an activation).
+  REQUIRE(alice->open_session("s0", false));
+  auto opened = ops->stats();
+  REQUIRE(opened);
+  CHECK(opened->activations_total == before->activations_total + 1);
+}
+
+TEST_CASE("a tenant's stored sessions are limited: creating or forking one more answers "
+          "limit_exceeded until one is destroyed, also after a restart",
+          "[rpc][limits]") {
+  node_process node({"--triplane.rpc-max-stored-sessions=3"});
+  auto alice = connect_as(node, node.tokens().alice);
+  for (std::string id : {"s0", "s1", "s2"}) REQUIRE(alice->open_session(id, true));
+
+  auto fourth = alice->open_session("s3", true);
+  REQUIRE_FALSE(fourth);
+  CHECK(code(fourth) == errc::limit_exceeded);
+  auto why = triplane::describe(fourth.error());
+  INFO(why);
+  CHECK(why.find("limit 3") != std::string::npos);
+  CHECK(why.find("destroy") != std::string::npos);
+  // Existing sessions stay usable, also through create=true.
+  auto s0 = alice->open_session("s0", true);
+  REQUIRE(s0);
+  REQUIRE(s0->kv_put("k", "v"));
+  REQUIRE(alice->open_session("s1", false));
+  // A fork is a new stored session too.
+  auto fork = s0->fork("f");
+  REQUIRE_FALSE(fork);
+  CHECK(code(fork) == errc::limit_exceeded);
+  // Another tenant has its own budget.
+  auto bob = connect_as(node, node.tokens().bob);
+  for (std::string id : {"s0", "s1", "s2"}) REQUIRE(bob->open_session(id, true));
+
+  // A destroy frees a slot.
+  auto s1 = alice->open_session("s1", false);
+  REQUIRE(s1);
+  REQUIRE(s1->destroy());
+  REQUIRE(alice->open_session("s3", true));
+  CHECK(code(alice->open_session("s4", true)) == errc::limit_exceeded);
+  auto s3 = alice->open_session("s3", false);
+  REQUIRE(s3);
+  REQUIRE(s3->destroy());
+  REQUIRE(s0->fork("f"));
+  CHECK(code(s0->fork("g")) == errc::limit_exceeded);
+  CHECK(code(alice->open_session("s4", true)) == errc::limit_exceeded);
+  CHECK(list_all(*alice, "", 10) == std::vector<std::string>{"f", "s0", "s2"});
+
+  // The count survives a restart: it is read back from storage.
+  alice.reset();
+  bob.reset();
+  node.restart();
+  alice = connect_as(node, node.tokens().alice);
+  CHECK(code(alice->open_session("s4", true)) == errc::limit_exceeded);
+  auto f = alice->open_session("f", false);
+  REQUIRE(f);
+  CHECK(code(f->fork("g")) == errc::limit_exceeded);
+  REQUIRE(f->destroy());
+  REQUIRE(alice->open_session("s4", true));
+  CHECK(code(alice->open_session("s5", true)) == errc::limit_exceeded);
+  CHECK(list_all(*alice, "", 10) == std::vector<std::string>{"s0", "s2", "s4"});
+}
+
+TEST_CASE("concurrent creates and forks never store more sessions than a tenant's limit",
+          "[rpc][limits]") {
+  node_process node({"--triplane.rpc-max-stored-sessions=4"});
+  triplane::test::raw_rpc_connection raw(node.endpoint());
+  auto auth = raw.bootstrap.authenticateRequest();
+  auth.setToken(node.tokens().alice);
+  auto tenant = auth.send().getTenant();
+  auto open = tenant.sessionRequest();
+  open.setId("base");
+  open.setCreate(true);
+  auto base = open.send().wait(raw.io.waitScope).getSession();  // stored before the race
+
+  // All sent at once, before any answer: 4 creates of one id, 12 new ids, 6 forks.
+  auto outcome = [](auto&& promise) {
+    return promise.then([](auto&&) { return std::string("ok"); },
+                        [](kj::Exception&& e) {
+                          std::string d = e.getDescription().cStr();
+                          if (d.find("triplane:limit_exceeded") != std::string::npos)
+                            return std::string("limit");
+                          return d;
+                        });
+  };
+  kj::Vector<kj::Promise<std::string>> calls;
+  // The creates of one id first: each must learn whether it stored the id, so only one of
+  // them takes a slot.
+  for (int i = 0; i < 4; ++i) {
+    auto req = tenant.sessionRequest();
+    req.setId("same");
+    req.setCreate(true);
+    calls.add(outcome(req.send()));
+  }
+  for (int i = 0; i < 12; ++i) {
+    auto req = tenant.sessionRequest();
+    req.setId("new-" + std::to_string(i));
+    req.setCreate(true);
+    calls.add(outcome(req.send()));
+  }
+  for (int i = 0; i < 6; ++i) {
+    auto req = base.forkRequest();
+    req.setNewId("fork-" + std::to_string(i));
+    calls.add(outcome(req.send()));
+  }
+  auto results = kj::joinPromises(calls.releaseAsArray()).wait(raw.io.waitScope);
+  int ok = 0, limited = 0;
+  for (const auto& r : results) {
+    INFO(r);
+    CHECK((r == "ok" || r == "limit"));
+    (r == "ok" ? ok : limited)++;
+  }
+  // The client library cannot share this thread's event loop: list with the raw API.
+  std::vector<std::string> stored;
+  {
+    auto list = tenant.listSessionsRequest();
+    list.setLimit(1000);
+    auto page = list.send().wait(raw.io.waitScope);
+    CHECK_FALSE(page.getMore());
+    for (auto id : page.getIds()) stored.emplace_back(id.cStr(), id.size());
+  }
+  INFO("stored: " << stored.size() << ", ok: " << ok);
+  // "base" plus exactly three more, whichever calls won.
+  CHECK(stored.size() == 4);
+  CHECK(std::count(stored.begin(), stored.end(), "base") == 1);
+  // A create of an id that another create stored meanwhile succeeds without a slot.
+  bool same_stored = std::count(stored.begin(), stored.end(), "same") == 1;
+  int same_ok = 0;
+  for (size_t i = 0; i < 4; ++i) same_ok += results[i] == "ok";
+  CHECK(same_ok == (same_stored ? 4 : 0));
+  CHECK(ok == static_cast<int>(stored.size()) - 1 + (same_stored ? 3 : 0));
+  auto one_more = tenant.sessionRequest();
+  one_more.setId("one-more");
+  one_more.setCreate(true);
+  CHECK(outcome(one_more.send()).wait(raw.io.waitScope) == "limit");
+}
+
+TEST_CASE("an open racing a destroy of the same id never hands out a handle that stores the "
+          "session again", "[rpc][limits]") {
+  node_process node({"--triplane.rpc-max-stored-sessions=2"});
+  triplane::test::raw_rpc_connection raw(node.endpoint());
+  auto auth = raw.bootstrap.authenticateRequest();
+  auth.setToken(node.tokens().alice);
+  auto tenant = auth.send().getTenant();
+  auto create = tenant.sessionRequest();
+  create.setId("x");
+  create.setCreate(true);
+  auto doomed = create.send().wait(raw.io.waitScope).getSession();
+
+  // Sent together: the open reaches the node first, the destroy right behind it.
+  auto open = tenant.sessionRequest();
+  open.setId("x");
+  open.setCreate(false);
+  auto opened = open.send();
+  auto destroyed = doomed.destroyRequest().send();
+  destroyed.wait(raw.io.waitScope);
+  auto handle = opened.wait(raw.io.waitScope).getSession();
+  // The handle the open got is one of the destroyed session: stale, it stores nothing.
+  auto put = handle.kvPutRequest();
+  put.setKey("k");
+  put.setValue(kj::StringPtr("v").asBytes());
+  std::string outcome = "ok";
+  put.send().then([](auto&&) {}, [&outcome](kj::Exception&& e) {
+    outcome = e.getDescription().cStr();
+  }).wait(raw.io.waitScope);
+  INFO(outcome);
+  CHECK(outcome.find("triplane:not_found") != std::string::npos);
+  auto list = tenant.listSessionsRequest();
+  CHECK(list.send().wait(raw.io.waitScope).getIds().size() == 0);
+  // And the count agrees with the store: two new sessions fit, a third does not.
+  for (std::string id : {"y", "z", "w"}) {
+    auto req = tenant.sessionRequest();
+    req.setId(id);
+    req.setCreate(true);
+    bool ok = req.send().then([](auto&&) { return true; }, [](kj::Exception&&) {
+      return false;
+    }).wait(raw.io.waitScope);
+    INFO(id);
+    CHECK(ok == (id != "w"));
+  }
+}
+
 TEST_CASE("a client killed mid-exec gets its command cancelled on the node", "[rpc][cancel]") {
   node_process node;
   // The client runs in a child process (forked before this process opens any connection).

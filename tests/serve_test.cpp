@@ -133,6 +133,8 @@ TEST_CASE("serve rejects bad options and config with a clear message", "[serve]"
     {{"--triplane.durability=\"sometimes\""}, "unknown durability"},
     {{"--triplane.rpc-max-calls=0"}, "rpc-max-calls must be between 1 and 1000000"},
     {{"--triplane.rpc-max-sessions=0"}, "rpc-max-sessions must be between 1 and 1000000"},
+    {{"--triplane.rpc-max-stored-sessions=0"},
+     "rpc-max-stored-sessions must be between 1 and 100000000"},
     {{"--triplane.rpc-call-deadline=0s"}, "rpc-call-deadline must be positive"},
     {{"--triplane.rpc-exec-output-buffer=100"}, "rpc-exec-output-buffer must be at least 65536"},
     {{"--triplane.cgroup-parent=\"sys/fs/cgroup/x\""}, "cgroup-parent must be an absolute path"},
@@ -150,7 +152,8 @@ TEST_CASE("serve --help documents every option", "[serve]") {
   REQUIRE(node.wait(20s) == 0);
   for (auto opt : {"--config", "--data-dir", "--listen", "--listen-unix", "workspaces-dir", "--log-level", "--log-format", "durability",
                    "max-live", "idle-timeout", "shutdown-timeout", "max-threads", "rpc-max-calls",
-                   "rpc-max-sessions", "rpc-call-deadline", "rpc-exec-output-buffer", "cgroup-parent"})
+                   "rpc-max-sessions", "rpc-max-stored-sessions", "rpc-call-deadline",
+                   "rpc-exec-output-buffer", "cgroup-parent"})
     CHECK(node.out().find(opt) != std::string::npos);
 }
 

@@ -1,4 +1,5 @@
 // triplane-cli: a command-line client for a Triplane node (uses triplane::client).
+#include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <cstdint>
@@ -26,6 +27,9 @@ $TRIPLANE_TOKEN. unix:PATH reaches a node started with `--listen-unix PATH` on t
 host.
 
 Session commands (add --create to create the session when it does not exist):
+  session list [PREFIX] [--limit N]     the tenant's stored sessions (ids beginning with
+                                        PREFIX), one per line in byte order; all of them, or
+                                        the first N; opens none of them
   session exec ID [--create] [--timeout-ms N] [--cwd DIR] [--env NAME=VALUE]...
                   (-- PROGRAM ARGS... | --shell 'COMMAND LINE')
         runs a command; output streams live; exits with the command's exit code
@@ -109,8 +113,42 @@ std::string read_all(std::istream& in) {
   return buf.str();
 }
 
+/// `session list [PREFIX] [--limit N]`: pages through the tenant's stored sessions.
+int run_session_list(triplane::client::connection& conn, args_view& a) {
+  std::string prefix;
+  std::optional<uint64_t> limit;
+  bool have_prefix = false;
+  while (!a.empty()) {
+    auto x = a.next();
+    if (x == "--limit") {
+      limit = parse_unsigned(a.next(), UINT32_MAX);
+      if (!limit || *limit == 0) return usage("--limit wants a number of sessions, 1.." + std::to_string(UINT32_MAX));
+    } else if (x.rfind("--", 0) == 0) {
+      return usage("session list: unknown option " + x);
+    } else if (!have_prefix) {
+      prefix = x;
+      have_prefix = true;
+    } else {
+      return usage("session list [PREFIX] [--limit N]: unexpected argument '" + x + "'");
+    }
+  }
+  uint64_t printed = 0;
+  std::string after;
+  for (;;) {
+    uint32_t page_size = 0;  // the node's page size
+    if (limit) page_size = static_cast<uint32_t>(std::min<uint64_t>(*limit - printed, 1000));
+    auto page = conn.list_sessions(prefix, after, page_size);
+    if (!page) return fail(page.error());
+    for (const auto& id : page->ids) std::cout << id << "\n";
+    printed += page->ids.size();
+    if (!page->more || page->ids.empty() || (limit && printed >= *limit)) return 0;
+    after = page->ids.back();
+  }
+}
+
 int run_session(triplane::client::connection& conn, args_view& a) {
   auto verb = a.next();
+  if (verb == "list") return run_session_list(conn, a);
   auto id = a.next();
   if (verb.empty() || id.empty()) return usage("session needs a verb and an id");
   // Options shared by the verbs; positional arguments are collected in order.

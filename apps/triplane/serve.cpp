@@ -150,6 +150,11 @@ int run_serve(const std::vector<std::string>& args) {
   server_options.tokens = std::move(*tokens);
   server_options.limits.max_concurrent_calls_per_tenant = options->rpc_max_calls;
   server_options.limits.max_open_sessions_per_tenant = options->rpc_max_sessions;
+  server_options.limits.max_stored_sessions_per_tenant = options->rpc_max_stored_sessions;
+  // Lists and counts stored sessions for Tenant.listSessions and the stored-session limit.
+  // Stopped with the server, before the node (and long before `sessions`, which it borrows).
+  server_options.session_catalog = sessions->spawn_catalog((*node)->system());
+  auto catalog = server_options.session_catalog;
   server_options.limits.call_deadline = options->rpc_call_deadline;
   server_options.limits.max_exec_output_buffer = options->rpc_exec_output_buffer;
   if (!options->model_dir.empty()) {
@@ -162,6 +167,7 @@ int run_serve(const std::vector<std::string>& args) {
   server_options.describe_supervision = [node_ptr] { return node_ptr->supervision_tree(std::chrono::milliseconds{500}); };
   auto server = rpc::rpc_server::start(std::move(server_options), (*node)->system(), (*node)->directory_proxy());
   if (!server) {
+    caf::anon_send_exit(catalog, caf::exit_reason::user_shutdown);
     spdlog::critical("RPC server failed to start on {}:{}: {}", options->listen_host, options->listen_port,
                      describe(server.error()));
     return 1;
@@ -181,6 +187,9 @@ int run_serve(const std::vector<std::string>& args) {
   auto cancelled = (*server)->stop(options->shutdown_timeout / 2);
   if (cancelled > 0) spdlog::warn("cancelled {} in-flight calls at shutdown", cancelled);
   server->reset();
+  // Its thread ends only once no handle is left: the actor system's shutdown waits for it.
+  caf::anon_send_exit(catalog, caf::exit_reason::user_shutdown);
+  catalog = nullptr;
   auto drained = (*node)->shutdown(options->shutdown_timeout);
   node->reset();
   if (!drained) {

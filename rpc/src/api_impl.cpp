@@ -103,6 +103,92 @@ std::shared_ptr<tenant_state> server_core::tenant_for(const token_record& rec) {
   return slot;
 }
 
+// ------------------------------------------------------------------------------------------
+// Stored sessions per tenant (limits::max_stored_sessions_per_tenant)
+//
+// The count is not kept in storage: the store keys sessions by the scoped id and knows nothing
+// of tenants. It is counted once per tenant and process, by a scan of the tenant's records
+// through the session catalog (O(sessions of the tenant), at the tenant's first create, fork or
+// destroy), and from then on kept by this server: +1 for each create or fork that stored a new
+// session, -1 for each destroy. That is exact because
+//  - all of it runs on the RPC thread (the kj event loop): check-and-reserve is one
+//    synchronous step, so concurrent creates cannot overshoot: each holds a reserved slot
+//    (stored_reserved) from its check until its outcome;
+//  - this server is the only writer of the node's session records (one node per data
+//    directory, one RPC server per node), and every RPC path that stores a new record is a
+//    create (Tenant.session with create=true on an id without record) or a fork;
+//  - the calls that open, create, fork onto or destroy one id take turns (id_turn): a create
+//    learns from the session whether it stored the record (the store also refuses a fork onto
+//    a stored id), and an open never hands out a capability after a destroy of the id that
+//    started later (that capability would store the id again by writing to it, uncounted;
+//    session_incarnation makes the capabilities opened before the destroy stale);
+//  - a destroy waits for the count (count_stored()), so no destroy is in flight while the
+//    tenant is counted and none is missed or counted twice.
+// A node restart counts again from storage.
+
+id_turn::id_turn(std::shared_ptr<tenant_state> t, std::string full_id)
+  : tenant_(std::move(t)), full_id_(std::move(full_id)), ticket_(++tenant_->turn_tickets) {
+  auto paf = kj::newPromiseAndFulfiller<void>();
+  done_ = kj::mv(paf.fulfiller);
+  auto& slot = tenant_->turns[full_id_];
+  if (slot.ticket != 0) before_ = slot.done.addBranch();
+  slot.ticket = ticket_;
+  slot.done = paf.promise.fork();
+}
+
+id_turn::~id_turn() {
+  done_->fulfill();
+  auto found = tenant_->turns.find(full_id_);
+  if (found != tenant_->turns.end() && found->second.ticket == ticket_)
+    tenant_->turns.erase(found);
+}
+
+kj::Promise<void> server_core::count_stored(const std::shared_ptr<tenant_state>& tenant) {
+  if (!opts.session_catalog || tenant->stored_sessions) return kj::READY_NOW;
+  if (!tenant->stored_counting) {
+    // tenant_state outlives the promise: server_core keeps every tenant, and destroys them
+    // (with this promise) before the bridge.
+    auto* t = tenant.get();
+    tenant->stored_counting = true;
+    tenant->stored_counted =
+      bridge
+        .ask<uint64_t>(opts.session_catalog,
+                       caf::make_message(actors::count_sessions_atom::value, t->scope_prefix),
+                       opts.limits.call_deadline)
+        .then(
+          [t](uint64_t n) {
+            t->stored_counting = false;
+            t->stored_sessions = n;
+            spdlog::debug("rpc: tenant '{}' has {} stored sessions", t->name, n);
+          },
+          [t](kj::Exception&& e) {
+            t->stored_counting = false;  // the next call counts again
+            kj::throwFatalException(wire::make_exception(
+              wire::code_of(e) == errc::timeout ? errc::unavailable : wire::code_of(e),
+              "cannot count the stored sessions of tenant '" + t->name
+                + "': " + e.getDescription().cStr()));
+          })
+        .fork();
+  }
+  return tenant->stored_counted.addBranch();
+}
+
+kj::Own<stored_session_slot> server_core::reserve_stored_session(
+  const std::shared_ptr<tenant_state>& tenant) {
+  auto limit = opts.limits.max_stored_sessions_per_tenant;
+  if (tenant->stored_sessions && *tenant->stored_sessions + tenant->stored_reserved >= limit)
+    wire::fail(errc::limit_exceeded,
+               "tenant '" + tenant->name + "' has " + std::to_string(*tenant->stored_sessions)
+                 + " stored sessions" + (tenant->stored_reserved > 0
+                                           ? " and " + std::to_string(tenant->stored_reserved)
+                                               + " being created"
+                                           : std::string())
+                 + " (limit " + std::to_string(limit)
+                 + "); destroy sessions it no longer needs (Session.destroy, `triplane-cli "
+                   "session rm ID`; listSessions lists them) to make room");
+  return kj::heap<stored_session_slot>(tenant);
+}
+
 void close_on_malformed(const std::shared_ptr<connection_state>& conn, const kj::Exception& e) {
   if (!conn || !conn->close) return;
   std::string_view d{e.getDescription().cStr()};
@@ -145,6 +231,15 @@ std::string checked_id(capnp::Text::Reader text, const char* what) {
       wire::fail(errc::invalid_argument,
                  std::string(what) + " may hold only printable ASCII without spaces");
   return id;
+}
+
+/// Most ids one Tenant.listSessions answer carries (200 bytes each at most: 200 KB).
+constexpr uint32_t max_listed_page = 1000;
+
+/// A prefix of session ids, or an id to list after: empty, or what checked_id() accepts.
+std::string checked_id_prefix(capnp::Text::Reader text, const char* what) {
+  if (text.size() == 0) return {};
+  return checked_id(text, what);
 }
 
 std::string checked_text(capnp::Text::Reader text, size_t max, const char* what) {
@@ -597,28 +692,55 @@ public:
       check_session_limit(*tenant_, core_);
       // The new id is scoped like every id: a fork stays inside the tenant.
       auto new_full = scoped_id(tenant_->name, new_id);
-      return ask<actors::session_info>(caf::make_message(actors::fork_atom::value, new_full))
-        .then([this, ctx, new_id, new_full](actors::session_info&&) mutable {
+      // A new stored session: it takes its turn on the new id and a slot of the tenant's
+      // stored sessions (see "Stored sessions per tenant" above).
+      auto turn = kj::heap<id_turn>(tenant_, new_full);
+      auto ready = turn->ready();
+      return ready.then([this]() { return core_.count_stored(tenant_); })
+        .then([this, new_full]() {
+          auto slot = core_.reserve_stored_session(tenant_);
+          return ask<actors::session_info>(caf::make_message(actors::fork_atom::value, new_full))
+            .then([slot = kj::mv(slot)](actors::session_info&&) mutable { slot->commit(); });
+        })
+        .then([this, ctx, new_id, new_full]() mutable {
           check_session_limit(*tenant_, core_);
           ctx.getResults().setSession(kj::heap<session_impl>(core_, tenant_, conn_, new_id, new_full));
-        });
+        })
+        .attach(kj::mv(turn));
     });
   }
 
   kj::Promise<void> destroy(DestroyContext ctx) override {
-    return run_one_ask("Session.destroy", [this, ctx]() mutable {
+    return run("Session.destroy", deadline(), [this, ctx]() mutable {
       check_params(ctx);
-      // Until the session answers, this id's other capabilities are refused (their calls
-      // would reach the session on either side of its destroy); afterwards they are stale.
+      // In its turn on the id, and once the tenant's stored sessions are counted (see "Stored
+      // sessions per tenant" above); then one less.
       using phase = session_incarnation::phase;
       auto incarnation = incarnation_;
-      incarnation->state = phase::destroying;
-      return ask<bool>(caf::make_message(actors::destroy_atom::value))
-        .then([incarnation](bool) { incarnation->state = phase::destroyed; },
-              [incarnation](kj::Exception&& e) {
-                incarnation->state = phase::live;
-                kj::throwFatalException(kj::mv(e));
-              });
+      auto tenant = tenant_;
+      auto turn = kj::heap<id_turn>(tenant_, full_id_);
+      auto ready = turn->ready();
+      return ready
+        .then([this, incarnation, tenant]() {
+          // A destroy through another capability of this incarnation went first.
+          if (incarnation->state != phase::live)
+            wire::fail(errc::not_found, "session '" + id_ + "' was destroyed meanwhile");
+          // Until the session answers, this id's other capabilities are refused (their calls
+          // would reach the session on either side of its destroy); afterwards they are stale.
+          incarnation->state = phase::destroying;
+          return core_.count_stored(tenant_)
+            .then([this]() { return ask<bool>(caf::make_message(actors::destroy_atom::value)); })
+            .then([incarnation, tenant](bool) {
+                    incarnation->state = phase::destroyed;
+                    if (tenant->stored_sessions && *tenant->stored_sessions > 0)
+                      --*tenant->stored_sessions;
+                  },
+                  [incarnation](kj::Exception&& e) {
+                    incarnation->state = phase::live;
+                    kj::throwFatalException(kj::mv(e));
+                  });
+        })
+        .attach(kj::mv(turn));
     });
   }
 
@@ -1152,27 +1274,80 @@ public:
       auto full = scoped_id(tenant_->name, id);
       bool create = p.getCreate();
       auto deadline = core_.opts.limits.call_deadline;
+      // Takes its turn on the id, so that the `stored` flag it reads stays true until it holds
+      // its capability (see "Stored sessions per tenant" above).
+      auto turn = kj::heap<id_turn>(tenant_, full);
+      auto ready = turn->ready();
       // Sessions exist implicitly in the session kind; "exists" is its info's `stored` flag.
       // create=true on a session that has no stored state stores it at once (a configure with
       // its current, default settings), so a later create=false finds it.
-      return core_
-        .ask_session<actors::session_info>(*tenant_, full,
-                                           caf::make_message(actors::info_atom::value),
-                                           deadline)
+      return ready
+        .then([this, full, deadline]() {
+          return core_.ask_session<actors::session_info>(
+            *tenant_, full, caf::make_message(actors::info_atom::value), deadline);
+        })
         .then([this, id, full, create, deadline](actors::session_info&& info) -> kj::Promise<void> {
           if (info.stored) return kj::READY_NOW;
           if (!create)
             wire::fail(errc::not_found,
                        "session '" + id + "' does not exist (open it with create=true)");
-          return core_
-            .ask_session<actors::session_info>(
-              *tenant_, full, caf::make_message(actors::configure_atom::value, info.settings),
-              deadline)
-            .ignoreResult();
+          return core_.count_stored(tenant_).then(
+            [this, full, deadline, settings = std::move(info.settings)]() mutable {
+              // A new stored session: refused at the tenant's limit, else counted once stored.
+              auto slot = core_.reserve_stored_session(tenant_);
+              return core_
+                .ask_session<actors::session_info>(
+                  *tenant_, full, caf::make_message(actors::configure_atom::value, settings),
+                  deadline)
+                .then([slot = kj::mv(slot)](actors::session_info&&) mutable { slot->commit(); });
+            });
         })
         .then([this, ctx, id, full]() mutable {
           session_impl::check_session_limit(*tenant_, core_);
           ctx.getResults().setSession(kj::heap<session_impl>(core_, tenant_, conn_, id, full));
+        })
+        .attach(kj::mv(turn));
+    }, false, conn_);
+  }
+
+  kj::Promise<void> listSessions(ListSessionsContext ctx) override {
+    return core_.run("Tenant.listSessions", tenant_, core_.opts.limits.call_deadline,
+                     [this, ctx]() mutable {
+      check_params(ctx);
+      auto p = ctx.getParams();
+      auto prefix = checked_id_prefix(p.getPrefix(), "prefix");
+      auto after = checked_id_prefix(p.getAfter(), "after");
+      uint32_t limit = p.getLimit() == 0 ? max_listed_page : std::min(p.getLimit(), max_listed_page);
+      if (!core_.opts.session_catalog)
+        wire::fail(errc::unavailable, "this node does not list sessions (no session catalog)");
+      // Both in the tenant's scope: the catalog sees only keys that begin with its prefix, and
+      // the tenant's part of a key never holds its '/' (scoped_id), so no prefix or `after` a
+      // client sends reaches beyond its own sessions. One id more than asked says whether more
+      // follow.
+      const auto& scope = tenant_->scope_prefix;
+      auto full_after = after.empty() ? std::string() : scope + after;
+      return core_
+        .bridge.ask<std::vector<std::string>>(
+          core_.opts.session_catalog,
+          caf::make_message(actors::list_sessions_atom::value, scope + prefix,
+                            std::move(full_after), limit + 1),
+          core_.opts.limits.call_deadline,
+          [scope](kj::Exception&& e) { return unscoped(e, scope); })
+        .then([ctx, scope, limit](std::vector<std::string>&& ids) mutable {
+          bool more = ids.size() > limit;
+          if (more) ids.resize(limit);
+          // Each id: a list pointer, its bytes and a NUL, rounded up to words.
+          size_t bytes = 0;
+          for (const auto& id : ids) bytes += id.size() + 16;
+          auto res = ctx.getResults(result_size(bytes));
+          res.setMore(more);
+          auto out = res.initIds(static_cast<unsigned>(ids.size()));
+          for (size_t i = 0; i < ids.size(); ++i) {
+            const auto& id = ids[i];
+            if (id.compare(0, scope.size(), scope) != 0)
+              wire::fail(errc::internal, "the session catalog answered an id outside the tenant");
+            out.set(static_cast<unsigned>(i), kj::StringPtr(id.c_str() + scope.size()));
+          }
         });
     }, false, conn_);
   }

@@ -191,6 +191,21 @@ expected<session> connection::open_session(const std::string& id, bool create) {
     std::make_shared<session::state>(session::state{impl_->loop, impl_, kj::mv(*cap)}), id);
 }
 
+expected<session_page> connection::list_sessions(const std::string& prefix,
+                                                 const std::string& after, uint32_t limit) {
+  auto req = impl_->tenant.listSessionsRequest();
+  req.setPrefix(prefix);
+  req.setAfter(after);
+  req.setLimit(limit);
+  return impl_->wait(
+    req.send().then([](capnp::Response<api::Tenant::ListSessionsResults>&& r) {
+      session_page page;
+      for (auto id : r.getIds()) page.ids.emplace_back(id.cStr(), id.size());
+      page.more = r.getMore();
+      return page;
+    }));
+}
+
 expected<generate_result> connection::generate(
   const generate_options& opts, std::function<void(const std::vector<uint32_t>&)> on_tokens) {
   auto inf = impl_->tenant.inferenceRequest().send().getInference();

@@ -39,6 +39,22 @@ struct tenant_state {
   /// By scoped id, for ids with an open Session capability (an entry goes with the last one).
   std::unordered_map<std::string, std::weak_ptr<session_incarnation>> incarnations;
 
+  // Stored sessions (limits::max_stored_sessions_per_tenant), see server_core::count_stored().
+  std::optional<uint64_t> stored_sessions;  ///< unknown until counted
+  uint32_t stored_reserved = 0;             ///< creates and forks in progress holding a slot
+  bool stored_counting = false;             ///< a count is in flight; stored_counted resolves then
+  kj::ForkedPromise<void> stored_counted = nullptr;
+  /// By scoped id: the latest call in progress that opens, creates, forks onto or destroys the
+  /// id. They run one after another (id_turn), so that a create learns whether it (and not
+  /// another) stored the id, and no open hands out a capability of an id whose destroy
+  /// overtook it.
+  struct turn {
+    uint64_t ticket = 0;
+    kj::ForkedPromise<void> done = nullptr;
+  };
+  std::unordered_map<std::string, turn> turns;
+  uint64_t turn_tickets = 0;
+
   /// The live incarnation of `full_id`: a new one when none is held or the held one is being
   /// (or was) destroyed, whose capabilities keep it.
   std::shared_ptr<session_incarnation> incarnation_of(const std::string& full_id) {
@@ -67,6 +83,45 @@ struct connection_state {
 };
 
 class server_core;
+
+/// One new stored session a create or fork may add: reserved by
+/// server_core::reserve_stored_session(), counted by commit() once the store has it, released
+/// otherwise when destroyed.
+class stored_session_slot {
+public:
+  explicit stored_session_slot(std::shared_ptr<tenant_state> t) : tenant_(std::move(t)) {
+    ++tenant_->stored_reserved;
+  }
+  ~stored_session_slot() { --tenant_->stored_reserved; }
+  stored_session_slot(const stored_session_slot&) = delete;
+  stored_session_slot& operator=(const stored_session_slot&) = delete;
+  void commit() {
+    if (!committed_ && tenant_->stored_sessions) ++*tenant_->stored_sessions;
+    committed_ = true;
+  }
+
+private:
+  std::shared_ptr<tenant_state> tenant_;
+  bool committed_ = false;
+};
+
+/// A call's turn on one scoped id (tenant_state::turns): ready() resolves when the calls on the
+/// id before it finished; the next one's turn comes when this is destroyed.
+class id_turn {
+public:
+  id_turn(std::shared_ptr<tenant_state> t, std::string full_id);
+  ~id_turn();
+  id_turn(const id_turn&) = delete;
+  id_turn& operator=(const id_turn&) = delete;
+  kj::Promise<void> ready() { return kj::mv(before_); }
+
+private:
+  std::shared_ptr<tenant_state> tenant_;
+  std::string full_id_;
+  uint64_t ticket_;
+  kj::Promise<void> before_ = kj::READY_NOW;
+  kj::Own<kj::PromiseFulfiller<void>> done_;
+};
 
 /// How a call's deadline and drain() are enforced. `timer`: run() races the body against a
 /// timer of its own and wraps it in a kj::Canceler (any body). `its_request`: the body sends one
@@ -115,6 +170,13 @@ public:
 
   /// The tenant state for an authenticated token (created on first use).
   std::shared_ptr<tenant_state> tenant_for(const token_record& rec);
+
+  /// Resolves once `tenant`'s stored sessions are counted (at once when they are, or when no
+  /// session_catalog is set). See api_impl.cpp for how the count is kept.
+  kj::Promise<void> count_stored(const std::shared_ptr<tenant_state>& tenant);
+  /// A slot for one more stored session of `tenant` (after count_stored() resolved), or
+  /// limit_exceeded naming the limit and how to make room.
+  kj::Own<stored_session_slot> reserve_stored_session(const std::shared_ptr<tenant_state>& tenant);
 
   /// The bootstrap capability of a new connection.
   capnp::Capability::Client make_bootstrap(std::shared_ptr<connection_state> conn);

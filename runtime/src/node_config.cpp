@@ -63,6 +63,8 @@ node_config::node_config() {
     .add(kv_cache_mb_, "kv-cache-mb", "KV-cache budget per rank in MiB")
     .add(rpc_max_calls_, "rpc-max-calls", "RPC calls in flight per tenant (beyond: overloaded)")
     .add(rpc_max_sessions_, "rpc-max-sessions", "RPC Session capabilities held per tenant")
+    .add(rpc_max_stored_sessions_, "rpc-max-stored-sessions",
+         "sessions a tenant may have stored (beyond, creating one is limit_exceeded)")
     .add(rpc_call_deadline_, "rpc-call-deadline", "deadline of an RPC call (not exec/generate)")
     .add(rpc_exec_output_buffer_, "rpc-exec-output-buffer",
          "flow-control window of a streamed exec: bytes of output held for a slow RPC client; "
@@ -121,6 +123,9 @@ Config file keys ([triplane] section; CAF's own sections such as [scheduler] als
   rpc-max-calls=512          RPC calls in flight per tenant; beyond: `overloaded`
   rpc-max-sessions=1024      Session capabilities a tenant holds at once; beyond:
                              `limit_exceeded`
+  rpc-max-stored-sessions=100000  sessions a tenant has stored (created, not destroyed);
+                             creating or forking one more is `limit_exceeded` until the
+                             tenant destroys one
   rpc-call-deadline=10s      deadline of one RPC call (exec and generate have their own)
   rpc-exec-output-buffer=8388608  flow-control window of a streamed exec: the most output held
                              for a client that reads slower than the command writes; the
@@ -264,6 +269,10 @@ expected<node_options> node_config::options() const {
   if (rpc_max_sessions_ < 1 || rpc_max_sessions_ > 1000000)
     return make_error(errc::invalid_argument, "rpc-max-sessions must be between 1 and 1000000");
   out.rpc_max_sessions = static_cast<uint32_t>(rpc_max_sessions_);
+  if (rpc_max_stored_sessions_ < 1 || rpc_max_stored_sessions_ > 100000000)
+    return make_error(errc::invalid_argument,
+                      "rpc-max-stored-sessions must be between 1 and 100000000");
+  out.rpc_max_stored_sessions = static_cast<uint32_t>(rpc_max_stored_sessions_);
   out.rpc_call_deadline = std::chrono::duration_cast<std::chrono::milliseconds>(rpc_call_deadline_);
   if (out.rpc_call_deadline.count() <= 0)
     return make_error(errc::invalid_argument, "rpc-call-deadline must be positive");

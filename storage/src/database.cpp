@@ -287,6 +287,12 @@ caf::error database::write(const write_batch& batch, durability level) {
 caf::error database::for_each(
   column_family cf, std::string_view prefix,
   const std::function<bool(std::string_view key, std::string_view value)>& visit) const {
+  return for_each(cf, prefix, prefix, visit);
+}
+
+caf::error database::for_each(
+  column_family cf, std::string_view prefix, std::string_view start,
+  const std::function<bool(std::string_view key, std::string_view value)>& visit) const {
   // Upper bound: the prefix with its last byte below 0xFF incremented and the rest dropped; it
   // lets RocksDB stop at the range's end instead of at the next live key (tombstones).
   std::string upper(prefix);
@@ -296,7 +302,7 @@ caf::error database::for_each(
   rocksdb::ReadOptions ro;
   if (!upper.empty()) ro.iterate_upper_bound = &upper_slice;
   std::unique_ptr<rocksdb::Iterator> it(impl_->db->NewIterator(ro, impl_->handle(cf)));
-  for (it->Seek(to_slice(prefix)); it->Valid(); it->Next()) {
+  for (it->Seek(to_slice(std::max(prefix, start))); it->Valid(); it->Next()) {
     auto key = to_view(it->key());
     if (key.substr(0, prefix.size()) != prefix) break;
     if (!visit(key, to_view(it->value()))) break;

@@ -205,6 +205,31 @@ TEST_CASE("prefix iteration visits exactly the keys with the prefix, in byte ord
   CHECK(collect("z").empty());
 }
 
+TEST_CASE("prefix iteration from a start key pages through a range without leaving the prefix",
+          "[storage][database]") {
+  temp_directory dir;
+  auto db = open_db(dir.path(), {"kv"});
+  auto kv = cf_of(*db, "kv");
+  for (std::string k : {"a/1", "a/2", "a/3", "a0", "b/1", "a", "a/"})
+    REQUIRE_FALSE(db->put(kv, k, "v", durability::process_crash));
+  auto collect = [&](std::string_view prefix, std::string_view start) {
+    std::vector<std::string> seen;
+    CHECK_FALSE(db->for_each(kv, prefix, start, [&](std::string_view k, std::string_view) {
+      seen.emplace_back(k);
+      return true;
+    }));
+    return seen;
+  };
+  // After "a/1": the key itself with a NUL appended is the smallest key above it.
+  CHECK(collect("a/", std::string("a/1\0", 4)) == std::vector<std::string>{"a/2", "a/3"});
+  CHECK(collect("a/", "a/2") == std::vector<std::string>{"a/2", "a/3"});
+  // A start below the prefix starts at the prefix; one above the range visits nothing.
+  CHECK(collect("a/", "") == std::vector<std::string>{"a/", "a/1", "a/2", "a/3"});
+  CHECK(collect("a/", "a") == std::vector<std::string>{"a/", "a/1", "a/2", "a/3"});
+  CHECK(collect("a/", "a0").empty());
+  CHECK(collect("a/", "zzz").empty());
+}
+
 TEST_CASE("properties report estimated keys and live SST bytes", "[storage][database]") {
   temp_directory dir;
   auto db = open_db(dir.path(), {"kv"});

@@ -50,11 +50,28 @@ node_process::node_process(std::vector<std::string> extra_args) {
         << record_line("bob", rpc::role::tenant, tokens_.bob)
         << record_line("ops", rpc::role::admin, tokens_.ops);
   }
+  extra_args_ = std::move(extra_args);
+  try {
+    launch();
+  } catch (...) {
+    std::error_code ignored;
+    std::filesystem::remove_all(data_dir_, ignored);
+    std::remove(tokens_.file.c_str());
+    throw;
+  }
+}
+
+void node_process::restart() {
+  stop();
+  launch();
+}
+
+void node_process::launch() {
   int out_pipe[2];
   if (pipe(out_pipe) != 0) throw std::runtime_error("pipe failed");
   std::vector<std::string> args = {TRIPLANE_SERVE_EXE, "serve",     "--data-dir", data_dir_,
                                    "--listen",         "127.0.0.1:0", "--tokens",  tokens_.file};
-  args.insert(args.end(), extra_args.begin(), extra_args.end());
+  args.insert(args.end(), extra_args_.begin(), extra_args_.end());
   pid_ = fork();
   if (pid_ < 0) throw std::runtime_error("fork failed");
   if (pid_ == 0) {
@@ -98,9 +115,6 @@ node_process::node_process(std::vector<std::string> extra_args) {
   auto colon = at == std::string::npos ? std::string::npos : line.find(':', at + marker.size());
   if (colon == std::string::npos) {
     stop();
-    std::error_code ignored;
-    std::filesystem::remove_all(data_dir_, ignored);
-    std::remove(tokens_.file.c_str());
     throw std::runtime_error("triplane serve did not start: '" + line + "'");
   }
   port_ = static_cast<uint16_t>(std::stoi(line.substr(colon + 1)));

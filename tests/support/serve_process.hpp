@@ -33,6 +33,9 @@ public:
   const std::string& data_dir() const { return data_dir_; }
   /// Resident set size of the node, KiB (from /proc).
   long rss_kib() const;
+  /// stop(), then starts the node again on the same data directory, tokens and arguments
+  /// (a new port: use endpoint() again); throws std::runtime_error when it does not start.
+  void restart();
   /// Whether the process is still running.
   bool alive() const;
   /// Stops the node with SIGTERM, waits up to 20 s (then SIGKILL) and returns its exit status
@@ -40,7 +43,10 @@ public:
   int stop();
 
 private:
+  void launch();
+
   test_tokens tokens_;
+  std::vector<std::string> extra_args_;
   std::string data_dir_;
   pid_t pid_ = -1;
   uint16_t port_ = 0;

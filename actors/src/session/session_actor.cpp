@@ -448,6 +448,34 @@ std::unique_ptr<runtime::virtual_actor> session_host::make_session(const std::st
   return std::make_unique<session_actor>(*impl_, id);
 }
 
+namespace {
+
+caf::behavior session_catalog(caf::event_based_actor*, session::session_store* store) {
+  return {
+    [store](list_sessions_atom, const std::string& prefix, const std::string& after,
+            uint32_t limit) -> caf::result<std::vector<std::string>> {
+      if (limit == 0 || limit > max_listed_sessions)
+        return make_error(errc::invalid_argument,
+                          "a session list holds 1.." + std::to_string(max_listed_sessions)
+                            + " ids, not " + std::to_string(limit));
+      auto ids = store->list_ids(prefix, after, limit);
+      if (!ids) return std::move(ids.error());
+      return std::move(*ids);
+    },
+    [store](count_sessions_atom, const std::string& prefix) -> caf::result<uint64_t> {
+      auto n = store->count_ids(prefix);
+      if (!n) return std::move(n.error());
+      return *n;
+    },
+  };
+}
+
+} // namespace
+
+caf::actor session_host::spawn_catalog(caf::actor_system& sys) {
+  return sys.spawn<caf::detached>(session_catalog, impl_->store.get());
+}
+
 limit_mechanism session_host::limits_mechanism() const {
   auto m = impl_->cgroups->mechanism();
   return m == limit_mechanism::none ? limit_mechanism::rlimit : m;

@@ -237,6 +237,37 @@ TEST_CASE("fork copies a session without copying file contents", "[session]") {
   CHECK(*f.store->refcount(sha256(std::string(100000, 'd'))) == 1);
 }
 
+TEST_CASE("the store lists and counts stored session ids by prefix, in pages, without "
+          "activating them", "[session]") {
+  node_fixture f;
+  for (std::string id : {"t/b", "t/a", "t/c", "u/a", "t"}) {
+    auto s = f.activate(id);
+    REQUIRE(s->kv_put("k", "v"));
+    REQUIRE_FALSE(s->persist());
+  }
+  auto never_stored = f.activate("t/never");
+  auto gone = f.activate("t/gone");
+  REQUIRE(gone->kv_put("k", "v"));
+  REQUIRE_FALSE(gone->persist());
+  REQUIRE_FALSE(gone->destroy());
+
+  auto ids = f.store->list_ids("t/", "", 10);
+  REQUIRE(ids);
+  CHECK(*ids == std::vector<std::string>{"t/a", "t/b", "t/c"});
+  auto page = f.store->list_ids("t/", "", 2);
+  REQUIRE(page);
+  REQUIRE(*page == std::vector<std::string>{"t/a", "t/b"});
+  auto next = f.store->list_ids("t/", page->back(), 2);
+  REQUIRE(next);
+  CHECK(*next == std::vector<std::string>{"t/c"});
+  auto none = f.store->list_ids("t/", "t/c", 2);
+  REQUIRE(none);
+  CHECK(none->empty());
+  CHECK(*f.store->count_ids("t/") == 3);
+  CHECK(*f.store->count_ids("") == 5);
+  CHECK(*f.store->count_ids("v/") == 0);
+}
+
 TEST_CASE("a fork onto the id of a live session that was never stored becomes that session",
           "[session]") {
   // The id is free in the store (fork checks only that), but its session may be live: looked at

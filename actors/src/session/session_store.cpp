@@ -355,6 +355,35 @@ caf::error session_store::destroy(const std::string& id) {
   return reclaim(dropped);
 }
 
+expected<std::vector<std::string>> session_store::list_ids(std::string_view prefix,
+                                                          std::string_view after,
+                                                          size_t limit) const {
+  std::vector<std::string> ids;
+  if (limit == 0) return ids;
+  // The smallest key above `after` is `after` followed by a NUL byte.
+  std::string start;
+  if (!after.empty()) {
+    start.assign(after);
+    start.push_back('\0');
+  }
+  auto err = db_.for_each(sessions_, prefix, start, [&](std::string_view key, std::string_view) {
+    ids.emplace_back(key);
+    return ids.size() < limit;
+  });
+  if (err) return err;
+  return ids;
+}
+
+expected<uint64_t> session_store::count_ids(std::string_view prefix) const {
+  uint64_t n = 0;
+  auto err = db_.for_each(sessions_, prefix, [&n](std::string_view, std::string_view) {
+    ++n;
+    return true;
+  });
+  if (err) return err;
+  return n;
+}
+
 expected<std::string> session_store::chunk(std::string_view hash) const {
   auto value = db_.get(chunks_, hash);
   if (!value) return value.error();

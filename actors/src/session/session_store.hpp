@@ -118,6 +118,12 @@ public:
   caf::error fork(const session_record& source, const std::string& new_id, uint64_t now_ms);
   /// Removes the record of `id` and its references; reclaims chunks at 0. Missing: not_found.
   caf::error destroy(const std::string& id);
+  /// Up to `limit` ids of stored sessions that begin with `prefix` and sort after `after` (empty:
+  /// from the first), in byte order. Reads the records' column only: nothing is activated.
+  expected<std::vector<std::string>> list_ids(std::string_view prefix, std::string_view after,
+                                              size_t limit) const;
+  /// Number of stored sessions whose id begins with `prefix`: a scan of them, O(their number).
+  expected<uint64_t> count_ids(std::string_view prefix) const;
   /// The bytes of chunk `hash`; corrupted when missing or when the bytes do not hash to it.
   expected<std::string> chunk(std::string_view hash) const;
   /// Calls `use(bytes)` with chunk `hash` pinned in RocksDB's cache (no copy), after checking

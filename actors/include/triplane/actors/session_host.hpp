@@ -73,6 +73,11 @@ public:
   /// One activation of session `id` (what kind().factory returns).
   std::unique_ptr<runtime::virtual_actor> make_session(const std::string& id);
 
+  /// Spawns the session catalog: a detached actor (its own thread, since store reads block)
+  /// answering list_sessions_atom and count_sessions_atom (session_protocol.hpp). It borrows
+  /// this host, which must outlive it: send it an exit before destroying the host.
+  caf::actor spawn_catalog(caf::actor_system& sys);
+
   /// How this host limits memory/processes/CPU: cgroup_v1, cgroup_v2 or rlimit.
   limit_mechanism limits_mechanism() const;
 

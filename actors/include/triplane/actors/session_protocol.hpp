@@ -145,6 +145,20 @@ using destroy_atom = caf::atom_constant<caf::atom("ss_destroy")>;
 /// `(info_atom)` -> session_info.
 using info_atom = caf::atom_constant<caf::atom("ss_info")>;
 
+// The session catalog (session_host::spawn_catalog): which sessions are stored, read straight
+// from the store without activating any. Sent to the catalog actor, not through the directory.
+
+/// Most ids one list_sessions_atom request may ask for.
+constexpr uint32_t max_listed_sessions = 10000;
+/// `(list_sessions_atom, std::string prefix, std::string after, uint32_t limit)` ->
+/// std::vector<std::string>: up to `limit` (1..max_listed_sessions, else invalid_argument) ids
+/// of stored sessions that begin with `prefix` and sort after `after` (empty: from the first),
+/// in byte order.
+using list_sessions_atom = caf::atom_constant<caf::atom("ss_list")>;
+/// `(count_sessions_atom, std::string prefix)` -> uint64_t: the number of stored sessions whose
+/// id begins with `prefix` (a scan of them).
+using count_sessions_atom = caf::atom_constant<caf::atom("ss_count")>;
+
 // ---------------------------------------------------------------------------------------------
 // Limits and settings
 

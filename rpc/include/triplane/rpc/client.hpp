@@ -60,6 +60,12 @@ struct file_page {
   bool more = false;                ///< entries follow the last one
 };
 
+/// One page of a tenant's stored sessions (connection::list_sessions).
+struct session_page {
+  std::vector<std::string> ids;  ///< as the tenant named them, in byte order
+  bool more = false;             ///< further ids follow: list again with `after` = ids.back()
+};
+
 struct session_info {
   std::string id;
   uint64_t created_unix_ms = 0, last_used_unix_ms = 0;
@@ -179,8 +185,17 @@ public:
   const std::string& tenant() const;
   bool is_admin() const;
 
-  /// Opens a session; `create` makes it when absent (else not_found).
+  /// Opens a session; `create` makes it when absent (else not_found). Creating one beyond the
+  /// node's limit of stored sessions per tenant is limit_exceeded.
   expected<session> open_session(const std::string& id, bool create);
+
+  /// One page of this tenant's stored sessions: the ids that begin with `prefix` and sort after
+  /// `after` (empty: from the first), in byte order, at most `limit` (0: the node's page size,
+  /// 1000; it cuts larger values to that). Lists from storage without opening any session.
+  /// invalid_argument for a prefix or `after` that no id could have (over 200 bytes, not
+  /// printable ASCII).
+  expected<session_page> list_sessions(const std::string& prefix = {},
+                                       const std::string& after = {}, uint32_t limit = 0);
 
   /// Generates tokens; with `on_tokens` they are passed to it as they come (in order, possibly
   /// several per call) and the result's `tokens` stays empty. unavailable when the node serves

@@ -21,6 +21,9 @@ namespace triplane::rpc {
 struct limits {
   uint32_t max_concurrent_calls_per_tenant = 512;  ///< beyond: `overloaded`
   uint32_t max_open_sessions_per_tenant = 1024;    ///< Session capabilities held: `limit_exceeded`
+  /// Sessions a tenant has stored (created and not destroyed, across connections and restarts);
+  /// a create or fork beyond: `limit_exceeded`. Enforced only with a session_catalog.
+  uint32_t max_stored_sessions_per_tenant = 100000;
   uint32_t max_connections = 4096;                 ///< beyond: new connections are closed at once
   std::chrono::milliseconds call_deadline{10000};  ///< per call, except exec and generate
   std::chrono::milliseconds generate_deadline{600000};  ///< one Inference.generate call
@@ -71,6 +74,11 @@ struct server_options {
   /// incarnation of a restarted worker. Unset (invalid): Inference calls answer `unavailable`.
   caf::actor inference;
   std::vector<std::string> inference_route;
+  /// Answers the session catalog's messages (list_sessions_atom, count_sessions_atom of
+  /// actors/session_protocol.hpp) from the store the node's sessions live in; used by
+  /// Tenant.listSessions and to count each tenant's stored sessions. Unset (invalid):
+  /// listSessions answers `unavailable` and max_stored_sessions_per_tenant is not enforced.
+  caf::actor session_catalog;
 };
 
 /// Not copyable or movable; destroying a running server calls stop() with a zero deadline.

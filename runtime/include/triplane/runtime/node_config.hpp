@@ -48,6 +48,9 @@ struct node_options {
   /// slow client; beyond it the command waits on its pipe).
   uint32_t rpc_max_calls = 512;
   uint32_t rpc_max_sessions = 1024;
+  /// Sessions a tenant may have stored (created and not destroyed); beyond, a create or fork
+  /// is limit_exceeded.
+  uint32_t rpc_max_stored_sessions = 100000;
   std::chrono::milliseconds rpc_call_deadline{10000};
   uint64_t rpc_exec_output_buffer = 8u << 20;
 };
@@ -95,6 +98,7 @@ private:
   int64_t kv_cache_mb_ = 256;
   size_t rpc_max_calls_ = 512;
   size_t rpc_max_sessions_ = 1024;
+  size_t rpc_max_stored_sessions_ = 100000;
   caf::timespan rpc_call_deadline_ = std::chrono::seconds{10};
   size_t rpc_exec_output_buffer_ = 8u << 20;
 };

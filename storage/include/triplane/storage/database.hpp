@@ -119,6 +119,12 @@ public:
   caf::error for_each(column_family cf, std::string_view prefix,
                       const std::function<bool(std::string_view key, std::string_view value)>&
                         visit) const;
+  /// The same, starting at the first key not less than `start` (pages of a long range: pass
+  /// the last key seen with a '\0' appended to continue after it). A `start` below `prefix`
+  /// starts at `prefix`.
+  caf::error for_each(column_family cf, std::string_view prefix, std::string_view start,
+                      const std::function<bool(std::string_view key, std::string_view value)>&
+                        visit) const;
 
   /// Writes every column family's memtable to SST files and syncs the WAL.
   caf::error flush();
