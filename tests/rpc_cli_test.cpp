@@ -155,6 +155,17 @@ TEST_CASE("triplane-cli prints human-readable errors and exits 1 or 2", "[rpc][c
   r = run(node, "", cli + " frobnicate");
   CHECK(r.status == 2);
   CHECK(r.out.find("unknown command 'frobnicate'") != std::string::npos);
+  // So is every other usage error: the arguments are checked before the node is needed.
+  for (std::string bad : {" session exec x", " session cat x", " session get x",
+                          " session kv x frob", " session kv x put onlykey", " session fork x",
+                          " session frob x", " session exec x --timeout-ms soon -- true",
+                          " session list --limit 0", " generate --tokens 1 --max-tokens -1",
+                          " generate", " stats extra", " models extra"}) {
+    INFO(bad);
+    r = run(node, node.tokens().alice, "TRIPLANE_ENDPOINT=127.0.0.1:1 " + cli + bad);
+    CHECK(r.status == 2);
+    CHECK(r.out.find("unavailable") == std::string::npos);
+  }
 }
 
 TEST_CASE("triplane-cli refuses numeric options it cannot represent instead of wrapping or "

@@ -8,7 +8,9 @@
 #include <cstring>
 #include <fstream>
 #include <iostream>
+#include <memory>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -107,6 +109,26 @@ struct args_view {
   const std::string& peek() const { return rest[i]; }
 };
 
+/// The node's connection, made at the first get(): every usage error is found (exit 2) before
+/// the node is needed.
+class lazy_connection {
+public:
+  lazy_connection(std::string endpoint, std::string token)
+      : endpoint_(std::move(endpoint)), token_(std::move(token)) {}
+  triplane::expected<triplane::client::connection*> get() {
+    if (!conn_) {
+      auto c = triplane::client::connection::connect(endpoint_, token_);
+      if (!c) return c.error();
+      conn_ = std::move(*c);
+    }
+    return conn_.get();
+  }
+
+private:
+  std::string endpoint_, token_;
+  std::unique_ptr<triplane::client::connection> conn_;
+};
+
 std::string read_all(std::istream& in) {
   std::ostringstream buf;
   buf << in.rdbuf();
@@ -114,7 +136,7 @@ std::string read_all(std::istream& in) {
 }
 
 /// `session list [PREFIX] [--limit N]`: pages through the tenant's stored sessions.
-int run_session_list(triplane::client::connection& conn, args_view& a) {
+int run_session_list(lazy_connection& lazy, args_view& a) {
   std::string prefix;
   std::optional<uint64_t> limit;
   bool have_prefix = false;
@@ -132,12 +154,14 @@ int run_session_list(triplane::client::connection& conn, args_view& a) {
       return usage("session list [PREFIX] [--limit N]: unexpected argument '" + x + "'");
     }
   }
+  auto conn = lazy.get();
+  if (!conn) return fail(conn.error());
   uint64_t printed = 0;
   std::string after;
   for (;;) {
     uint32_t page_size = 0;  // the node's page size
     if (limit) page_size = static_cast<uint32_t>(std::min<uint64_t>(*limit - printed, 1000));
-    auto page = conn.list_sessions(prefix, after, page_size);
+    auto page = (*conn)->list_sessions(prefix, after, page_size);
     if (!page) return fail(page.error());
     for (const auto& id : page->ids) std::cout << id << "\n";
     printed += page->ids.size();
@@ -146,9 +170,9 @@ int run_session_list(triplane::client::connection& conn, args_view& a) {
   }
 }
 
-int run_session(triplane::client::connection& conn, args_view& a) {
+int run_session(lazy_connection& lazy, args_view& a) {
   auto verb = a.next();
-  if (verb == "list") return run_session_list(conn, a);
+  if (verb == "list") return run_session_list(lazy, a);
   auto id = a.next();
   if (verb.empty() || id.empty()) return usage("session needs a verb and an id");
   // Options shared by the verbs; positional arguments are collected in order.
@@ -176,12 +200,37 @@ int run_session(triplane::client::connection& conn, args_view& a) {
       while (!a.empty()) exec.argv.push_back(a.next());
     } else pos.push_back(x);
   }
-  auto s = conn.open_session(id, create);
+  // Everything the verb needs is checked before the node is asked anything.
+  static const std::set<std::string> verbs{"exec", "ls", "cat", "get", "put", "kv", "fork", "rm", "info"};
+  if (!verbs.count(verb)) return usage("unknown session verb '" + verb + "'");
+  if (verb == "exec" && exec.argv.empty() && exec.shell.empty())
+    return usage("session exec needs -- PROGRAM ARGS... or --shell 'COMMAND'");
+  if ((verb == "cat" || verb == "get" || verb == "put") && pos.empty())
+    return usage("session " + verb + " needs a PATH");
+  if (verb == "fork" && pos.empty()) return usage("session fork needs NEW_ID");
+  if (verb == "kv") {
+    const std::string op = pos.empty() ? "" : pos[0];
+    bool fits = (op == "get" && pos.size() == 2) || (op == "put" && pos.size() == 3) ||
+                (op == "del" && pos.size() == 2) || (op == "ls" && pos.size() <= 2);
+    if (!fits) return usage("session kv: get KEY | put KEY VALUE | del KEY | ls [PREFIX]");
+  }
+  std::string put_data;
+  if (verb == "put") {
+    if (pos.size() > 1 && pos[1] != "-") {
+      std::ifstream in{pos[1], std::ios::binary};
+      if (!in) return usage("cannot read '" + pos[1] + "'");
+      put_data = read_all(in);
+    } else {
+      put_data = read_all(std::cin);
+    }
+  }
+
+  auto conn = lazy.get();
+  if (!conn) return fail(conn.error());
+  auto s = (*conn)->open_session(id, create);
   if (!s) return fail(s.error());
 
   if (verb == "exec") {
-    if (exec.argv.empty() && exec.shell.empty())
-      return usage("session exec needs -- PROGRAM ARGS... or --shell 'COMMAND'");
     auto r = s->exec(exec, [](triplane::client::output_stream st, std::string_view chunk) {
       auto* f = st == triplane::client::output_stream::out ? stdout : stderr;
       fwrite(chunk.data(), 1, chunk.size(), f);
@@ -201,7 +250,6 @@ int run_session(triplane::client::connection& conn, args_view& a) {
     return 0;
   }
   if (verb == "cat" || verb == "get") {
-    if (pos.empty()) return usage("session " + verb + " needs a PATH");
     auto data = s->read_file(pos[0]);
     if (!data) return fail(data.error());
     if (verb == "get" && pos.size() > 1) {
@@ -219,22 +267,12 @@ int run_session(triplane::client::connection& conn, args_view& a) {
     return 0;
   }
   if (verb == "put") {
-    if (pos.empty()) return usage("session put needs a PATH");
-    std::string data;
-    if (pos.size() > 1 && pos[1] != "-") {
-      std::ifstream in{pos[1], std::ios::binary};
-      if (!in) return usage("cannot read '" + pos[1] + "'");
-      data = read_all(in);
-    } else {
-      data = read_all(std::cin);
-    }
-    auto r = s->write_file(pos[0], data, true);
+    auto r = s->write_file(pos[0], put_data, true);
     return r ? 0 : fail(r.error());
   }
   if (verb == "kv") {
-    if (pos.empty()) return usage("session kv needs get|put|del|ls");
-    auto op = pos[0];
-    if (op == "get" && pos.size() == 2) {
+    const auto& op = pos[0];
+    if (op == "get") {
       auto v = s->kv_get(pos[1]);
       if (!v) return fail(v.error());
       if (!*v) {
@@ -244,24 +282,20 @@ int run_session(triplane::client::connection& conn, args_view& a) {
       std::cout << **v << "\n";
       return 0;
     }
-    if (op == "put" && pos.size() == 3) {
+    if (op == "put") {
       auto r = s->kv_put(pos[1], pos[2]);
       return r ? 0 : fail(r.error());
     }
-    if (op == "del" && pos.size() == 2) {
+    if (op == "del") {
       auto r = s->kv_delete(pos[1]);
       return r ? 0 : fail(r.error());
     }
-    if (op == "ls") {
-      auto keys = s->kv_list(pos.size() > 1 ? pos[1] : "");
-      if (!keys) return fail(keys.error());
-      for (const auto& k : *keys) std::cout << k << "\n";
-      return 0;
-    }
-    return usage("session kv: get KEY | put KEY VALUE | del KEY | ls [PREFIX]");
+    auto keys = s->kv_list(pos.size() > 1 ? pos[1] : "");  // ls
+    if (!keys) return fail(keys.error());
+    for (const auto& k : *keys) std::cout << k << "\n";
+    return 0;
   }
   if (verb == "fork") {
-    if (pos.empty()) return usage("session fork needs NEW_ID");
     auto f = s->fork(pos[0]);
     return f ? 0 : fail(f.error());
   }
@@ -277,10 +311,13 @@ int run_session(triplane::client::connection& conn, args_view& a) {
               << "\nkv " << i->kv_count << "\nexecs " << i->exec_count << "\n";
     return 0;
   }
-  return usage("unknown session verb '" + verb + "'");
+  return usage("unknown session verb '" + verb + "'");  // (checked above)
 }
 
-int run_stats(triplane::client::connection& conn) {
+int run_stats(lazy_connection& lazy) {
+  auto c = lazy.get();
+  if (!c) return fail(c.error());
+  auto& conn = **c;
   auto st = conn.stats();
   if (!st) return fail(st.error());
   std::cout << "live actors        " << st->live_actors << "\n"
@@ -359,11 +396,13 @@ int run(int argc, char** argv) {
   if (cmd != "session" && cmd != "stats" && cmd != "generate" && cmd != "models")
     return usage("unknown command '" + cmd + "'");
   if (token.empty()) return usage("no token: pass --token or set TRIPLANE_TOKEN");
-  auto conn = triplane::client::connection::connect(endpoint, token);
-  if (!conn) return fail(conn.error());
+  lazy_connection conn{endpoint, token};
 
-  if (cmd == "session") return run_session(**conn, a);
-  if (cmd == "stats") return run_stats(**conn);
+  if (cmd == "session") return run_session(conn, a);
+  if (cmd == "stats") {
+    if (!a.empty()) return usage("stats takes no arguments");
+    return run_stats(conn);
+  }
   if (cmd == "generate") {
     triplane::client::generate_options g;
     auto ids = [](const std::string& text, std::vector<uint32_t>& out) {
@@ -411,8 +450,10 @@ int run(int argc, char** argv) {
       }
     }
     if (g.prompt_tokens.empty()) return usage("generate needs --tokens ID,ID,...");
+    auto c = conn.get();
+    if (!c) return fail(c.error());
     bool first = true;
-    auto r = (*conn)->generate(g, [&first](const std::vector<uint32_t>& tokens) {
+    auto r = (*c)->generate(g, [&first](const std::vector<uint32_t>& tokens) {
       for (auto t : tokens) {
         std::printf("%s%u", first ? "" : ",", t);
         first = false;
@@ -426,7 +467,10 @@ int run(int argc, char** argv) {
     return 0;
   }
   if (cmd == "models") {
-    auto r = (*conn)->list_models();
+    if (!a.empty()) return usage("models takes no arguments");
+    auto c = conn.get();
+    if (!c) return fail(c.error());
+    auto r = (*c)->list_models();
     if (!r) return fail(r.error());
     for (const auto& m : *r)
       std::printf("%s backend=%s parameters=%llu context=%u vocab=%u\n", m.name.c_str(),
