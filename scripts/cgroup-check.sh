@@ -12,7 +12,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 pack_dir=build-cgroup-check
-tests=(actors_sandbox_process_test actors_sandbox_pool_test actors_session_core_test actors_session_actor_test)
+tests=(actors_sandbox_process_test actors_sandbox_pool_test actors_session_core_test actors_session_actor_test
+       actors_workspace_test actors_workspace_sync_test actors_tar_members_test)
 
 pack() {
   set -e
