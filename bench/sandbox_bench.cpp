@@ -165,7 +165,7 @@ int main(int argc, char** argv) {
     exec_request req;
     req.argv = {"true"};
     must(s->exec(req), "warm-up exec");
-    // The same with a memory and a process limit: two cgroup v1 joins per exec.
+    // The same with a memory and a process limit: a cgroup join per controller on v1, one group on v2.
     auto limited = must(session_core::activate(node, "exec-bench-limited"), "activate");
     session_settings with_limits;
     with_limits.default_limits.memory_bytes = 4ull << 30;
@@ -327,7 +327,7 @@ int main(int argc, char** argv) {
         rows.push_back({"  same, node default limits (memory+pids)", lim_pooled.pct(50), lim_pooled.pct(99), "us",
                         target + (lim_pooled.pct(99) < 25000 ? "met" : "MISSED") + "; cgroups joined ahead of time"});
         rows.push_back({"  same, node default limits, sandbox started for it", lim_fresh.pct(50), lim_fresh.pct(99),
-                        "us", "two cgroup v1 joins on the path"});
+                        "us", "cgroup joins on the path"});
         fs::remove_all(root);
       }
     }
