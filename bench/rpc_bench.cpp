@@ -424,6 +424,7 @@ int main(int argc, char** argv) {
     return out;
   };
   std::string model = std::string(TRIPLANE_FIXTURES_DIR) + "/llama/tiny-llama-f32";
+  std::string backend_name = "cpu";  // of the inference worker that streams the tokens
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--json" && i + 1 < argc) json_path = argv[++i];
@@ -433,9 +434,11 @@ int main(int argc, char** argv) {
     else if (a == "--clients" && i + 1 < argc) clients = split(argv[++i]);
     else if (a == "--calls" && i + 1 < argc) calls_at_depth = std::stoul(argv[++i]);
     else if (a == "--model" && i + 1 < argc) model = argv[++i];
+    else if (a == "--backend" && i + 1 < argc && (std::string(argv[i + 1]) == "cpu" || std::string(argv[i + 1]) == "cuda"))
+      backend_name = argv[++i];
     else {
       std::fprintf(stderr,
-                   "usage: rpc_bench [--json FILE] [--quick] [--kv-only] [--model DIR]\n"
+                   "usage: rpc_bench [--json FILE] [--quick] [--kv-only] [--model DIR] [--backend cpu|cuda]\n"
                    "                 [--transports tcp,unix] [--clients plain,batched] [--calls N]\n"
                    "  --transports  RPC transports to measure kv get over (default both)\n"
                    "  --clients     plain: the client uses Cap'n Proto 0.9.2's stream as is;\n"
@@ -470,7 +473,7 @@ int main(int argc, char** argv) {
     session_plane.kinds.push_back(sessions->kind());
     std::vector<triplane::runtime::node::plane> planes{std::move(session_plane)};
     triplane::gpu::backend_options backend;
-    backend.kind = triplane::gpu::backend_kind::cpu;
+    backend.kind = backend_name == "cuda" ? triplane::gpu::backend_kind::cuda : triplane::gpu::backend_kind::cpu;
     auto child = inf::worker_child_spec("worker-0", model, backend, inf::worker_options{});
     if (!child) return std::move(child.error());
     triplane::runtime::supervisor_spec spec;
@@ -600,9 +603,10 @@ int main(int argc, char** argv) {
               stream_local_mb_s, raw_mb_s);
   if (!stream_error.empty())
     std::printf("exec output streaming over RPC FAILED (reported as -1): %s\n", stream_error.c_str());
-  std::printf("generated-token streaming (%u tokens, tiny Llama f32, CPU): RPC %.0f tok/s; same "
+  std::printf("generated-token streaming (%u tokens, %s, %s backend): RPC %.0f tok/s; same "
               "request to a local sink actor %.0f tok/s\n",
-              gen_tokens, tok_s, tok_local_s);
+              gen_tokens, std::filesystem::path(model).filename().c_str(), backend_name.c_str(), tok_s,
+              tok_local_s);
 
   if (!json_path.empty()) {
     std::ofstream out{json_path};

@@ -27,17 +27,26 @@ pack() {
   [[ -f $build_dir/CMakeCache.txt ]] || cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release >/dev/null
   grep -q '^TRIPLANE_HAVE_CUDA' "$build_dir/CMakeCache.txt" 2>/dev/null || true
   local targets=(gpu_kernels_gpu_test gpu_cuda_backend_gpu_test gpu_cuda_backend_test bench_inference_gpu
-                 triplane-generate)
+                 triplane-generate triplane triplane-cli rpc_bench)
   cmake --build "$build_dir" --target "${targets[@]}" -j"${TRIPLANE_JOBS:-2}"
   rm -rf "$pack_dir"
   mkdir -p "$pack_dir/bin" "$pack_dir/lib" "$pack_dir/fixtures/llama"
   cp "$build_dir/gpu/gpu_kernels_gpu_test" "$build_dir/gpu/gpu_cuda_backend_gpu_test" \
      "$build_dir/gpu/gpu_cuda_backend_test" "$build_dir/bench/bench_inference_gpu" \
      "$build_dir/gpu/triplane-generate" "$pack_dir/bin/"
+  # The node with a CUDA inference worker, end to end (serve, RPC, CLI): it needs bwrap for its
+  # session plane, which the device machine lacks.
+  mkdir -p "$pack_dir/node" "$pack_dir/bwrap"
+  cp "$build_dir/apps/triplane/triplane" "$build_dir/apps/triplane-cli/triplane-cli" \
+     "$build_dir/bench/rpc_bench" "$build_dir/actors/triplane-sandbox-exec" "$pack_dir/node/"
+  cp /usr/bin/bwrap "$pack_dir/bwrap/bwrap"
+  ldd /usr/bin/bwrap | awk '/=> \//{print $1, $3}' | while read -r name path; do
+    case $name in libc.so*|ld-linux*) ;; *) cp -L "$path" "$pack_dir/bwrap/$name" ;; esac
+  done
   # Non-system libraries (CAF, ...). Left out: the C runtime (there), libstdc++/libgcc_s (the
   # device's are newer and backward compatible), CUDA's own libraries (found there).
-  for bin in "$pack_dir"/bin/*; do
-    ldd "$bin" | awk '/=> \//{print $1, $3}' | while read -r name path; do
+  for bin in "$pack_dir"/bin/* "$pack_dir"/node/*; do
+    { ldd "$bin" 2>/dev/null || true; } | awk '/=> \//{print $1, $3}' | while read -r name path; do
       case $name in
         libc.so*|libm.so*|libpthread.so*|libdl.so*|librt.so*|ld-linux*|libstdc++.so*|libgcc_s.so*) ;;
         libcublas*|libcublasLt*|libnccl*|libcuda.so*|libcudart.so*) ;;
@@ -131,6 +140,49 @@ run() {
   timeout 240 "$pack_dir/bin/bench_inference_gpu" --json "$out/bench_inference_gpu.json" \
     --model-dir /tmp/triplane-llama-3.2-1b-random 2>&1 | tee "$out/bench.log"
   local bench_rc=${PIPESTATUS[0]}
+
+  # The node serving the bf16 fixture on CUDA: `triplane serve`, then triplane-cli generate over
+  # RPC (the reference greedy tokens expected), models, and a clean SIGTERM.
+  if [[ -x $pack_dir/node/triplane ]]; then
+    echo "== triplane serve --triplane.inference-backend=cuda"
+    if ! command -v bwrap >/dev/null; then
+      mkdir -p /usr/local/lib/triplane-bwrap && cp "$pack_dir"/bwrap/* /usr/local/lib/triplane-bwrap/
+      printf '#!/bin/sh\nLD_LIBRARY_PATH=/usr/local/lib/triplane-bwrap exec /usr/local/lib/triplane-bwrap/bwrap "$@"\n' \
+        >/usr/local/bin/bwrap
+      chmod 755 /usr/local/bin/bwrap
+    fi
+    local data=/tmp/tp-gpu-serve node_pid endpoint token generated models
+    rm -rf "$data"
+    "$pack_dir/node/triplane" serve --data-dir "$data" --listen 127.0.0.1:0 --model "$fixture" \
+      --triplane.inference-backend='"cuda"' >"$out/logs/serve.out" 2>"$out/logs/serve.err" &
+    node_pid=$!
+    for _ in $(seq 100); do grep -q 'serving on' "$out/logs/serve.out" && break; sleep 0.2; done
+    endpoint=$(sed -n 's/^triplane: serving on \([^ ]*\) .*/\1/p' "$out/logs/serve.out")
+    token=$(awk '$1=="default"{print $2}' "$data/client-tokens" 2>/dev/null)
+    start=$(date +%s%N)
+    generated=$(TRIPLANE_ENDPOINT=$endpoint TRIPLANE_TOKEN=$token timeout 60 "$pack_dir/node/triplane-cli" \
+                generate --tokens "$prompt" --max-tokens 12 2>>"$out/logs/serve.cli")
+    rc=$?
+    models=$(TRIPLANE_ENDPOINT=$endpoint TRIPLANE_TOKEN=$token timeout 20 "$pack_dir/node/triplane-cli" models 2>&1)
+    seconds=$(awk -v a="$start" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
+    kill -TERM "$node_pid" 2>/dev/null
+    wait "$node_pid"
+    local node_rc=$?
+    if [[ $rc -ne 0 || $node_rc -ne 0 ]]; then status=FAIL
+    elif [[ $generated == "$expected_tokens" && $models == *backend=cuda* ]]; then status=pass
+    else status=DIFF
+    fi
+    printf '%s\t%s\t%s\t%s\n' "$status" "serve+cli" "$seconds" \
+      "generate rc $rc: $generated (reference $expected_tokens); $models; node exit $node_rc" >>"$results"
+    # Tokens streamed over RPC from the CUDA worker on the 1B-shaped model the benchmark wrote.
+    if [[ -f /tmp/triplane-llama-3.2-1b-random/config.json ]]; then
+      timeout 200 "$pack_dir/node/rpc_bench" --quick --backend cuda --model /tmp/triplane-llama-3.2-1b-random \
+        --json "$out/rpc_bench_cuda.json" >"$out/logs/rpc_bench_cuda.log" 2>&1
+      rc=$?
+      printf '%s\t%s\t%s\t%s\n' "$([[ $rc -eq 0 ]] && echo pass || echo FAIL)" "rpc_bench" "-" \
+        "$(grep 'generated-token streaming' "$out/logs/rpc_bench_cuda.log")" >>"$results"
+    fi
+  fi
 
   # Last, as time allows: the kernels and one end-to-end case under compute-sanitizer's memcheck
   # (out-of-bounds and misaligned accesses; it works on the Firecracker machines, see KINDS.md).

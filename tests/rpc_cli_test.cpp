@@ -139,6 +139,8 @@ TEST_CASE("triplane-cli prints human-readable errors and exits 1 or 2", "[rpc][c
   r = run(node, node.tokens().alice, cli + " generate --tokens 1,2,3");
   CHECK(r.status == 1);
   CHECK(r.out.find("error: unavailable: inference is not available") != std::string::npos);
+  // The node answered: no hint that it might be unreachable.
+  CHECK(r.out.find("is the node running") == std::string::npos);
   r = run(node, node.tokens().alice, cli + " generate hello");
   CHECK(r.status == 2);
   r = run(node, node.tokens().alice, cli + " frobnicate");
@@ -148,6 +150,7 @@ TEST_CASE("triplane-cli prints human-readable errors and exits 1 or 2", "[rpc][c
   r = run(node, node.tokens().alice, "TRIPLANE_ENDPOINT=127.0.0.1:1 " + cli + " session ls x");
   CHECK(r.status == 1);
   CHECK(r.out.find("error: unavailable") != std::string::npos);
+  CHECK(r.out.find("is the node running and reachable?") != std::string::npos);
   // A mistyped command is named as such, not hidden behind a connection error or a missing token.
   r = run(node, node.tokens().alice, "TRIPLANE_ENDPOINT=127.0.0.1:1 " + cli + " sesion ls x");
   CHECK(r.status == 2);

@@ -64,14 +64,22 @@ int usage(const std::string& why) {
   return 2;
 }
 
-int fail(const caf::error& err) {
+/// Prints `err` (with `hint` when its code is `hint_for`) and returns the exit status 1.
+int fail(const caf::error& err, triplane::errc hint_for = triplane::errc::ok, const char* hint = nullptr) {
   auto code = triplane::code_of(err);
   std::cerr << "error: " << triplane::describe(err);
-  if (code == triplane::errc::not_found) std::cerr << " (use --create to create a session)";
-  if (code == triplane::errc::unavailable) std::cerr << " (is the node running and reachable?)";
+  if (hint != nullptr && code == hint_for) std::cerr << " (" << hint << ")";
   if (code == triplane::errc::permission_denied) std::cerr << " (check TRIPLANE_TOKEN / --token)";
   std::cerr << "\n";
   return 1;
+}
+
+/// A failure to reach the node, or to open a session.
+int fail_connect(const caf::error& err) {
+  return fail(err, triplane::errc::unavailable, "is the node running and reachable?");
+}
+int fail_open(const caf::error& err) {
+  return fail(err, triplane::errc::not_found, "use --create to create a session");
 }
 
 /// `text` as an unsigned decimal number of at most `max`; nullopt for anything else (a sign,
@@ -155,7 +163,7 @@ int run_session_list(lazy_connection& lazy, args_view& a) {
     }
   }
   auto conn = lazy.get();
-  if (!conn) return fail(conn.error());
+  if (!conn) return fail_connect(conn.error());
   uint64_t printed = 0;
   std::string after;
   for (;;) {
@@ -226,9 +234,9 @@ int run_session(lazy_connection& lazy, args_view& a) {
   }
 
   auto conn = lazy.get();
-  if (!conn) return fail(conn.error());
+  if (!conn) return fail_connect(conn.error());
   auto s = (*conn)->open_session(id, create);
-  if (!s) return fail(s.error());
+  if (!s) return fail_open(s.error());
 
   if (verb == "exec") {
     auto r = s->exec(exec, [](triplane::client::output_stream st, std::string_view chunk) {
@@ -316,7 +324,7 @@ int run_session(lazy_connection& lazy, args_view& a) {
 
 int run_stats(lazy_connection& lazy) {
   auto c = lazy.get();
-  if (!c) return fail(c.error());
+  if (!c) return fail_connect(c.error());
   auto& conn = **c;
   auto st = conn.stats();
   if (!st) return fail(st.error());
@@ -451,7 +459,7 @@ int run(int argc, char** argv) {
     }
     if (g.prompt_tokens.empty()) return usage("generate needs --tokens ID,ID,...");
     auto c = conn.get();
-    if (!c) return fail(c.error());
+    if (!c) return fail_connect(c.error());
     bool first = true;
     auto r = (*c)->generate(g, [&first](const std::vector<uint32_t>& tokens) {
       for (auto t : tokens) {
@@ -469,7 +477,7 @@ int run(int argc, char** argv) {
   if (cmd == "models") {
     if (!a.empty()) return usage("models takes no arguments");
     auto c = conn.get();
-    if (!c) return fail(c.error());
+    if (!c) return fail_connect(c.error());
     auto r = (*c)->list_models();
     if (!r) return fail(r.error());
     for (const auto& m : *r)
