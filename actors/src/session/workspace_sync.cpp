@@ -112,13 +112,58 @@ private:
   int errno_ = 0;
 };
 
+/// Opens what `opath_fd` (an O_PATH descriptor) names with `flags`, when a command made it
+/// unreadable to a node that does not run as root (`chmod 000`): the node owns what its
+/// sandboxes create (their user namespace maps to its uid), so it adds its own read (and, for
+/// a directory, search) permission for the open and then puts the mode back. Going through
+/// the O_PATH descriptor, never a path, the mode change cannot land on anything a symlink
+/// swapped in points at. With `keep_mode` (a directory, whose entries need the search
+/// permission while they are listed), the permission stays and *keep_mode gets the mode to put
+/// back (fchmod on the returned descriptor). -1 and errno (EACCES when not the node's own) on
+/// failure.
+int reopen_as_owner(int opath_fd, int flags, mode_t* keep_mode = nullptr) {
+  struct stat st {};
+  if (::fstat(opath_fd, &st) != 0) return -1;
+  if (st.st_uid != ::geteuid() || !(S_ISDIR(st.st_mode) || S_ISREG(st.st_mode))) {
+    errno = EACCES;
+    return -1;
+  }
+  const std::string self = "/proc/self/fd/" + std::to_string(opath_fd);
+  const mode_t mode = st.st_mode & 07777;
+  if (::chmod(self.c_str(), mode | S_IRUSR | (S_ISDIR(st.st_mode) ? S_IXUSR : 0)) != 0) return -1;
+  int fd = ::open(self.c_str(), flags);
+  int saved = errno;
+  if (keep_mode != nullptr && fd >= 0)
+    *keep_mode = mode;
+  else
+    ::chmod(self.c_str(), mode);
+  errno = saved;
+  return fd;
+}
+
 struct scanned {
   std::string path;
   struct stat st;
   std::string link_target;
 };
 
-caf::error scan(int dirfd, const std::string& prefix, std::vector<scanned>& out) {
+/// Directories a scan made searchable to read them (see reopen_as_owner), by path below the
+/// root; their modes go back when the sync that needed them is done (destruction), children
+/// before parents.
+class unlocked_dirs {
+public:
+  explicit unlocked_dirs(int rootfd) : rootfd_(rootfd) {}
+  unlocked_dirs(const unlocked_dirs&) = delete;
+  unlocked_dirs& operator=(const unlocked_dirs&) = delete;
+  ~unlocked_dirs();
+  void add(std::string path, mode_t mode) { dirs_.emplace_back(std::move(path), mode); }
+
+private:
+  int rootfd_;
+  std::vector<std::pair<std::string, mode_t>> dirs_;  ///< in discovery order: parents first
+};
+
+caf::error scan(int dirfd, const std::string& prefix, std::vector<scanned>& out, unlocked_dirs& unlocked) {
   int copy = ::fcntl(dirfd, F_DUPFD_CLOEXEC, 0);
   DIR* d = ::fdopendir(copy);
   if (!d) {
@@ -150,8 +195,23 @@ caf::error scan(int dirfd, const std::string& prefix, std::vector<scanned>& out)
   ::closedir(d);
   for (const auto& sub : subdirs) {
     int fd = ::openat(dirfd, sub.c_str(), O_DIRECTORY | O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
-    if (fd < 0) continue;
-    auto err = scan(fd, prefix.empty() ? sub : prefix + "/" + sub, out);
+    bool restore = false;
+    mode_t mode = 0;
+    if (fd < 0 && errno == EACCES) {
+      // Skipping it would drop everything below it from the manifest: lost at passivation.
+      fd_guard path_fd{::openat(dirfd, sub.c_str(), O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)};
+      if (path_fd.fd >= 0) fd = reopen_as_owner(path_fd.fd, O_DIRECTORY | O_RDONLY | O_CLOEXEC, &mode);
+      if (fd < 0)
+        return make_error(errc::io_error, "cannot list workspace directory '" +
+                                              (prefix.empty() ? sub : prefix + "/" + sub) + "': " +
+                                              std::strerror(errno));
+      restore = true;
+    }
+    if (fd < 0) continue;  // gone since the listing
+    const std::string path = prefix.empty() ? sub : prefix + "/" + sub;
+    // Searchable until the sync has read the files below it; then as the command left it.
+    if (restore) unlocked.add(path, mode);
+    auto err = scan(fd, path, out, unlocked);
     ::close(fd);
     if (err) return err;
   }
@@ -190,6 +250,13 @@ int open_without_symlinks(int rootfd, const std::string& path,
   }
 }
 
+unlocked_dirs::~unlocked_dirs() {
+  for (auto i = dirs_.rbegin(); i != dirs_.rend(); ++i) {
+    fd_guard dir{open_without_symlinks(rootfd_, i->first, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)};
+    if (dir.fd >= 0) ::chmod(("/proc/self/fd/" + std::to_string(dir.fd)).c_str(), i->second);
+  }
+}
+
 /// Reads the regular file at `path` into chunks. *vanished (and no error) when the file is no
 /// longer there as a regular file reached without symlinks: removed, or a directory of its
 /// path replaced, since the scan.
@@ -198,6 +265,10 @@ caf::error read_chunks(int rootfd, const std::string& path, manifest_entry& e,
                        ino_t* read_ino) {
   *vanished = false;
   int fd = open_without_symlinks(rootfd, path);
+  if (fd < 0 && errno == EACCES) {  // made unreadable by a command, to a node not running as root
+    fd_guard path_fd{open_without_symlinks(rootfd, path, O_PATH | O_NOFOLLOW | O_CLOEXEC)};
+    if (path_fd.fd >= 0) fd = reopen_as_owner(path_fd.fd, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  }
   if (fd < 0 && (errno == ENOENT || errno == ENOTDIR || errno == ELOOP || errno == EXDEV)) {
     *vanished = true;
     return {};
@@ -255,7 +326,8 @@ expected<sync_outcome> sync_manifest(const std::string& root, manifest& m, uint6
   fd_guard root_guard{rootfd};
   const int64_t scan_start = now_realtime_ns();
   std::vector<scanned> found;
-  if (auto err = scan(rootfd, "", found)) return err;
+  unlocked_dirs unlocked{rootfd};  // after root_guard: restored while the root is still open
+  if (auto err = scan(rootfd, "", found, unlocked)) return err;
   sync_outcome out;
   // Hard-link groups: the regular files of the workspace that share an inode, in path order
   // (the first is the group's primary). Only names found in the workspace join a group.

@@ -9,6 +9,8 @@
 #include <memory>
 
 #include <fcntl.h>
+#include <grp.h>
+#include <sys/wait.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -392,4 +394,71 @@ TEST_CASE("a manifest whose paths leave the workspace or lead through a symlink 
   CHECK(code_of(err) == triplane::errc::corrupted);
   CHECK_FALSE(fs::exists(outside / "planted"));
   CHECK_FALSE(fs::exists(outside / "ws" / "planted"));
+}
+
+TEST_CASE("a node that does not run as root still stores what a command made unreadable, and "
+          "leaves the modes as they were",
+          "[workspace]") {
+  // A command can `chmod 000` a directory or a file of its workspace. A root node reads them
+  // anyway; a node running as a plain user did not: the directory's contents dropped out of the
+  // manifest (lost at passivation) and the file failed every sync. Here the sync runs as a plain
+  // user: in a child that drops to uid 65534 when the test runs as root.
+  triplane::testing::temp_directory dir("tp-sync-test");
+  const fs::path ws = fs::path(dir.path()) / "ws";
+  fs::create_directories(ws / "locked" / "deeper");
+  write(ws / "locked", "inner.txt", "inner");
+  write(ws / "locked" / "deeper", "deep.txt", "deep!");
+  write(ws, "secret.txt", "secret");
+  const uid_t user = ::geteuid() == 0 ? 65534 : ::geteuid();
+  const gid_t group = ::geteuid() == 0 ? 65534 : ::getegid();
+  if (::geteuid() == 0) {
+    REQUIRE(::chmod(dir.path().c_str(), 0755) == 0);
+    for (auto& p : fs::recursive_directory_iterator(ws)) REQUIRE(::lchown(p.path().c_str(), user, group) == 0);
+    REQUIRE(::lchown(ws.c_str(), user, group) == 0);
+  }
+  REQUIRE(::chmod((ws / "locked" / "deeper").c_str(), 0) == 0);
+  REQUIRE(::chmod((ws / "locked").c_str(), 0) == 0);
+  REQUIRE(::chmod((ws / "secret.txt").c_str(), 0) == 0);
+
+  int out[2];
+  REQUIRE(::pipe(out) == 0);
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::close(out[0]);
+    if (::geteuid() == 0 && (::setgroups(0, nullptr) != 0 || ::setgid(group) != 0 || ::setuid(user) != 0))
+      ::_exit(3);
+    manifest m;
+    auto synced = sync_manifest(ws.string(), m, 0);
+    std::string report;
+    if (!synced) {
+      report = "error " + triplane::describe(synced.error()) + "\n";
+    } else {
+      for (const auto& [path, e] : m) {
+        std::string contents;
+        for (const auto& hash : e.chunks) contents += synced->new_chunks.at(hash);
+        report += path + "=" + contents + "\n";
+      }
+    }
+    (void)!::write(out[1], report.data(), report.size());
+    ::_exit(0);
+  }
+  ::close(out[1]);
+  std::string report;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(out[0], buf, sizeof buf)) > 0;) report.append(buf, static_cast<size_t>(n));
+  ::close(out[0]);
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  REQUIRE(WIFEXITED(status));
+  REQUIRE(WEXITSTATUS(status) == 0);
+  INFO(report);
+  CHECK(report == "locked=\nlocked/deeper=\nlocked/deeper/deep.txt=deep!\nlocked/inner.txt=inner\n"
+                  "secret.txt=secret\n");
+  // The modes the command set are the ones it finds again.
+  CHECK((stat_of(ws / "locked").st_mode & 07777) == 0);
+  CHECK((stat_of(ws / "locked" / "deeper").st_mode & 07777) == 0);
+  CHECK((stat_of(ws / "secret.txt").st_mode & 07777) == 0);
+  ::chmod((ws / "locked").c_str(), 0755);  // so that the temporary directory can be removed
+  ::chmod((ws / "locked" / "deeper").c_str(), 0755);
 }
