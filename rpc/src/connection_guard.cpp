@@ -17,32 +17,38 @@ constexpr auto recheck_interval = 5 * kj::MILLISECONDS;
 
 connection_guard::connection_guard(kj::Own<kj::AsyncIoStream> inner, kj::Timer& timer,
                                    std::shared_ptr<connection_state> state, size_t max_backlog,
-                                   size_t unauthenticated_budget)
+                                   size_t unauthenticated_budget, uint64_t max_unfinished)
   : forwarding_stream(kj::mv(inner)), timer_(timer), state_(std::move(state)),
-    max_backlog_(max_backlog), unauthenticated_budget_(unauthenticated_budget) {}
+    max_backlog_(max_backlog), unauthenticated_budget_(unauthenticated_budget),
+    max_unfinished_(max_unfinished) {}
 
 kj::Promise<size_t> connection_guard::tryRead(void* buffer, size_t min_bytes, size_t max_bytes) {
   if (!backlog_ || backlog_() <= max_backlog_)
-    return counted(inner_->tryRead(buffer, min_bytes, max_bytes));
+    return counted(buffer, inner_->tryRead(buffer, min_bytes, max_bytes));
   return timer_.afterDelay(recheck_interval).then([this, buffer, min_bytes, max_bytes]() {
     return tryRead(buffer, min_bytes, max_bytes);
   });
 }
 
-kj::Promise<size_t> connection_guard::counted(kj::Promise<size_t> read) {
-  if (state_->authenticated) return read;
-  return read.then([this](size_t n) -> size_t {
-    if (state_->authenticated) return n;
-    unauthenticated_bytes_ += n;
-    if (unauthenticated_bytes_ > unauthenticated_budget_ && state_->close) {
-      spdlog::warn("rpc: closing connection from {}: {} bytes sent without authenticating "
-                   "(limit {})",
-                   state_->peer, unauthenticated_bytes_, unauthenticated_budget_);
-      state_->close->fulfill();
-      state_->close = nullptr;
+kj::Promise<size_t> connection_guard::counted(void* buffer, kj::Promise<size_t> read) {
+  return read.then([this, buffer](size_t n) -> size_t {
+    questions_.feed(buffer, n);
+    if (questions_.unfinished() > max_unfinished_)
+      close("questions left unfinished", questions_.unfinished(), max_unfinished_);
+    if (!state_->authenticated) {
+      unauthenticated_bytes_ += n;
+      if (unauthenticated_bytes_ > unauthenticated_budget_)
+        close("bytes sent without authenticating", unauthenticated_bytes_, unauthenticated_budget_);
     }
     return n;
   });
+}
+
+void connection_guard::close(const char* why, uint64_t amount, uint64_t limit) {
+  if (!state_->close) return;  // closing already
+  spdlog::warn("rpc: closing connection from {}: {} {} (limit {})", state_->peer, amount, why, limit);
+  state_->close->fulfill();
+  state_->close = nullptr;
 }
 
 } // namespace triplane::rpc::detail

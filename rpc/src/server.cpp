@@ -95,7 +95,8 @@ public:
     : core_(core),
       stream_(kj::heap<detail::connection_guard>(kj::mv(stream), core.timer, state,
                                                  core.opts.limits.max_unsent_bytes,
-                                                 core.opts.limits.max_unauthenticated_bytes)),
+                                                 core.opts.limits.max_unauthenticated_bytes,
+                                                 core.opts.limits.max_unfinished_questions)),
       network_(*stream_, capnp::rpc::twoparty::Side::SERVER, reader_options(core.opts.reader)),
       rpc_(capnp::makeRpcServer(network_, core.make_bootstrap(state))), state_(std::move(state)) {
     // Cap'n Proto queues outgoing messages without limit: stop taking calls from a client

@@ -42,6 +42,10 @@ struct limits {
   /// Per connection: bytes a client may send before it is authenticated (a Bootstrap and an
   /// authenticate call take about a kilobyte); beyond, the connection is closed.
   uint64_t max_unauthenticated_bytes = 64u << 10;
+  /// Per connection: questions (calls, bootstraps) the client has open at once, answered or
+  /// not, until it sends their Finish (which clients do when they drop an answer); beyond, the
+  /// connection is closed. Cap'n Proto keeps each answer until then.
+  uint64_t max_unfinished_questions = 4096;
   uint32_t auth_failures_before_close = 5;     ///< per connection
   std::chrono::milliseconds auth_failure_delay{200};  ///< doubled per failure on a connection
   std::chrono::milliseconds unauthenticated_idle{30000};  ///< close if not authenticated by then
