@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <thread>
 
@@ -52,15 +53,46 @@ int raw_connect(uint16_t port) {
   return fd;
 }
 
-void send_all(int fd, const void* data, size_t n) {
+/// Sends all `n` bytes; false when the server hung up first (which a test may expect).
+bool send_all(int fd, const void* data, size_t n) {
   auto* p = static_cast<const char*>(data);
   while (n > 0) {
     auto w = send(fd, p, n, MSG_NOSIGNAL);
-    if (w <= 0) return;  // the server may hang up mid-way: that is fine
+    if (w <= 0) return false;
     p += w;
     n -= static_cast<size_t>(w);
   }
+  return true;
 }
+bool send_all(int fd, const std::string& bytes) { return send_all(fd, bytes.data(), bytes.size()); }
+
+/// Reads and drops whatever the server sends on `fd`, on its own thread, until stop() or the
+/// server closes the connection (closed()).
+class answer_drain {
+public:
+  explicit answer_drain(int fd)
+    : thread_([this, fd] {
+        char buf[65536];
+        while (!stop_) {
+          pollfd p{fd, POLLIN, 0};
+          if (poll(&p, 1, 50) <= 0) continue;
+          if (recv(fd, buf, sizeof buf, 0) <= 0) {
+            closed_ = true;
+            return;
+          }
+        }
+      }) {}
+  ~answer_drain() { stop(); }
+  void stop() {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+  }
+  bool closed() const { return closed_; }
+
+private:
+  std::atomic<bool> stop_{false}, closed_{false};
+  std::thread thread_;
+};
 
 /// True when the server closes the connection within `timeout` (EOF or reset), reading and
 /// discarding whatever it sends first (e.g. an Abort message).
@@ -126,6 +158,31 @@ std::string pipelined_call(uint32_t question, uint32_t on_question, uint64_t int
   call.setMethodId(method);
   fill(call.initParams().getContent());
   return serialize(b);
+}
+
+/// What a raw client sends to hold session `id` as question 2: a Bootstrap (question 0), an
+/// authenticate call with `token` (1) and Tenant.session on its answer (2), all pipelined.
+std::string authenticated_session_preamble(const std::string& token, const std::string& id,
+                                           bool create) {
+  std::string bytes = bootstrap_message();
+  bytes += authenticate_call([&](capnp::AnyPointer::Builder p) {
+    p.initAs<triplane::api::Bootstrap::AuthenticateParams>().setToken(token);
+  });
+  bytes += pipelined_call(2, 1, capnp::typeId<triplane::api::Tenant>(), 0,
+                          [&](capnp::AnyPointer::Builder p) {
+                            auto params = p.initAs<triplane::api::Tenant::SessionParams>();
+                            params.setId(id);
+                            params.setCreate(create);
+                          });
+  return bytes;
+}
+
+/// Session.kvGet(`key`) as question `question`, on the session of question 2.
+std::string pipelined_kv_get(uint32_t question, const char* key) {
+  return pipelined_call(question, 2, capnp::typeId<triplane::api::Session>(), 5,
+                        [key](capnp::AnyPointer::Builder p) {
+                          p.initAs<triplane::api::Session::KvGetParams>().setKey(key);
+                        });
 }
 
 /// A well-behaved client's round trip: must succeed whatever the bad clients do.
@@ -289,6 +346,30 @@ long serve_beside_stuck_reader(const node_process& node, connection& good) {
   return rss_peak - rss_start;
 }
 
+/// What a well-behaved client saw while a bad one ran: each 100 ms it opens a session and writes
+/// a key (counting failures) and the node's RSS is read; for `rounds` rounds, or until `done`.
+struct flood_watch {
+  int failed = 0;
+  std::string last_error;
+  long rss_peak = 0;
+};
+flood_watch watch_during_flood(connection& good, node_process& node, long rss_start, int rounds,
+                               const std::function<bool()>& done = [] { return false; }) {
+  flood_watch w;
+  w.rss_peak = rss_start;
+  for (int i = 0; i < rounds && !done(); ++i) {
+    auto s = good.open_session("healthy", true);
+    auto put = s ? s->kv_put("during", "flood") : triplane::expected<void>(s.error());
+    if (!put) {
+      ++w.failed;
+      w.last_error = triplane::describe(put.error());
+    }
+    w.rss_peak = std::max(w.rss_peak, node.rss_kib());
+    std::this_thread::sleep_for(100ms);
+  }
+  return w;
+}
+
 uint64_t errors_of(connection& ops, const std::string& code) {
   auto m = ops.metrics();
   REQUIRE(m);
@@ -407,35 +488,14 @@ TEST_CASE("a client that sends calls but never reads their replies holds bounded
   addr.sin_port = htons(node.port());
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   REQUIRE(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
-  std::string preamble = bootstrap_message();
-  preamble += authenticate_call([&](capnp::AnyPointer::Builder p) {
-    p.initAs<triplane::api::Bootstrap::AuthenticateParams>().setToken(node.tokens().alice);
-  });
-  preamble += pipelined_call(2, 1, capnp::typeId<triplane::api::Tenant>(), 0,
-                             [](capnp::AnyPointer::Builder p) {
-                               auto params = p.initAs<triplane::api::Tenant::SessionParams>();
-                               params.setId("bulk");
-                               params.setCreate(false);
-                             });
+  const std::string preamble = authenticated_session_preamble(node.tokens().alice, "bulk", false);
   std::atomic<bool> stop{false};
   std::atomic<uint32_t> sent{0};
   // Blocks in send() once the node stops reading: shutdown() below releases it.
   std::thread sender([&] {
-    auto send_fully = [fd](const std::string& bytes) {
-      for (size_t done = 0; done < bytes.size();) {
-        auto w = send(fd, bytes.data() + done, bytes.size() - done, MSG_NOSIGNAL);
-        if (w <= 0) return false;
-        done += static_cast<size_t>(w);
-      }
-      return true;
-    };
-    if (!send_fully(preamble)) return;
+    if (!send_all(fd, preamble)) return;
     for (uint32_t q = 3; q < 1000000 && !stop; ++q) {
-      auto call = pipelined_call(q, 2, capnp::typeId<triplane::api::Session>(), 5,
-                                 [](capnp::AnyPointer::Builder p) {
-                                   p.initAs<triplane::api::Session::KvGetParams>().setKey("big");
-                                 });
-      if (!send_fully(call)) return;
+      if (!send_all(fd, pipelined_kv_get(q, "big"))) return;
       ++sent;
       if (q % 4 == 0) std::this_thread::sleep_for(10ms);
     }
@@ -470,14 +530,7 @@ TEST_CASE("an unauthenticated client that floods calls and never finishes them i
   int fd = raw_connect(node.port());
   std::atomic<bool> stop{false};
   std::atomic<uint64_t> sent{0};
-  std::thread reader([&] {
-    char buf[65536];
-    while (!stop) {
-      pollfd p{fd, POLLIN, 0};
-      if (poll(&p, 1, 50) <= 0) continue;
-      if (recv(fd, buf, sizeof buf, 0) <= 0) return;
-    }
-  });
+  answer_drain reader(fd);
   std::thread sender([&] {
     for (uint32_t round = 0; !stop; ++round) {
       std::string msgs;
@@ -486,35 +539,20 @@ TEST_CASE("an unauthenticated client that floods calls and never finishes them i
         b.initRoot<capnp::rpc::Message>().initBootstrap().setQuestionId(round * 4096 + q);
         msgs += serialize(b);
       }
-      for (size_t done = 0; done < msgs.size();) {
-        auto w = send(fd, msgs.data() + done, msgs.size() - done, MSG_NOSIGNAL);
-        if (w <= 0) return;
-        done += static_cast<size_t>(w);
-      }
+      if (!send_all(fd, msgs)) return;
       sent += 4096;
     }
   });
   // Each call of the well-behaved client must still be answered: the flood starved them all.
   (*good)->set_call_timeout(2000ms);
-  long rss_peak = rss_start;
-  int unhealthy = 0;
-  std::string why;
-  for (int i = 0; i < 10; ++i) {
-    auto s = (*good)->open_session("healthy", true);
-    auto put = s ? s->kv_put("after", "flood") : triplane::expected<void>(s.error());
-    if (!put) {
-      ++unhealthy;
-      why = triplane::describe(put.error());
-    }
-    rss_peak = std::max(rss_peak, node.rss_kib());
-    std::this_thread::sleep_for(100ms);
-  }
+  auto w = watch_during_flood(**good, node, rss_start, 10);
+  const long rss_peak = w.rss_peak;
   stop = true;
-  INFO("well-behaved calls that failed: " << unhealthy << " (last: " << why << ")");
-  CHECK(unhealthy == 0);
+  INFO("well-behaved calls that failed: " << w.failed << " (last: " << w.last_error << ")");
+  CHECK(w.failed == 0);
   shutdown(fd, SHUT_RDWR);
   sender.join();
-  reader.join();
+  reader.stop();
   close(fd);
   INFO("RSS start " << rss_start << " KiB, peak " << rss_peak << " KiB; " << sent.load()
                     << " bootstrap messages sent");
@@ -532,78 +570,37 @@ TEST_CASE("an authenticated client that never finishes its calls is cut off whil
   // finished (no Finish message) while the answers are read and dropped: without a bound,
   // Cap'n Proto keeps every answer on the node.
   int fd = raw_connect(node.port());
-  std::string preamble = bootstrap_message();
-  preamble += authenticate_call([&](capnp::AnyPointer::Builder p) {
-    p.initAs<triplane::api::Bootstrap::AuthenticateParams>().setToken(node.tokens().alice);
-  });
-  preamble += pipelined_call(2, 1, capnp::typeId<triplane::api::Tenant>(), 0,
-                             [](capnp::AnyPointer::Builder p) {
-                               auto params = p.initAs<triplane::api::Tenant::SessionParams>();
-                               params.setId("unfinished");
-                               params.setCreate(true);
-                             });
+  const std::string preamble = authenticated_session_preamble(node.tokens().alice, "unfinished", true);
   constexpr uint32_t max_questions = 200000;
-  std::atomic<bool> stop{false}, closed{false};
+  std::atomic<bool> stop{false};
   std::atomic<uint32_t> sent{0};
-  std::thread reader([&] {
-    char buf[65536];
-    while (!stop) {
-      pollfd p{fd, POLLIN, 0};
-      if (poll(&p, 1, 50) <= 0) continue;
-      if (recv(fd, buf, sizeof buf, 0) <= 0) {
-        closed = true;
-        return;
-      }
-    }
-  });
+  answer_drain reader(fd);
   std::thread sender([&] {
-    auto send_fully = [fd](const std::string& bytes) {
-      for (size_t done = 0; done < bytes.size();) {
-        auto w = send(fd, bytes.data() + done, bytes.size() - done, MSG_NOSIGNAL);
-        if (w <= 0) return false;
-        done += static_cast<size_t>(w);
-      }
-      return true;
-    };
-    if (!send_fully(preamble)) return;
-    for (uint32_t q = 3; q < max_questions && !stop && !closed;) {
+    if (!send_all(fd, preamble)) return;
+    for (uint32_t q = 3; q < max_questions && !stop && !reader.closed();) {
       std::string batch;
-      for (uint32_t i = 0; i < 1024; ++i, ++q)
-        batch += pipelined_call(q, 2, capnp::typeId<triplane::api::Session>(), 5,
-                                [](capnp::AnyPointer::Builder p) {
-                                  p.initAs<triplane::api::Session::KvGetParams>().setKey("k");
-                                });
-      if (!send_fully(batch)) return;
+      for (uint32_t i = 0; i < 1024; ++i, ++q) batch += pipelined_kv_get(q, "k");
+      if (!send_all(fd, batch)) return;
       sent += 1024;
     }
   });
   (*good)->set_call_timeout(2000ms);
-  long rss_peak = rss_start;
-  int unhealthy = 0;
-  std::string why;
-  for (int i = 0; i < 100 && !closed; ++i) {
-    auto s = (*good)->open_session("healthy", true);
-    auto put = s ? s->kv_put("during", "flood") : triplane::expected<void>(s.error());
-    if (!put) {
-      ++unhealthy;
-      why = triplane::describe(put.error());
-    }
-    rss_peak = std::max(rss_peak, node.rss_kib());
-    std::this_thread::sleep_for(100ms);
-  }
+  auto w = watch_during_flood(**good, node, rss_start, 100, [&] { return reader.closed(); });
+  const long rss_peak = w.rss_peak;
   stop = true;
+  const bool closed = reader.closed();
   shutdown(fd, SHUT_RDWR);
   sender.join();
-  reader.join();
+  reader.stop();
   close(fd);
   INFO("questions sent " << sent.load() << "; RSS start " << rss_start << " KiB, peak " << rss_peak
-                         << " KiB; well-behaved calls that failed: " << unhealthy << " (" << why << ")");
+                         << " KiB; well-behaved calls that failed: " << w.failed << " (" << w.last_error << ")");
   // Closed for its unfinished questions (4,096 by default), after it had authenticated (an
   // unauthenticated client is cut off after 64 KiB, a few hundred calls).
   CHECK(closed);
   CHECK(sent >= 4096);
   CHECK(sent < max_questions);
-  CHECK(unhealthy == 0);
+  CHECK(w.failed == 0);
   CHECK(rss_peak - rss_start < 64 * 1024);
   check_healthy(**good, "unfinished flood gone");
 }

@@ -14,6 +14,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "session/testing/session_fixture.hpp"
 #include "temp_directory.hpp"
 #include "triplane/storage/database.hpp"
 
@@ -77,20 +78,27 @@ TEST_CASE("a file rewritten within a timestamp tick of the sync that recorded it
 
 namespace {
 
-/// A session store in a fresh database under `dir`.
-struct store_fixture {
-  std::unique_ptr<storage::database> db;
-  std::unique_ptr<session_store> store;
-  explicit store_fixture(const std::string& dir) {
-    storage::database_options opts;
-    opts.path = dir;
-    opts.column_families = session_store::column_families();
-    auto d = storage::database::open(opts);
-    REQUIRE(d);
-    db = std::move(*d);
-    auto s = session_store::open(*db, storage::durability::process_crash);
-    REQUIRE(s);
-    store = std::move(*s);
+using store_fixture = triplane::actors::session::testing::test_store;
+
+/// For manifests a test writes by hand: a store holding the chunk of "x", and entries of each
+/// kind (a regular file of that chunk, a symlink to `outside`, a directory).
+struct hand_made_entries {
+  store_fixture f;
+  manifest_entry file, symlink, directory;
+  hand_made_entries(const std::string& db_dir, const fs::path& outside) : f(db_dir) {
+    session_record r;
+    r.id = "chunks";
+    file.type = triplane::actors::file_type::regular;
+    file.mode = 0644;
+    file.size = 1;
+    file.chunks = {sha256("x")};
+    r.files["x"] = file;
+    REQUIRE_FALSE(f.store->save(r, nullptr, {{sha256("x"), "x"}}));
+    symlink.type = triplane::actors::file_type::symlink;
+    symlink.mode = 0777;
+    symlink.link_target = outside.string();
+    directory.type = triplane::actors::file_type::directory;
+    directory.mode = 0755;
   }
 };
 
@@ -224,31 +232,11 @@ TEST_CASE("a manifest whose hard links name no file of its own, or lead through 
   const fs::path outside = fs::path(dir.path()) / "outside";
   fs::create_directories(outside);
   write(outside, "secret", "secret");
-  store_fixture f(dir.sub("db"));
-  {  // the chunk of "x", stored
-    session_record r;
-    r.id = "chunks";
-    manifest_entry x;
-    x.type = triplane::actors::file_type::regular;
-    x.size = 1;
-    x.chunks = {sha256("x")};
-    r.files["x"] = x;
-    REQUIRE_FALSE(f.store->save(r, nullptr, {{sha256("x"), "x"}}));
-  }
-  manifest_entry file;
-  file.type = triplane::actors::file_type::regular;
-  file.mode = 0644;
-  file.size = 1;
-  file.chunks = {sha256("x")};
+  hand_made_entries h(dir.sub("db"), outside);
+  auto& f = h.f;
+  const auto file = h.file, symlink = h.symlink, directory = h.directory;
   manifest_entry link = file;
   link.chunks.clear();
-  manifest_entry symlink;
-  symlink.type = triplane::actors::file_type::symlink;
-  symlink.mode = 0777;
-  symlink.link_target = outside.string();
-  manifest_entry directory;
-  directory.type = triplane::actors::file_type::directory;
-  directory.mode = 0755;
   struct row {
     const char* what;
     manifest m;
@@ -343,29 +331,9 @@ TEST_CASE("a manifest whose paths leave the workspace or lead through a symlink 
   triplane::testing::temp_directory dir("tp-sync-test");
   const fs::path outside = fs::path(dir.path()) / "outside";
   fs::create_directories(outside / "ws");
-  store_fixture f(dir.sub("db"));
-  {  // the chunk of "x", stored
-    session_record r;
-    r.id = "chunks";
-    manifest_entry x;
-    x.type = triplane::actors::file_type::regular;
-    x.size = 1;
-    x.chunks = {sha256("x")};
-    r.files["x"] = x;
-    REQUIRE_FALSE(f.store->save(r, nullptr, {{sha256("x"), "x"}}));
-  }
-  manifest_entry file;
-  file.type = triplane::actors::file_type::regular;
-  file.mode = 0644;
-  file.size = 1;
-  file.chunks = {sha256("x")};
-  manifest_entry symlink;
-  symlink.type = triplane::actors::file_type::symlink;
-  symlink.mode = 0777;
-  symlink.link_target = outside.string();
-  manifest_entry directory;
-  directory.type = triplane::actors::file_type::directory;
-  directory.mode = 0755;
+  hand_made_entries h(dir.sub("db"), outside);
+  auto& f = h.f;
+  const auto file = h.file, symlink = h.symlink, directory = h.directory;
   struct row {
     const char* what;
     manifest m;

@@ -17,6 +17,23 @@
 
 namespace triplane::actors::session::testing {
 
+/// A session store in the database at `path` (created when missing).
+struct test_store {
+  std::unique_ptr<storage::database> db;
+  std::unique_ptr<session_store> store;
+  explicit test_store(const std::string& path) {
+    storage::database_options opts;
+    opts.path = path;
+    opts.column_families = session_store::column_families();
+    auto d = storage::database::open(opts);
+    REQUIRE(d);
+    db = std::move(*d);
+    auto s = session_store::open(*db, storage::durability::process_crash);
+    REQUIRE(s);
+    store = std::move(*s);
+  }
+};
+
 struct node_fixture {
   std::filesystem::path base;
   std::unique_ptr<storage::database> db;
@@ -39,15 +56,9 @@ struct node_fixture {
   void open_db() {
     store.reset();
     db.reset();
-    storage::database_options opts;
-    opts.path = (base / "db").string();
-    opts.column_families = session_store::column_families();
-    auto d = storage::database::open(opts);
-    REQUIRE(d);
-    db = std::move(*d);
-    auto s = session_store::open(*db, storage::durability::process_crash);
-    REQUIRE(s);
-    store = std::move(*s);
+    test_store opened((base / "db").string());
+    db = std::move(opened.db);
+    store = std::move(opened.store);
     node.store = store.get();
   }
   ~node_fixture() {
