@@ -144,8 +144,8 @@ std::optional<v2_place> usable_v2_place(const std::string& dir) {
 /// when the node's own group holds the node (a service started with its own group, as systemd's
 /// Delegate=yes does), the node moves itself into a leaf child, `triplane-node.<pid>`, and
 /// enables the controllers in its former group: the usual way for a delegated service. When
-/// other processes share the group (a node started from a shell), it moves back and v2 is not
-/// used. `why` collects what was tried, for the log.
+/// other processes share the group (a node started from a shell), nothing is changed and v2 is
+/// not used. `why` says what stood in the way, for the log.
 std::optional<v2_place> v2_parent(const std::string& configured, std::string& why) {
   if (!configured.empty()) {
     if (::access((configured + "/cgroup.controllers").c_str(), F_OK) != 0) {
