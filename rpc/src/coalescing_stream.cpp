@@ -40,8 +40,9 @@ kj::Promise<size_t> coalescing_stream::fill_then_read(kj::byte* out, size_t min_
   if (min_bytes - done >= max_read_buffer) {
     ++stats_.reads;
     return inner_->tryRead(out + done, min_bytes - done, max_bytes - done)
-      .then([this, done](size_t got) {
+      .then([this, out, done](size_t got) {
         stats_.bytes_read += got;
+        if (observer_ && got > 0) observer_(out + done, got);
         return done + got;
       });
   }
@@ -52,6 +53,7 @@ kj::Promise<size_t> coalescing_stream::fill_then_read(kj::byte* out, size_t min_
       rbegin_ = 0;
       rend_ = got;
       if (got == 0) return done;  // EOF: fewer than min_bytes, as tryRead() allows
+      if (observer_) observer_(rbuf_.begin(), got);
       size_t n = std::min(max_bytes - done, got);
       std::memcpy(out + done, rbuf_.begin(), n);
       if (got == rbuf_.size() && rbuf_.size() < max_read_buffer) grow_read_buffer();

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
 #include <vector>
 
 #include "forwarding_stream.hpp"
@@ -29,6 +30,13 @@ public:
   kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override;
   /// Shuts the write side down once the buffered bytes have been written.
   void shutdownWrite() override;
+
+  /// Calls `observer` with the bytes of each read from the socket, in the order they arrive
+  /// and before the caller gets them: a look at everything the peer sends at the cost of a call
+  /// per syscall (a wrapper above this stream would pay a continuation per message read).
+  void observe_reads(std::function<void(const kj::byte*, size_t)> observer) {
+    observer_ = std::move(observer);
+  }
 
   /// Syscall-level counters, for tests and benchmarks.
   struct counters {
@@ -60,6 +68,7 @@ private:
   kj::Maybe<kj::Exception> failed_;
   std::vector<kj::Own<kj::PromiseFulfiller<void>>> blocked_writers_;
   counters stats_;
+  std::function<void(const kj::byte*, size_t)> observer_;
   kj::TaskSet tasks_;
 };
 

@@ -23,25 +23,21 @@ connection_guard::connection_guard(kj::Own<kj::AsyncIoStream> inner, kj::Timer& 
     max_unfinished_(max_unfinished) {}
 
 kj::Promise<size_t> connection_guard::tryRead(void* buffer, size_t min_bytes, size_t max_bytes) {
-  if (!backlog_ || backlog_() <= max_backlog_)
-    return counted(buffer, inner_->tryRead(buffer, min_bytes, max_bytes));
+  if (!backlog_ || backlog_() <= max_backlog_) return inner_->tryRead(buffer, min_bytes, max_bytes);
   return timer_.afterDelay(recheck_interval).then([this, buffer, min_bytes, max_bytes]() {
     return tryRead(buffer, min_bytes, max_bytes);
   });
 }
 
-kj::Promise<size_t> connection_guard::counted(void* buffer, kj::Promise<size_t> read) {
-  return read.then([this, buffer](size_t n) -> size_t {
-    questions_.feed(buffer, n);
-    if (questions_.unfinished() > max_unfinished_)
-      close("questions left unfinished", questions_.unfinished(), max_unfinished_);
-    if (!state_->authenticated) {
-      unauthenticated_bytes_ += n;
-      if (unauthenticated_bytes_ > unauthenticated_budget_)
-        close("bytes sent without authenticating", unauthenticated_bytes_, unauthenticated_budget_);
-    }
-    return n;
-  });
+void connection_guard::on_bytes(const void* data, size_t size) {
+  questions_.feed(data, size);
+  if (questions_.unfinished() > max_unfinished_)
+    close("questions left unfinished", questions_.unfinished(), max_unfinished_);
+  if (!state_->authenticated) {
+    unauthenticated_bytes_ += size;
+    if (unauthenticated_bytes_ > unauthenticated_budget_)
+      close("bytes sent without authenticating", unauthenticated_bytes_, unauthenticated_budget_);
+  }
 }
 
 void connection_guard::close(const char* why, uint64_t amount, uint64_t limit) {

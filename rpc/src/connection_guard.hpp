@@ -42,10 +42,14 @@ public:
   /// Sets the backlog to watch (the connection's network, made after its stream).
   void watch(std::function<size_t()> backlog) { backlog_ = std::move(backlog); }
 
+  /// Every byte the client sends, in order, for the budget and question checks. The server
+  /// feeds it from the socket reads beneath (coalescing_stream::observe_reads), where it costs
+  /// a call per syscall rather than a continuation per message read here.
+  void on_bytes(const void* data, size_t size);
+
   kj::Promise<size_t> tryRead(void* buffer, size_t min_bytes, size_t max_bytes) override;
 
 private:
-  kj::Promise<size_t> counted(void* buffer, kj::Promise<size_t> read);
   void close(const char* why, uint64_t amount, uint64_t limit);
 
   kj::Timer& timer_;

@@ -108,6 +108,7 @@ public:
   ~connection() { --core_.metrics.open_connections; }
 
   kj::Promise<void> on_disconnect() { return network_.onDisconnect(); }
+  detail::connection_guard& guard() { return *stream_; }
 
 private:
   server_core& core_;
@@ -194,8 +195,12 @@ private:
     auto closed = kj::newPromiseAndFulfiller<void>();
     state->close = kj::mv(closed.fulfiller);
     // Many calls in flight on one connection: batch their messages into few syscalls.
-    kj::Own<kj::AsyncIoStream> buffered = kj::heap<detail::coalescing_stream>(kj::mv(stream));
-    auto conn = kj::heap<connection>(core, kj::mv(buffered), state);
+    auto coalescing = kj::heap<detail::coalescing_stream>(kj::mv(stream));
+    auto& socket_reads = *coalescing;
+    auto conn = kj::heap<connection>(core, kj::mv(coalescing), state);
+    // The guard looks at what the client sends as it comes off the socket (see on_bytes).
+    socket_reads.observe_reads(
+      [guard = &conn->guard()](const kj::byte* bytes, size_t n) { guard->on_bytes(bytes, n); });
     auto idle_ms = static_cast<int64_t>(core.opts.limits.unauthenticated_idle.count());
     auto unauthenticated = core.timer.afterDelay(idle_ms * kj::MILLISECONDS)
                              .then([state]() -> kj::Promise<void> {
