@@ -192,12 +192,7 @@ caf::error session_core::ensure_materialized() {
 
 caf::error session_core::sync_and_save(bool* quota_exceeded, std::string* quota_message) {
   if (workspace_) {
-    auto outcome = sync_manifest(workspace_dir_, record_.files, quota());
-    if (outcome && node_.max_workspace_entries && record_.files.size() > node_.max_workspace_entries)
-      outcome = make_error(errc::limit_exceeded,
-                           "workspace holds " + std::to_string(record_.files.size()) +
-                               " files, directories and symlinks, over its limit of " +
-                               std::to_string(node_.max_workspace_entries));
+    auto outcome = sync_manifest(workspace_dir_, record_.files, quota(), node_.max_workspace_entries);
     if (!outcome && code_of(outcome.error()) == errc::limit_exceeded) {
       // Over quota: the workspace goes back to its last stored state (what the command or
       // write added is discarded), and the caller is told.

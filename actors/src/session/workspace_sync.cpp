@@ -320,7 +320,8 @@ const std::vector<std::string>* contents_of(const manifest& m, manifest::const_i
 
 } // namespace
 
-expected<sync_outcome> sync_manifest(const std::string& root, manifest& m, uint64_t quota_bytes) {
+expected<sync_outcome> sync_manifest(const std::string& root, manifest& m, uint64_t quota_bytes,
+                                     uint64_t max_entries) {
   int rootfd = ::open(root.c_str(), O_DIRECTORY | O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
   if (rootfd < 0) return make_error(errc::io_error, "cannot open workspace '" + root + "'");
   fd_guard root_guard{rootfd};
@@ -347,6 +348,11 @@ expected<sync_outcome> sync_manifest(const std::string& root, manifest& m, uint6
     return make_error(errc::limit_exceeded,
                       "workspace holds " + std::to_string(out.total_bytes) +
                           " bytes, over its quota of " + std::to_string(quota_bytes));
+  if (max_entries && found.size() > max_entries)
+    return make_error(errc::limit_exceeded,
+                      "workspace holds " + std::to_string(found.size()) +
+                          " files, directories and symlinks, over its limit of " +
+                          std::to_string(max_entries));
   std::vector<const std::vector<size_t>*> group_of(found.size(), nullptr);
   for (auto& [inode, names] : inodes) {
     if (names.size() < 2) continue;

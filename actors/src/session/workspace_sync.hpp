@@ -24,9 +24,11 @@ struct sync_outcome {
 /// regular file whose size, mtime, inode and ctime match its entry keeps its chunk list unread,
 /// unless it had been written within a timestamp tick of the sync that recorded that entry
 /// (manifest_entry::stat_unproven). Fails with limit_exceeded, leaving `m` unchanged, when the
-/// files add up to more than `quota_bytes` (a hard-linked file once; 0 = no quota); the check
-/// uses stat only.
-expected<sync_outcome> sync_manifest(const std::string& root, manifest& m, uint64_t quota_bytes);
+/// files add up to more than `quota_bytes` (a hard-linked file once; 0 = no quota), or the
+/// workspace holds more than `max_entries` files, directories and symlinks (0 = no limit); both
+/// checks use stat only, before any file is read.
+expected<sync_outcome> sync_manifest(const std::string& root, manifest& m, uint64_t quota_bytes,
+                                     uint64_t max_entries = 0);
 
 /// Creates `root` (which must not hold anything else) with every entry of `m`, contents from
 /// `store`, modes and mtimes as recorded, hard-link groups as links (made beneath `root`
