@@ -11,6 +11,7 @@
 #      there, runs the test binaries and prints a table. Logs go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source scripts/carry.sh
 pack_dir=build-cgroup-check
 tests=(actors_sandbox_process_test actors_sandbox_pool_test actors_session_core_test actors_session_actor_test
        actors_workspace_test actors_workspace_sync_test actors_tar_members_test)
@@ -20,21 +21,11 @@ pack() {
   local build_dir=${TRIPLANE_BUILD_DIR:-build}
   cmake --build "$build_dir" --target "${tests[@]}" triplane_sandbox_exec sandbox_bench -j"${TRIPLANE_JOBS:-2}"
   rm -rf "$pack_dir"
-  mkdir -p "$pack_dir/bin" "$pack_dir/lib" "$pack_dir/bwrap"
+  mkdir -p "$pack_dir/bin"
   for t in "${tests[@]}" triplane-sandbox-exec; do cp "$build_dir/actors/$t" "$pack_dir/bin/"; done
   cp "$build_dir/bench/sandbox_bench" "$pack_dir/bin/"
-  for bin in "$pack_dir"/bin/*; do
-    { ldd "$bin" 2>/dev/null || true; } | awk '/=> \//{print $1, $3}' | while read -r name path; do
-      case $name in
-        libc.so*|libm.so*|libpthread.so*|libdl.so*|librt.so*|ld-linux*|libstdc++.so*|libgcc_s.so*) ;;
-        *) cp -L "$path" "$pack_dir/lib/$name" ;;
-      esac
-    done
-  done
-  cp /usr/bin/bwrap "$pack_dir/bwrap/bwrap"
-  ldd /usr/bin/bwrap | awk '/=> \//{print $1, $3}' | while read -r name path; do
-    case $name in libc.so*|ld-linux*) ;; *) cp -L "$path" "$pack_dir/bwrap/$name" ;; esac
-  done
+  carry_libs "$pack_dir/lib" "$pack_dir"/bin/*
+  carry_bwrap "$pack_dir/bwrap"
   echo "packed $(du -sh "$pack_dir" | cut -f1) into $pack_dir/"
 }
 
@@ -53,18 +44,7 @@ run() {
          "apparmor restrict $(cat /proc/sys/kernel/apparmor_restrict_unprivileged_userns 2>/dev/null || echo n/a)"
     echo "python3: $(command -v python3) $(ls -la /usr/bin/python3 2>&1)"
   } 2>&1 | tee "$out/host.txt"
-  if ! command -v bwrap >/dev/null; then
-    if ldd "$pack_dir/bwrap/bwrap" | grep -q 'not found'; then
-      mkdir -p /usr/local/lib/triplane-bwrap && cp "$pack_dir"/bwrap/*.so* /usr/local/lib/triplane-bwrap/
-      cp "$pack_dir/bwrap/bwrap" /usr/local/lib/triplane-bwrap/bwrap
-      printf '#!/bin/sh\nLD_LIBRARY_PATH=/usr/local/lib/triplane-bwrap exec /usr/local/lib/triplane-bwrap/bwrap "$@"\n' \
-        >/usr/local/bin/bwrap
-      chmod 755 /usr/local/bin/bwrap
-    else
-      cp "$pack_dir/bwrap/bwrap" /usr/local/bin/bwrap
-    fi
-    echo "installed bwrap: $(/usr/local/bin/bwrap --version 2>&1)" | tee -a "$out/host.txt"
-  fi
+  install_carried_bwrap "$pack_dir/bwrap" | tee -a "$out/host.txt"
   export LD_LIBRARY_PATH=$PWD/$pack_dir/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   local results=$out/results.txt t rc
   : >"$results"

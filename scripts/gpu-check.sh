@@ -18,6 +18,7 @@
 # the device machine (CUDA's lib64, PyTorch's nvidia/* wheels; see ../shared/notes/GPU.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source scripts/carry.sh
 pack_dir=build-gpu-check
 mode=${1:-}
 
@@ -36,24 +37,11 @@ pack() {
      "$build_dir/gpu/triplane-generate" "$pack_dir/bin/"
   # The node with a CUDA inference worker, end to end (serve, RPC, CLI): it needs bwrap for its
   # session plane, which the device machine lacks.
-  mkdir -p "$pack_dir/node" "$pack_dir/bwrap"
+  mkdir -p "$pack_dir/node"
   cp "$build_dir/apps/triplane/triplane" "$build_dir/apps/triplane-cli/triplane-cli" \
      "$build_dir/bench/rpc_bench" "$build_dir/actors/triplane-sandbox-exec" "$pack_dir/node/"
-  cp /usr/bin/bwrap "$pack_dir/bwrap/bwrap"
-  ldd /usr/bin/bwrap | awk '/=> \//{print $1, $3}' | while read -r name path; do
-    case $name in libc.so*|ld-linux*) ;; *) cp -L "$path" "$pack_dir/bwrap/$name" ;; esac
-  done
-  # Non-system libraries (CAF, ...). Left out: the C runtime (there), libstdc++/libgcc_s (the
-  # device's are newer and backward compatible), CUDA's own libraries (found there).
-  for bin in "$pack_dir"/bin/* "$pack_dir"/node/*; do
-    { ldd "$bin" 2>/dev/null || true; } | awk '/=> \//{print $1, $3}' | while read -r name path; do
-      case $name in
-        libc.so*|libm.so*|libpthread.so*|libdl.so*|librt.so*|ld-linux*|libstdc++.so*|libgcc_s.so*) ;;
-        libcublas*|libcublasLt*|libnccl*|libcuda.so*|libcudart.so*) ;;
-        *) cp -L "$path" "$pack_dir/lib/$name" ;;
-      esac
-    done
-  done
+  carry_bwrap "$pack_dir/bwrap"
+  carry_libs "$pack_dir/lib" "$pack_dir"/bin/* "$pack_dir"/node/*
   local fixtures
   fixtures=$(sed -n 's/^TRIPLANE_FIXTURES_DIR:PATH=//p' "$build_dir/CMakeCache.txt")
   echo "$fixtures" >"$pack_dir/fixtures-path"  # as compiled into the tests (may hold ..)
@@ -145,12 +133,7 @@ run() {
   # RPC (the reference greedy tokens expected), models, and a clean SIGTERM.
   if [[ -x $pack_dir/node/triplane ]]; then
     echo "== triplane serve --triplane.inference-backend=cuda"
-    if ! command -v bwrap >/dev/null; then
-      mkdir -p /usr/local/lib/triplane-bwrap && cp "$pack_dir"/bwrap/* /usr/local/lib/triplane-bwrap/
-      printf '#!/bin/sh\nLD_LIBRARY_PATH=/usr/local/lib/triplane-bwrap exec /usr/local/lib/triplane-bwrap/bwrap "$@"\n' \
-        >/usr/local/bin/bwrap
-      chmod 755 /usr/local/bin/bwrap
-    fi
+    install_carried_bwrap "$pack_dir/bwrap"
     local data=/tmp/tp-gpu-serve node_pid endpoint token generated models
     rm -rf "$data"
     "$pack_dir/node/triplane" serve --data-dir "$data" --listen 127.0.0.1:0 --model "$fixture" \
